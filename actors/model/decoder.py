@@ -1,0 +1,139 @@
+"""Decoder-only causal LM (Llama, Mistral, Qwen2, Qwen3), tensor-parallel, HF parameter names.
+
+Module names mirror the Hugging Face checkpoints (``model.layers.3.self_attn...``) except for
+the fused parameters: q/k/v land in ``self_attn.qkv_proj`` and gate/up in
+``mlp.gate_up_proj`` (``STACKED_PARAMS``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from actors.model.layers import MLP, Attention, KVCache, LayerCache, RMSNorm
+from actors.model.parallel import (
+    ParallelLMHead,
+    TPGroup,
+    VocabParallelEmbedding,
+    Weight,
+    default_weight_loader,
+)
+from actors.model.spec import ModelSpec, padded_vocab
+
+# (fused param suffix, checkpoint suffix, shard id)
+STACKED_PARAMS: tuple[tuple[str, str, Any], ...] = (
+    (".qkv_proj.", ".q_proj.", "q"),
+    (".qkv_proj.", ".k_proj.", "k"),
+    (".qkv_proj.", ".v_proj.", "v"),
+    (".gate_up_proj.", ".gate_proj.", 0),
+    (".gate_up_proj.", ".up_proj.", 1),
+)
+SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def map_checkpoint_name(name: str, spec: ModelSpec) -> tuple[str, Any] | None:
+    """Checkpoint tensor name -> (model param name, shard id), or None when the engine does
+    not keep it (rotary caches, a tied LM head). Pure: the planner uses it too."""
+    if name.endswith(SKIPPED_SUFFIXES):
+        return None
+    if spec.tie_word_embeddings and name == "lm_head.weight":
+        return None
+    for fused, ckpt, shard_id in STACKED_PARAMS:
+        if ckpt in name:
+            return name.replace(ckpt, fused), shard_id
+    return name, None
+
+
+def required_shards(param_name: str) -> set[Any]:
+    """The shard ids a param needs before it is complete ({None} for unfused params)."""
+    shards = {s for fused, _, s in STACKED_PARAMS if fused in param_name}
+    return shards or {None}
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec, index: int, dtype: torch.dtype, tp: TPGroup,
+                 quantization: str | None) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+        self.self_attn = Attention(spec, index, dtype, tp, quantization)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+        self.mlp = MLP(spec, dtype, tp, quantization)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache | None
+                ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderBody(nn.Module):
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype, tp: TPGroup,
+                 quantization: str | None) -> None:
+        super().__init__()
+        vocab = padded_vocab(spec.vocab_size, tp.size)
+        self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, vocab, spec.hidden_size,
+                                                   dtype=dtype, tp=tp)
+        self.layers = nn.ModuleList(
+            DecoderLayer(spec, i, dtype, tp, quantization) for i in range(spec.num_layers)
+        )
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+
+
+class DecoderForCausalLM(nn.Module):
+    """One TP rank's shard of the model. Build under ``torch.device('meta')`` and
+    materialize with ``parallel.materialize_module``."""
+
+    def __init__(self, spec: ModelSpec, *, dtype: torch.dtype, tp: TPGroup,
+                 quantization: str | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        self.model = DecoderBody(spec, dtype, tp, quantization)
+        self.lm_head = ParallelLMHead(spec.vocab_size, padded_vocab(spec.vocab_size, tp.size),
+                                      spec.hidden_size, dtype=dtype, tp=tp)
+        if spec.tie_word_embeddings:
+            self.lm_head.tie_to(self.model.embed_tokens)
+
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """token_ids [B, T], positions [T] -> logits [B, T, vocab] (padding removed)."""
+        x = self.model.embed_tokens(token_ids)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, positions, None if cache is None else cache.layers[i])
+        return self.lm_head(self.model.norm(x))
+
+    def load_weights(self, weights: Iterable[tuple[str, Weight]]) -> dict[str, set[Any]]:
+        """Route checkpoint tensors to fused params through their ``weight_loader``.
+
+        Returns, per model param name, the shard ids written. Errors name the tensor."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        written: dict[str, set[Any]] = {}
+        for name, weight in weights:
+            target = map_checkpoint_name(name, self.spec)
+            if target is None:
+                continue
+            param_name, shard_id = target
+            param = params.get(param_name)
+            if param is None:
+                raise ValueError(f"checkpoint tensor '{name}' does not match any model parameter")
+            loader = getattr(param, "weight_loader", default_weight_loader)
+            try:
+                if shard_id is None:
+                    loader(param, weight)
+                else:
+                    loader(param, weight, shard_id)
+            except ValueError as exc:
+                raise ValueError(f"checkpoint tensor '{name}': {exc}") from exc
+            written.setdefault(param_name, set()).add(shard_id)
+        return written
+
+    def missing_params(self, written: dict[str, set[Any]]) -> list[str]:
+        """Param names (with missing shards) not fully written by a load."""
+        missing = []
+        for name, _ in self.named_parameters():
+            lacking = required_shards(name) - written.get(name, set())
+            if lacking:
+                suffix = "" if lacking == {None} else f" (shards {sorted(map(str, lacking))})"
+                missing.append(name + suffix)
+        return missing

@@ -1,0 +1,125 @@
+"""Ray placement: one placement group per engine, one rank actor per bundle, and the one
+helper every driver call goes through (``gather``), which turns a failed rank into a
+``RankError`` naming engine and rank, with the rank's traceback text, and never waits
+longer than the configured timeout."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.rank import RankActor
+from orchestrator.config import EngineConfig
+from orchestrator.errors import RankError
+
+log = logging.getLogger("tp_reload")
+RankKey = tuple[int, int]  # (engine, rank)
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def gather(calls: Mapping[RankKey, ray.ObjectRef], timeout_s: float) -> dict[RankKey, Any]:
+    """Wait for every call; the first failure raises at once (other ranks may be blocked in
+    a collective that can no longer complete, so waiting for them would hang)."""
+    pending = {ref: key for key, ref in calls.items()}
+    results: dict[RankKey, Any] = {}
+    deadline = time.monotonic() + timeout_s
+    while pending:
+        remaining = deadline - time.monotonic()
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, remaining))
+        if not ready:
+            engine, rank = sorted(pending.values())[0]
+            raise RankError(engine, rank, f"no answer within {timeout_s:.0f}s "
+                            f"(still waiting on {sorted(pending.values())})")
+        for ref in ready:
+            key = pending.pop(ref)
+            results[key] = _result(key, ref)
+    return results
+
+
+def _result(key: RankKey, ref: ray.ObjectRef) -> Any:
+    try:
+        return ray.get(ref)
+    except RayTaskError as exc:
+        # Ray colours the remote traceback; keep the text plain for logs and messages.
+        raise RankError(*key, ANSI_ESCAPE.sub("", str(exc))) from exc
+    except RayActorError as exc:
+        raise RankError(*key, f"rank actor died: {exc}") from exc
+
+
+@dataclass
+class Engine:
+    """One data-parallel replica: a placement group and its TP rank actors."""
+
+    index: int
+    group: PlacementGroup
+    ranks: list[Any]
+
+    def submit(self, method: str, *args: Any, only_rank: int | None = None
+               ) -> dict[RankKey, ray.ObjectRef]:
+        return {
+            (self.index, r): getattr(actor, method).remote(*args)
+            for r, actor in enumerate(self.ranks)
+            if only_rank is None or r == only_rank
+        }
+
+    def kill(self) -> None:
+        for actor in self.ranks:
+            ray.kill(actor, no_restart=True)
+        remove_placement_group(self.group)
+
+
+def _bundle(cfg: EngineConfig) -> dict[str, float]:
+    bundle = {"CPU": float(cfg.num_cpus_per_rank)}
+    if cfg.device == "cuda":
+        bundle["GPU"] = 1.0
+    return bundle
+
+
+def create_engine(index: int, cfg: EngineConfig, dtype: str) -> Engine:
+    """Reserve the engine's bundles, then start one rank actor in each."""
+    tp = cfg.tensor_parallel_size
+    group = placement_group([_bundle(cfg)] * tp, strategy=cfg.placement_strategy,
+                            name=f"tp-reload-engine-{index}")
+    try:
+        ray.get(group.ready(), timeout=cfg.timeout_s)
+    except GetTimeoutError as exc:
+        remove_placement_group(group)
+        raise RankError(index, 0, (
+            f"placement group of {tp} x {_bundle(cfg)} not ready after {cfg.timeout_s:.0f}s; "
+            f"the cluster has {ray.available_resources()} available (lower num_cpus_per_rank?)"
+        )) from exc
+    remote = ray.remote(RankActor)
+    ranks = [
+        remote.options(
+            num_cpus=cfg.num_cpus_per_rank,
+            num_gpus=1 if cfg.device == "cuda" else 0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=group, placement_group_bundle_index=rank
+            ),
+        ).remote(engine=index, rank=rank, world_size=tp, spec=cfg.model_spec, dtype=dtype,
+                 device=cfg.device, quantization=cfg.quantization, timeout_s=cfg.timeout_s)
+        for rank in range(tp)
+    ]
+    return Engine(index, group, ranks)
+
+
+def connect_engines(engines: list[Engine], timeout_s: float) -> None:
+    """Rendezvous each engine's ranks through a store on its rank 0 (port chosen by the OS)."""
+    addresses = gather(
+        {k: v for e in engines for k, v in e.submit("store_address", only_rank=0).items()},
+        timeout_s,
+    )
+    calls: dict[RankKey, ray.ObjectRef] = {}
+    for engine in engines:
+        host, port = addresses[(engine.index, 0)]
+        calls.update(engine.submit("init_distributed", host, port))
+    gather(calls, timeout_s)

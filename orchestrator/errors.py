@@ -1,0 +1,25 @@
+"""Project exception types. User mistakes subclass ValueError so plain handlers still work."""
+
+from __future__ import annotations
+
+
+class TPReloadError(Exception):
+    """Base of every error tp-reload raises on purpose."""
+
+
+class ConfigError(TPReloadError, ValueError):
+    """An EngineConfig field, or the model's config.json, is invalid; the message names it."""
+
+
+class CheckpointError(TPReloadError, ValueError):
+    """A checkpoint file or tensor is unusable; the message names the file and tensor."""
+
+
+class RankError(TPReloadError, RuntimeError):
+    """A rank actor failed; carries the engine, the rank and the rank's traceback text."""
+
+    def __init__(self, engine: int, rank: int, detail: str) -> None:
+        super().__init__(f"engine {engine} rank {rank} failed:\n{detail}")
+        self.engine = engine
+        self.rank = rank
+        self.detail = detail

@@ -1,0 +1,71 @@
+"""The two-verb contract every quantization method implements, plus the unquantized method.
+
+``create_weights`` registers model-format parameters (what checkpoint loaders write: full
+precision, TP-sliced and fused) on a layer. ``process_weights_after_loading`` turns them into
+kernel format (what ``apply`` reads). A method owns its shard rule through the
+``weight_loader`` it is handed and the ``output_dim``/``input_dim`` it sets, so TP code never
+inspects quantized layouts.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+WeightLoader = Callable[..., None]
+
+
+class LinearMethod(ABC):
+    """How one linear layer stores, converts and applies its weight."""
+
+    name: str = ""
+
+    @abstractmethod
+    def create_weights(
+        self,
+        layer: nn.Module,
+        *,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        params_dtype: torch.dtype,
+        weight_loader: WeightLoader,
+    ) -> None:
+        """Register the model-format parameters on ``layer``."""
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Convert model format to kernel format in place. Identity by default."""
+
+    @abstractmethod
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x @ W.T (+ bias)`` with the kernel-format tensors."""
+
+
+class UnquantizedLinearMethod(LinearMethod):
+    """Weights kept in the engine dtype; model format equals kernel format."""
+
+    name = "none"
+
+    def create_weights(
+        self,
+        layer: nn.Module,
+        *,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        params_dtype: torch.dtype,
+        weight_loader: WeightLoader,
+    ) -> None:
+        weight = nn.Parameter(
+            torch.empty(sum(output_partition_sizes), input_size_per_partition, dtype=params_dtype),
+            requires_grad=False,
+        )
+        weight.output_dim = 0
+        weight.input_dim = 1
+        weight.weight_loader = weight_loader
+        layer.register_parameter("weight", weight)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, layer.weight, bias)

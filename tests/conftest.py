@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.checkpoints import FAMILIES, write_checkpoint
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (gpu marker); this machine has no GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole session. Logical CPUs exceed the 2 real cores on purpose:
+    ranks request fractions and mostly wait on each other."""
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False, object_store_memory=512 << 20,
+             log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """family -> float32 checkpoint dir."""
+    root = tmp_path_factory.mktemp("ckpt")
+    return {name: write_checkpoint(root / name, name, seed=i) for i, name in enumerate(FAMILIES)}
+
+
+@pytest.fixture(scope="session")
+def prompt() -> torch.Tensor:
+    return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1234))

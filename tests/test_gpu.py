@@ -1,0 +1,26 @@
+"""CUDA path (skipped without a GPU): one rank actor on its own GPU, checked against
+transformers on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from orchestrator import EngineConfig, ReloadOrchestrator
+from tests.checkpoints import reference_generate, reference_logits, rel_l2
+
+pytestmark = [pytest.mark.gpu, pytest.mark.ray]
+
+
+def test_tp1_on_one_gpu(ray_cluster, checkpoints, prompt):
+    path = checkpoints["qwen3"]
+    cfg = EngineConfig(model=str(path), tensor_parallel_size=1, device="cuda", dtype="float32")
+    with ReloadOrchestrator(cfg) as orch:
+        logits = orch.forward(prompt)
+        tokens = orch.generate(prompt, max_new_tokens=8)
+        placement = orch.placements()[0][0]
+        devices = {t["device"] for t in orch.inspect()[0].values()}
+    assert len(placement["gpu_ids"]) == 1
+    assert devices == {"cuda:0"}
+    assert rel_l2(logits, reference_logits(path, prompt)) <= 1e-4
+    assert torch.equal(tokens, reference_generate(path, prompt, 8))
