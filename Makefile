@@ -26,6 +26,7 @@ demo: $(STAMP)
 	$(VENV)/bin/tp-reload demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -2,8 +2,10 @@
 (``orchestrator.cluster``); nothing here imports the driver side.
 
 Lifecycle, each step called on every rank of the engine by the driver:
-``store_address`` (rank 0 only) -> ``init_distributed`` -> ``load_checkpoint`` -> serve
-(``forward`` / ``generate`` / ``inspect`` / ``get_tensor``).
+``store_address`` (rank 0 only) -> ``init_distributed`` -> ``start_reload(first_load=True)``
+-> ``load_bucket``* -> ``finish_reload`` -> serve (``forward`` / ``generate`` / ``inspect`` /
+``get_tensor``), and for every reload again ``start_reload`` -> ``load_bucket``* ->
+``finish_reload`` (or ``abort_reload``).
 """
 
 from __future__ import annotations
@@ -11,33 +13,16 @@ from __future__ import annotations
 import logging
 import os
 import time
-from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from actors.checkpoint import ReadCounter, iter_checkpoint_slices
-from actors.model import (
-    DecoderForCausalLM,
-    KVCache,
-    ModelSpec,
-    TPGroup,
-    build_model,
-    process_weights_after_loading,
-)
-
-
-@dataclass(frozen=True, slots=True)
-class LoadStats:
-    """What one rank did during a load; returned to the driver as a dict."""
-
-    rank: int
-    bytes_read: int
-    tensors_read: int
-    seconds: float
+from actors.model import DecoderForCausalLM, KVCache, ModelSpec, TPGroup, build_model
+from actors.reload import ReloadEngine
+from actors.transport import BucketReader, FileBucket, PackedBucket
 
 
 class RankLogger(logging.LoggerAdapter):
@@ -57,11 +42,16 @@ class RankActor:
         self.timeout = timedelta(seconds=timeout_s)
         # Ray gives a cuda rank actor exactly one visible GPU, so its index is always 0.
         self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
-        self.model: DecoderForCausalLM | None = None
         self._store: dist.TCPStore | None = None
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
         self.log = RankLogger(logging.getLogger("tp_reload.rank"),
                               {"prefix": f"[engine {engine} rank {rank}]"})
+        # Built on meta now; every layer is materialized on self.device by the first load.
+        self.model: DecoderForCausalLM = build_model(
+            spec, tp=TPGroup(rank, world_size), dtype=self.dtype, device=self.device,
+            quantization=quantization)
+        self.reloader = ReloadEngine(self.model, self.device, self.log)
+        self.loaded = False
 
     # ---- distributed set-up -------------------------------------------------------------
 
@@ -86,31 +76,47 @@ class RankActor:
                                 world_size=self.world_size, timeout=self.timeout)
         self.log.info("joined %s group of %d via %s:%d", backend, self.world_size, host, port)
 
-    # ---- loading ------------------------------------------------------------------------
+    # ---- loading: the first load and every reload go through the same engine ---------
 
-    def load_checkpoint(self, files: dict[str, list[str]]) -> dict[str, Any]:
-        """Build this rank's shard and fill it from the checkpoint, reading only its slices."""
-        start = time.perf_counter()
-        model = build_model(self.spec, tp=TPGroup(self.rank, self.world_size), dtype=self.dtype,
-                            device=self.device, quantization=self.quantization)
-        counter = ReadCounter()
-        with ExitStack() as stack, torch.no_grad():
-            written = model.load_weights(iter_checkpoint_slices(files, counter, stack))
-        missing = model.missing_params(written)
-        if missing:
-            raise ValueError(f"checkpoint is missing tensors for: {', '.join(missing)}")
-        process_weights_after_loading(model)
-        self.model = model
-        stats = LoadStats(self.rank, counter.bytes_read, counter.tensors_read,
-                          time.perf_counter() - start)
-        self.log.info("loaded %d tensors, %.2f MB read in %.2fs", stats.tensors_read,
-                      stats.bytes_read / 1e6, stats.seconds)
+    def start_reload(self, first_load: bool) -> None:
+        self.reader = BucketReader()
+        self.reload_begin = time.perf_counter()
+        self.reloader.start("first" if first_load else "reload")
+
+    def load_bucket(self, bucket: FileBucket | PackedBucket) -> None:
+        """Feed one bucket; complete layers are processed before this returns."""
+        fetched = self.reader.fetch_seconds
+        items = self.reader.items(bucket)
+        self.reloader.add_seconds("transfer", self.reader.fetch_seconds - fetched)
+        self.reloader.load(items)
+
+    def finish_reload(self) -> dict[str, Any]:
+        try:
+            stats = self.reloader.finish()
+        finally:
+            self.reader.close()
+        self.loaded = True
+        self.log.info("reloaded %d layers (%d kept), %.2f MB read, peak buffered %.2f MB in "
+                      "%.2fs", len(stats.layers_reloaded), len(stats.layers_kept),
+                      stats.bytes_read / 1e6, stats.peak_buffered_bytes / 1e6,
+                      time.perf_counter() - self.reload_begin)
         return asdict(stats)
+
+    def abort_reload(self) -> None:
+        self.reloader.abort()
+        if hasattr(self, "reader"):
+            self.reader.close()
+
+    def memory(self) -> dict[str, int]:
+        """Resident set size of this rank process, from /proc (Linux)."""
+        with open("/proc/self/statm") as f:
+            resident_pages = int(f.read().split()[1])
+        return {"rss_bytes": resident_pages * os.sysconf("SC_PAGE_SIZE")}
 
     # ---- serving ------------------------------------------------------------------------
 
     def _require_model(self) -> DecoderForCausalLM:
-        if self.model is None:
+        if not self.loaded:
             raise RuntimeError("no weights loaded on this rank yet")
         return self.model
 
@@ -139,6 +145,32 @@ class RankActor:
                 logits = model(next_ids, position, cache)
         out = torch.cat(tokens, dim=1)
         return out.cpu() if self.rank == 0 else None
+
+    def capture_cuda_graph(self, token_ids: torch.Tensor) -> None:
+        """CUDA only: capture one forward of this shape. The graph bakes in the kernel
+        tensors' addresses, which is why reloads must copy into them in place."""
+        if self.device.type != "cuda":
+            raise RuntimeError("CUDA graphs need device='cuda'")
+        model = self._require_model()
+        ids = token_ids.to(self.device)
+        positions = torch.arange(ids.shape[1], device=self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(2):  # warm-up outside the graph, as CUDA graph capture requires
+                model(ids, positions)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.inference_mode():
+            logits = model(ids, positions)
+        self._graph = (graph, logits)
+
+    def replay_cuda_graph(self) -> torch.Tensor | None:
+        """Replay the captured forward; rank 0 returns its float32 CPU logits."""
+        graph, logits = self._graph
+        graph.replay()
+        torch.cuda.synchronize(self.device)
+        return logits.float().cpu() if self.rank == 0 else None
 
     def kernel_tensors(self) -> dict[str, torch.Tensor]:
         model = self._require_model()

@@ -1,14 +1,14 @@
 """tp-reload driver side: configure, place and drive tensor-parallel engines on Ray."""
 
 from orchestrator.config import EngineConfig
-from orchestrator.coordinator import LoadReport, ReloadOrchestrator
+from orchestrator.coordinator import ReloadOrchestrator, ReloadReport
 from orchestrator.errors import CheckpointError, ConfigError, RankError, TPReloadError
 
 __all__ = [
     "CheckpointError",
     "ConfigError",
     "EngineConfig",
-    "LoadReport",
+    "ReloadReport",
     "RankError",
     "ReloadOrchestrator",
     "TPReloadError",

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from orchestrator.demo import DemoOptions, format_summary, run_demo
 
@@ -13,13 +14,20 @@ from orchestrator.demo import DemoOptions, format_summary, run_demo
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tp-reload", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="build a small random model, serve it with TP, "
-                                            "check it against transformers")
+    demo = commands.add_parser("demo", help="serve a small random model with TP, reload it, "
+                                            "check both against transformers")
     defaults = DemoOptions()
     demo.add_argument("--tp", type=int, default=defaults.tensor_parallel_size)
     demo.add_argument("--layers", type=int, default=defaults.num_layers)
     demo.add_argument("--cpus-per-rank", type=float, default=defaults.num_cpus_per_rank)
     demo.add_argument("--json", action="store_true", help="print the result as JSON")
+    plan = commands.add_parser("plan", help="print the reload schedule of a checkpoint and its "
+                                            "predicted buffering (no Ray)")
+    plan.add_argument("checkpoint", help="checkpoint directory (config.json + safetensors)")
+    plan.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    plan.add_argument("--bucket-bytes", type=int, default=256 << 20)
+    plan.add_argument("--dtype", default="auto", help="engine dtype (default: the checkpoint's)")
+    plan.add_argument("--order", choices=("plan", "source"), default="plan")
     return parser
 
 
@@ -31,7 +39,49 @@ def main(argv: list[str] | None = None) -> int:
                                       num_cpus_per_rank=args.cpus_per_rank))
         print(json.dumps(result, indent=2) if args.json else format_summary(result))
         return 0 if result["ok"] else 1
-    return 2
+    return print_plan(args)
+
+
+def print_plan(args: argparse.Namespace) -> int:
+    from actors.model import check_tp, load_spec
+    from orchestrator.coordinator import build_plan, resolve_dtype
+    from orchestrator.errors import TPReloadError
+    from orchestrator.inventory import open_source
+
+    try:
+        spec = load_spec(args.checkpoint)
+        check_tp(spec, args.tp)
+        source = open_source(args.checkpoint)
+        dtype = resolve_dtype(args.dtype, list(source.tensors))
+        plan, _ = build_plan(source, spec=spec, tp=args.tp, dtype=dtype, quantization=None,
+                             bucket_bytes=args.bucket_bytes, order=args.order)
+    except (TPReloadError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_plan(plan, args.checkpoint, args.tp, args.bucket_bytes))
+    return 0
+
+
+def format_plan(plan, checkpoint: str, tp: int, bucket_bytes: int) -> str:
+    mb = 1e6
+    tensors = plan.tensors
+    lines = [
+        f"reload plan for {checkpoint}: TP={tp}, order={plan.order}, {len(plan.layers)} layers, "
+        f"{len(tensors)} tensors ({sum(t.nbytes for t in tensors) / mb:.2f} MB), "
+        f"buckets of <= {bucket_bytes / mb:.2f} MB -> {len(plan.buckets)} bucket(s)",
+        "predicted peak buffered bytes per rank:",
+        f"  plan order (parent layer): {plan.plan_order_peak_bytes / mb:10.3f} MB",
+        f"  source order (file order): {plan.source_order_peak_bytes / mb:10.3f} MB",
+        f"  largest layer per rank:    {plan.largest_layer_rank_bytes / mb:10.3f} MB",
+        "",
+        f"{'bucket':>6} {'tensors':>7} {'MB':>9}  files / layers",
+    ]
+    for index, bucket in enumerate(plan.buckets):
+        files = ", ".join(Path(f).name for f in bucket.files) or "-"
+        layers = list(dict.fromkeys(t.layer for t in bucket.tensors))
+        lines.append(f"{index:>6} {len(bucket.tensors):>7} {bucket.nbytes / mb:>9.3f}  {files}")
+        lines.append(f"{'':>25}{', '.join(layers)}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -5,12 +5,17 @@ Usage::
     with ReloadOrchestrator(EngineConfig(model="ckpt/step0", tensor_parallel_size=2)) as orch:
         logits = orch.forward([[1, 2, 3]])
         tokens = orch.generate([[1, 2, 3]], max_new_tokens=8)
+        report = orch.reload("ckpt/step1")          # or a dict / iterable of (name, tensor)
 
 Ordering invariants:
   * ``start`` (or entering the context) must be called before any other method; it places
     the engines, forms each engine's process group and performs the first load (version 0).
   * every call reaches all ranks of one engine, because forward passes use collectives; a
     rank that fails raises ``RankError`` naming engine and rank with its traceback text.
+  * ``reload`` reaches every rank of every engine: start -> buckets in plan order (at most
+    BUCKETS_IN_FLIGHT at once) -> finish; a layer is processed on each rank the moment its
+    last tensor arrives, so a rank buffers about one layer. The version increments only when
+    every rank finished.
   * ``shutdown`` (or leaving the context) kills the rank actors and frees their placement
     groups; the orchestrator cannot be restarted afterwards.
 """
@@ -19,31 +24,57 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import ray
 import torch
 
+from actors.model import ModelSpec
+from actors.reload import Routing, route_tensors
+from actors.transport import FileBucket, PackedBucket, pack_tensors
 from orchestrator.cluster import Engine, RankKey, connect_engines, create_engine, gather
 from orchestrator.config import EngineConfig
 from orchestrator.errors import CheckpointError, ConfigError
-from orchestrator.inventory import TensorInfo, checkpoint_inventory, names_by_file
+from orchestrator.inventory import Source, TensorInfo, open_source
+from orchestrator.plan import ORDERS, Bucket, Order, Plan, PlannedTensor, make_plan
 
 log = logging.getLogger("tp_reload")
 
 CHECKPOINT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
-@dataclass(frozen=True, slots=True)
-class LoadReport:
-    """What the first load did, per (engine, rank)."""
+STAGES = ("plan", "transfer", "load", "process", "finalize")
+# Buckets in flight at once: one being consumed by the ranks, one already on its way.
+BUCKETS_IN_FLIGHT = 2
 
+
+@dataclass(frozen=True, slots=True)
+class ReloadReport:
+    """What one load or reload did. Times are wall seconds; per-stage times are the slowest
+    rank's (ranks work in parallel), plus the driver's own planning and packing."""
+
+    version: int
+    """Version now served (0 for the first load)."""
     seconds: float
-    checkpoint_bytes: int
-    """Bytes of all tensors in the checkpoint files."""
-    bytes_read: dict[RankKey, int] = field(default_factory=dict)
-    """Bytes each rank read from the files: about checkpoint_bytes / tp for TP >= 2."""
+    stage_seconds: dict[str, float]
+    """plan, transfer (reading or fetching bytes), load (dry runs, buffering), process
+    (materialize, replay, quantize, copy into kernel tensors), finalize."""
+    bytes_read: dict[RankKey, int]
+    """Bytes each (engine, rank) read or copied out of the source: about source_bytes / tp."""
+    peak_buffered_bytes: int
+    """Measured: the most any rank held in buffered loader calls at once."""
+    predicted_peak_buffered_bytes: int
+    """The planner's prediction for the order used."""
+    layers_reloaded: list[str]
+    layers_kept: list[str]
+    """Layers the source did not touch: they keep serving their previous tensors."""
+    warnings: list[str]
+    order: str
+    source: str
+    source_bytes: int
+    buckets: int
 
 
 def resolve_dtype(requested: str, infos: list[TensorInfo]) -> str:
@@ -59,10 +90,41 @@ def resolve_dtype(requested: str, infos: list[TensorInfo]) -> str:
     raise CheckpointError("checkpoint has no '*embed_tokens.weight'; set EngineConfig.dtype")
 
 
+CachedRouting = tuple[tuple, Routing]
+
+
+def build_plan(source: Source, *, spec: ModelSpec, tp: int, dtype: str,
+               quantization: str | None, bucket_bytes: int, order: Order,
+               cached: CachedRouting | None = None) -> tuple[Plan, CachedRouting]:
+    """Route ``source`` through the model (dry run on meta, no Ray) and schedule it.
+    ``cached`` is reused when the source lists the same names, shapes and dtypes, as an RL
+    loop's sources do step after step. CheckpointError names a tensor that does not fit."""
+    if not source.tensors:
+        raise CheckpointError(f"{source.description}: the source has no tensors")
+    key = tuple((t.name, t.shape, t.dtype) for t in source.tensors)
+    if cached is None or cached[0] != key:
+        tensors = [(t.name, t.shape, t.torch_dtype) for t in source.tensors]
+        try:
+            routing = route_tensors(spec, tp, getattr(torch, dtype), quantization, tensors)
+        except ValueError as exc:
+            raise CheckpointError(f"{source.description}: {exc}") from exc
+        cached = (key, routing)
+    routing = cached[1]
+    tensors = [
+        PlannedTensor(t.name, routing.layer_of[t.name], t.nbytes, routing.rank_bytes[t.name],
+                      t.file)
+        for t in source.tensors if t.name in routing.layer_of
+    ]
+    plan = make_plan(tensors, routing.layer_order, bucket_bytes=bucket_bytes, order=order,
+                     process_last=routing.process_last)
+    return plan, cached
+
+
 def as_token_tensor(token_ids: Any) -> torch.Tensor:
     ids = torch.as_tensor(token_ids, dtype=torch.long)
     if ids.dim() != 2 or ids.shape[1] == 0:
-        raise ValueError(f"token_ids must be [batch, length] with length >= 1, got {tuple(ids.shape)}")
+        raise ValueError("token_ids must be [batch, length] with length >= 1, "
+                         f"got {tuple(ids.shape)}")
     return ids
 
 
@@ -71,8 +133,9 @@ class ReloadOrchestrator:
         self.config = config
         self.engines: list[Engine] = []
         self.dtype = ""
-        self.load_report: LoadReport | None = None
+        self.load_report: ReloadReport | None = None
         self._version: int | None = None
+        self._route: CachedRouting | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -83,25 +146,20 @@ class ReloadOrchestrator:
         self.shutdown()
 
     def start(self) -> ReloadOrchestrator:
+        """Place the engines, form their process groups and load ``config.model`` (version 0)."""
         cfg = self.config
-        infos = checkpoint_inventory(cfg.model)
-        self.dtype = resolve_dtype(cfg.dtype, infos)
+        first = open_source(cfg.model)
+        self.dtype = resolve_dtype(cfg.dtype, list(first.tensors))
+        self._plan(first, "plan")  # validates names and shapes before anything is placed
         if not ray.is_initialized():
             ray.init(ignore_reinit_error=True)
-        begin = time.perf_counter()
         try:
             self.engines = [create_engine(i, cfg, self.dtype) for i in range(cfg.num_engines)]
             connect_engines(self.engines, cfg.timeout_s)
-            files = names_by_file(infos)
-            stats = gather(self._submit_all("load_checkpoint", files), cfg.timeout_s)
+            self.load_report = self._stream(first, "plan", first_load=True, version=0)
         except BaseException:
             self.shutdown()
             raise
-        self.load_report = LoadReport(
-            seconds=time.perf_counter() - begin,
-            checkpoint_bytes=sum(i.nbytes for i in infos),
-            bytes_read={key: s["bytes_read"] for key, s in stats.items()},
-        )
         self._version = 0
         log.info("%d engine(s) x TP=%d serving %s (%s) as version 0", cfg.num_engines,
                  cfg.tensor_parallel_size, cfg.model, self.dtype)
@@ -112,6 +170,96 @@ class ReloadOrchestrator:
             engine.kill()
         self.engines = []
         self._version = None
+
+    # ---- reloading ----------------------------------------------------------------------
+
+    def reload(self, source: Any, order: Order = "plan") -> ReloadReport:
+        """Stream new weights into every rank of every engine, in place.
+
+        ``source``: a checkpoint directory, a dict name -> tensor, or an iterable of
+        (name, tensor) in checkpoint format (full, unsharded). ``order="plan"`` streams in
+        parent-layer order (one layer buffered at a time); ``"source"`` keeps the source's own
+        order. Layers the source does not touch keep their weights (``layers_kept``)."""
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        version = self.version + 1
+        report = self._stream(open_source(source), order, first_load=False, version=version)
+        self._version = version
+        return report
+
+    def plan(self, source: Any, order: Order = "plan") -> Plan:
+        """The schedule a reload of ``source`` would follow (nothing is sent)."""
+        return self._plan(open_source(source), order)
+
+    def _plan(self, source: Source, order: Order) -> Plan:
+        cfg = self.config
+        plan, self._route = build_plan(
+            source, spec=cfg.model_spec, tp=cfg.tensor_parallel_size, dtype=self.dtype,
+            quantization=cfg.quantization, bucket_bytes=cfg.bucket_bytes, order=order,
+            cached=self._route)
+        return plan
+
+    def _stream(self, source: Source, order: Order, *, first_load: bool, version: int
+                ) -> ReloadReport:
+        begin = time.perf_counter()
+        plan = self._plan(source, order)
+        plan_seconds = time.perf_counter() - begin
+        timeout = self.config.timeout_s
+        try:
+            gather(self._submit_all("start_reload", first_load), timeout)
+            pack_seconds = self._send(source, plan)
+            stats = gather(self._submit_all("finish_reload"), timeout)
+        except BaseException:
+            self._abort_quietly()
+            raise
+        stage = {name: max(s["stage_seconds"][name] for s in stats.values())
+                 for name in STAGES[1:]}
+        stage["plan"] = plan_seconds
+        stage["transfer"] += pack_seconds
+        first = stats[min(stats)]
+        report = ReloadReport(
+            version=version, seconds=time.perf_counter() - begin,
+            stage_seconds={name: stage[name] for name in STAGES},
+            bytes_read={key: s["bytes_read"] for key, s in sorted(stats.items())},
+            peak_buffered_bytes=max(s["peak_buffered_bytes"] for s in stats.values()),
+            predicted_peak_buffered_bytes=plan.predicted_peak_buffered_bytes,
+            layers_reloaded=first["layers_reloaded"], layers_kept=first["layers_kept"],
+            warnings=[f"engine {e} rank {r}: {w}" for (e, r), s in sorted(stats.items())
+                      for w in s["warnings"]],
+            order=order, source=source.description, source_bytes=source.nbytes,
+            buckets=len(plan.buckets),
+        )
+        for warning in report.warnings:
+            log.warning(warning)
+        return report
+
+    def _send(self, source: Source, plan: Plan) -> float:
+        """Stream the plan's buckets to every rank of every engine with a bounded number in
+        flight; returns the driver's packing seconds."""
+        in_flight: deque[dict[RankKey, ray.ObjectRef]] = deque()
+        pack_seconds = 0.0
+        for bucket in plan.buckets:
+            start = time.perf_counter()
+            message = self._message(source, bucket)
+            pack_seconds += time.perf_counter() - start
+            in_flight.append(self._submit_all("load_bucket", message))
+            if len(in_flight) >= BUCKETS_IN_FLIGHT:
+                gather(in_flight.popleft(), self.config.timeout_s)
+        while in_flight:
+            gather(in_flight.popleft(), self.config.timeout_s)
+        return pack_seconds
+
+    @staticmethod
+    def _message(source: Source, bucket: Bucket) -> FileBucket | PackedBucket:
+        if source.kind == "dir":
+            return FileBucket(tuple((t.name, t.file) for t in bucket.tensors))
+        entries, buffer = pack_tensors([(t.name, source.data[t.name]) for t in bucket.tensors])
+        return PackedBucket(entries, [ray.put(buffer)])
+
+    def _abort_quietly(self) -> None:
+        """Best effort after a failure: every rank drops its partial state."""
+        refs = self._submit_all("abort_reload")
+        ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.config.timeout_s)
 
     # ---- serving ------------------------------------------------------------------------
 
@@ -149,6 +297,14 @@ class ReloadOrchestrator:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         return self._on_engine(engine, "generate", as_token_tensor(token_ids), max_new_tokens)[0]
 
+    def capture_cuda_graph(self, token_ids: Any, engine: int = 0) -> None:
+        """device='cuda': capture a forward of this shape on every rank of ``engine``."""
+        self._on_engine(engine, "capture_cuda_graph", as_token_tensor(token_ids))
+
+    def replay_cuda_graph(self, engine: int = 0) -> torch.Tensor:
+        """Replay the captured forward: float32 CPU logits of the weights served now."""
+        return self._on_engine(engine, "replay_cuda_graph")[0]
+
     def inspect(self, engine: int = 0) -> list[dict[str, dict[str, Any]]]:
         """Per rank: kernel tensor name -> {data_ptr, shape, dtype, device}."""
         ranks = self._on_engine(engine, "inspect")
@@ -161,6 +317,12 @@ class ReloadOrchestrator:
             raise ValueError(f"rank={rank} out of range (tensor_parallel_size={len(target.ranks)})")
         refs = target.submit("get_tensor", name, only_rank=rank)
         return gather(refs, self.config.timeout_s)[(engine, rank)]
+
+    def memory(self) -> list[list[int]]:
+        """Per engine, per rank: resident set size of the rank process in bytes."""
+        results = gather(self._submit_all("memory"), self.config.timeout_s)
+        return [[results[(e.index, r)]["rss_bytes"] for r in range(len(e.ranks))]
+                for e in self.engines]
 
     def placements(self) -> list[list[dict[str, Any]]]:
         """Per engine, per rank: node id, pid and GPU ids of the rank actor."""

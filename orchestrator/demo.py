@@ -57,59 +57,92 @@ def reference_outputs(path: Path, prompt: torch.Tensor, new_tokens: int
     return logits, tokens
 
 
+def _rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
 def run_demo(options: DemoOptions) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="tp-reload-demo-") as tmp:
-        path = Path(tmp) / "step0"
-        write_demo_checkpoint(path, options.num_layers, options.seed)
-        prompt = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(options.seed))
-        ref_logits, ref_tokens = reference_outputs(path, prompt, 8)
-        cfg = EngineConfig(model=str(path), tensor_parallel_size=options.tensor_parallel_size,
-                           dtype="float32", num_cpus_per_rank=options.num_cpus_per_rank)
+        step0, step1 = Path(tmp) / "step0", Path(tmp) / "step1"
+        write_demo_checkpoint(step0, options.num_layers, options.seed)
+        write_demo_checkpoint(step1, options.num_layers, options.seed + 1)
+        generator = torch.Generator().manual_seed(options.seed)
+        prompt = torch.randint(0, 1000, (2, 16), generator=generator)
+        ref0_logits, ref0_tokens = reference_outputs(step0, prompt, 8)
+        ref1_logits, ref1_tokens = reference_outputs(step1, prompt, 8)
+        cfg = EngineConfig(model=str(step0), tensor_parallel_size=options.tensor_parallel_size,
+                           dtype="float32", num_cpus_per_rank=options.num_cpus_per_rank,
+                           bucket_bytes=1 << 20)
         ray_begin = time.perf_counter()
         ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
         ray_seconds = time.perf_counter() - ray_begin
         begin = time.perf_counter()
         with ReloadOrchestrator(cfg) as orch:
             started = time.perf_counter() - begin
-            logits = orch.forward(prompt)
-            tokens = orch.generate(prompt, max_new_tokens=8)
-            report = orch.load_report
-            kernel_tensors = sum(len(rank) for rank in orch.inspect())
-            version = orch.version
-    error = ((logits - ref_logits).norm() / ref_logits.norm()).item()
+            logits0, tokens0 = orch.forward(prompt), orch.generate(prompt, max_new_tokens=8)
+            first = orch.load_report
+            identity_before = orch.inspect()
+            reload = orch.reload(str(step1))
+            identity_after = orch.inspect()
+            logits1, tokens1 = orch.forward(prompt), orch.generate(prompt, max_new_tokens=8)
+    errors = [_rel_error(logits0, ref0_logits), _rel_error(logits1, ref1_logits)]
+    matches = [bool(torch.equal(tokens0, ref0_tokens)), bool(torch.equal(tokens1, ref1_tokens))]
+    same_tensors = identity_before == identity_after
     return {
         "model": "LlamaForCausalLM (random, llama3 rope, GQA 8/2)",
         "layers": options.num_layers,
         "tensor_parallel_size": options.tensor_parallel_size,
-        "version": version,
         "ray_start_seconds": round(ray_seconds, 3),
         "start_seconds": round(started, 3),
-        "checkpoint_bytes": report.checkpoint_bytes,
-        "bytes_read_per_rank": {f"engine{e}/rank{r}": b for (e, r), b in sorted(report.bytes_read.items())},
-        "kernel_tensors": kernel_tensors,
-        "logits_rel_l2_error_vs_transformers": error,
-        "greedy_tokens_match_transformers": bool(torch.equal(tokens, ref_tokens)),
-        "ok": error <= 1e-4 and bool(torch.equal(tokens, ref_tokens)),
+        "source_bytes": first.source_bytes,
+        "bytes_read_per_rank": {f"engine{e}/rank{r}": b for (e, r), b in first.bytes_read.items()},
+        "kernel_tensors": sum(len(rank) for rank in identity_before),
+        "logits_rel_l2_error_vs_transformers": errors[0],
+        "greedy_tokens_match_transformers": matches[0],
+        "reload": {
+            "version": reload.version,
+            "seconds": round(reload.seconds, 4),
+            "stage_seconds": {k: round(v, 4) for k, v in reload.stage_seconds.items()},
+            "buckets": reload.buckets,
+            "layers_reloaded": len(reload.layers_reloaded),
+            "peak_buffered_bytes": reload.peak_buffered_bytes,
+            "predicted_peak_buffered_bytes": reload.predicted_peak_buffered_bytes,
+            "bytes_read_per_rank": {f"engine{e}/rank{r}": b
+                                    for (e, r), b in reload.bytes_read.items()},
+            "kernel_tensors_unchanged": same_tensors,
+            "logits_rel_l2_error_vs_transformers": errors[1],
+            "greedy_tokens_match_transformers": matches[1],
+            "warnings": reload.warnings,
+        },
+        "ok": max(errors) <= 1e-4 and all(matches) and same_tensors,
     }
 
 
 def format_summary(result: dict[str, Any]) -> str:
+    mb = 1e6
+    reload = result["reload"]
     lines = [
         f"tp-reload demo: {result['model']}, {result['layers']} layers, "
         f"TP={result['tensor_parallel_size']}",
         f"  local Ray up in {result['ray_start_seconds']:.2f}s; engine up (placement, process "
-        f"group, first load) in {result['start_seconds']:.2f}s, "
-        f"serving version {result['version']}",
-        f"  checkpoint {result['checkpoint_bytes'] / 1e6:.2f} MB; bytes read per rank:",
+        f"group, first load) in {result['start_seconds']:.2f}s, serving version 0",
+        f"  step0: {result['source_bytes'] / mb:.2f} MB; bytes read per rank: "
+        + ", ".join(f"{r} {b / mb:.2f} MB" for r, b in result["bytes_read_per_rank"].items()),
+        f"  step0 logits vs transformers: rel. L2 error "
+        f"{result['logits_rel_l2_error_vs_transformers']:.2e} (bound 1e-4); greedy tokens match: "
+        f"{result['greedy_tokens_match_transformers']}",
+        f"  reload(step1) -> version {reload['version']} in {reload['seconds']:.3f}s, "
+        f"{reload['buckets']} buckets, {reload['layers_reloaded']} layers",
+        "    stages: " + ", ".join(f"{k} {v:.3f}s" for k, v in reload["stage_seconds"].items()),
+        f"    peak buffered per rank {reload['peak_buffered_bytes'] / mb:.3f} MB "
+        f"(predicted {reload['predicted_peak_buffered_bytes'] / mb:.3f} MB); bytes read: "
+        + ", ".join(f"{r} {b / mb:.2f} MB" for r, b in reload["bytes_read_per_rank"].items()),
+        f"    all {result['kernel_tensors']} kernel tensors kept identity and data_ptr: "
+        f"{reload['kernel_tensors_unchanged']}",
+        f"  step1 logits vs transformers: rel. L2 error "
+        f"{reload['logits_rel_l2_error_vs_transformers']:.2e}; greedy tokens match: "
+        f"{reload['greedy_tokens_match_transformers']}",
     ]
-    for rank, nbytes in result["bytes_read_per_rank"].items():
-        share = nbytes / result["checkpoint_bytes"]
-        lines.append(f"    {rank}: {nbytes / 1e6:.2f} MB ({share:.0%} of the checkpoint)")
-    lines += [
-        f"  {result['kernel_tensors']} kernel tensors across ranks",
-        f"  logits vs transformers: relative L2 error {result['logits_rel_l2_error_vs_transformers']:.2e}"
-        " (bound 1e-4)",
-        f"  greedy 8 tokens match transformers: {result['greedy_tokens_match_transformers']}",
-        "  OK" if result["ok"] else "  MISMATCH",
-    ]
+    lines += [f"  warning: {w}" for w in reload["warnings"]]
+    lines.append("  OK" if result["ok"] else "  MISMATCH")
     return "\n".join(lines)

@@ -1,13 +1,22 @@
-"""Driver-side checkpoint inventory: tensor names, shapes, dtypes and files from safetensors
-headers, without reading tensor data and without ever unpickling anything."""
+"""Driver-side inventory of a reload source: tensor names, shapes, dtypes, sizes and files,
+without reading tensor data and without ever unpickling anything.
+
+Source kinds: a checkpoint directory (safetensors headers + index), a mapping name -> tensor,
+or an iterable of (name, tensor) pairs (consumed once, up front, to plan; its tensors are
+referenced, not copied)."""
 
 from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
+import torch
+
+from actors.checkpoint import SAFETENSORS_DTYPES
 from orchestrator.errors import CheckpointError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -24,8 +33,12 @@ class TensorInfo:
     dtype: str
     """safetensors dtype code, e.g. ``BF16``."""
     nbytes: int
-    file: str
-    """Absolute path of the file holding the tensor."""
+    file: str | None
+    """Absolute path of the file holding the tensor; None for in-memory tensors."""
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return SAFETENSORS_DTYPES[self.dtype]
 
 
 def read_safetensors_header(path: Path) -> list[TensorInfo]:
@@ -43,13 +56,20 @@ def read_safetensors_header(path: Path) -> list[TensorInfo]:
         header = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     data_size = size - 8 - header_len
-    infos = []
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        infos.append(_tensor_info(path, name, entry, data_size))
-    return infos
+    entries = sorted(((n, e) for n, e in header.items() if n != "__metadata__"),
+                     key=lambda item: _data_start(path, *item))
+    # Physical order: the order a sequential reader of this file meets the tensors.
+    return [_tensor_info(path, name, entry, data_size) for name, entry in entries]
+
+
+def _data_start(path: Path, name: str, entry: Any) -> int:
+    try:
+        return int(entry["data_offsets"][0])
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise CheckpointError(f"{path}: tensor '{name}' has a malformed header entry") from exc
 
 
 def _tensor_info(path: Path, name: str, entry: dict, data_size: int) -> TensorInfo:
@@ -96,9 +116,11 @@ def _files_from_index(root: Path, index: Path) -> list[Path]:
     for name, rel in weight_map.items():
         path = (root / rel).resolve()
         if not path.is_relative_to(root):
-            raise CheckpointError(f"{index}: tensor '{name}' points outside the checkpoint dir: {rel}")
+            raise CheckpointError(
+                f"{index}: tensor '{name}' points outside the checkpoint dir: {rel}")
         if path.suffix != ".safetensors":
-            raise CheckpointError(f"{index}: tensor '{name}' is in {rel}; only safetensors are loaded")
+            raise CheckpointError(
+                f"{index}: tensor '{name}' is in {rel}; only safetensors are loaded")
         if not path.is_file():
             raise CheckpointError(f"{index}: tensor '{name}' points to missing file {rel}")
         if path not in files:
@@ -121,8 +143,57 @@ def checkpoint_inventory(model_dir: str | Path) -> list[TensorInfo]:
     return infos
 
 
-def names_by_file(infos: list[TensorInfo]) -> dict[str, list[str]]:
-    grouped: dict[str, list[str]] = {}
-    for info in infos:
-        grouped.setdefault(info.file, []).append(info.name)
-    return grouped
+TORCH_TO_SAFETENSORS = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """A reload source, listed but not read."""
+
+    kind: Literal["dir", "memory"]
+    tensors: tuple[TensorInfo, ...]
+    """In the source's own order (files in index order, tensors by position in the file)."""
+    description: str
+    data: Mapping[str, torch.Tensor] | None = None
+    """In-memory tensors by name (kind 'memory')."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+def open_source(source: Any) -> Source:
+    """List a checkpoint dir, a mapping name -> tensor, or an iterable of (name, tensor)."""
+    if isinstance(source, (str, Path)):
+        return Source("dir", tuple(checkpoint_inventory(source)), str(source))
+    pairs = list(source.items()) if isinstance(source, Mapping) else _pairs(source)
+    data: dict[str, torch.Tensor] = {}
+    for name, tensor in pairs:
+        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"in-memory source entries must be (str, torch.Tensor), got "
+                                  f"({type(name).__name__}, {type(tensor).__name__})")
+        if name in data:
+            raise CheckpointError(f"tensor '{name}' appears twice in the in-memory source")
+        if tensor.dtype not in TORCH_TO_SAFETENSORS:
+            raise CheckpointError(f"tensor '{name}' has unsupported dtype {tensor.dtype}")
+        data[name] = tensor
+    infos = tuple(
+        TensorInfo(name, tuple(t.shape), TORCH_TO_SAFETENSORS[t.dtype],
+                   t.numel() * t.element_size(), None)
+        for name, t in data.items()
+    )
+    kind = "dict" if isinstance(source, Mapping) else "iterable"
+    return Source("memory", infos, f"in-memory {kind} of {len(infos)} tensors", data)
+
+
+def _pairs(source: Any) -> list[tuple[Any, Any]]:
+    if not isinstance(source, Iterable):
+        raise CheckpointError(f"unsupported reload source {type(source).__name__}: pass a "
+                              "checkpoint directory, a dict name -> tensor, or (name, tensor) "
+                              "pairs")
+    pairs = []
+    for item in source:
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise CheckpointError(f"iterable sources yield (name, tensor) pairs, got {item!r:.80}")
+        pairs.append(item)
+    return pairs

@@ -10,7 +10,7 @@ inspects quantized layouts.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,7 @@ class LinearMethod(ABC):
     ) -> None:
         """Register the model-format parameters on ``layer``."""
 
-    def process_weights_after_loading(self, layer: nn.Module) -> None:
+    def process_weights_after_loading(self, layer: nn.Module) -> None:  # noqa: B027
         """Convert model format to kernel format in place. Identity by default."""
 
     @abstractmethod

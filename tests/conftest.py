@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.checkpoints import FAMILIES, write_checkpoint
+from tests.support import FAMILIES, write_checkpoint
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")

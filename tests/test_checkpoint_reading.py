@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-from contextlib import ExitStack
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from actors.checkpoint import ReadCounter, iter_checkpoint_slices
+from actors.reload.meta import read_window
+from actors.transport import BucketReader, FileBucket, pack_tensors, unpack_tensors
 from orchestrator import CheckpointError
-from orchestrator.inventory import checkpoint_files, checkpoint_inventory, names_by_file
+from orchestrator.inventory import checkpoint_files, checkpoint_inventory, open_source
 
 
 @pytest.fixture
@@ -25,29 +25,51 @@ def weights(tmp_path):
     return tmp_path, tensors
 
 
-def slices(path, counter, stack):
-    return dict(iter_checkpoint_slices(names_by_file(checkpoint_inventory(path)), counter, stack))
+@pytest.fixture
+def reader():
+    reader = BucketReader()
+    yield reader
+    reader.close()
 
 
-def test_narrowed_slice_reads_only_its_window(weights):
+def lazy_slices(path, reader):
+    infos = checkpoint_inventory(path)
+    return dict(reader.items(FileBucket(tuple((i.name, i.file) for i in infos))))
+
+
+def test_narrowed_slice_reads_its_window(weights, reader):
     path, tensors = weights
-    counter = ReadCounter()
-    with ExitStack() as stack:
-        lazy = slices(path, counter, stack)
-        window = lazy["a"].narrow(0, 2, 3).narrow(1, 4, 4)
-        assert window.shape == (3, 4) and counter.bytes_read == 0
-        assert torch.equal(window.materialize(), tensors["a"][2:5, 4:8])
-        assert torch.equal(lazy["c"].materialize(), tensors["c"])
-    assert counter.bytes_read == 3 * 4 * 4 + 2
-    assert counter.tensors_read == 2
+    lazy = lazy_slices(path, reader)
+    window = lazy["a"].narrow(0, 2, 3).narrow(1, 4, 4)
+    assert window.shape == (3, 4)
+    assert torch.equal(window.materialize(), tensors["a"][2:5, 4:8])
+    assert torch.equal(read_window(lazy["a"], ((1, 3), (0, 8))), tensors["a"][1:3])
+    assert torch.equal(lazy["c"].materialize(), tensors["c"])
 
 
-def test_narrow_outside_the_tensor_names_file_and_tensor(weights):
+def test_narrow_outside_the_tensor_names_file_and_tensor(weights, reader):
     path, _ = weights
-    with ExitStack() as stack:
-        lazy = slices(path, ReadCounter(), stack)
-        with pytest.raises(ValueError, match=r"model.safetensors: tensor 'a' has 8 entries along dim 1"):
-            lazy["a"].narrow(1, 6, 4)
+    message = r"model.safetensors: tensor 'a' has 8 entries along dim 1"
+    with pytest.raises(ValueError, match=message):
+        lazy_slices(path, reader)["a"].narrow(1, 6, 4)
+
+
+def test_packed_bucket_round_trips_every_dtype(weights):
+    _, tensors = weights
+    entries, buffer = pack_tensors(list(tensors.items()))
+    assert all(e.offset % 64 == 0 for e in entries)
+    unpacked = dict(unpack_tensors(entries, buffer))
+    assert all(torch.equal(unpacked[n], t) and unpacked[n].dtype == t.dtype
+               for n, t in tensors.items())
+
+
+def test_in_memory_sources_keep_their_order(weights):
+    _, tensors = weights
+    pairs = list(reversed(tensors.items()))
+    assert [t.name for t in open_source(dict(pairs)).tensors] == ["c", "b", "a"]
+    assert [t.name for t in open_source(iter(pairs)).tensors] == ["c", "b", "a"]
+    with pytest.raises(CheckpointError, match="tensor 'a' appears twice"):
+        open_source(pairs + [("a", tensors["a"])])
 
 
 def test_inventory_reads_headers(weights):
@@ -67,7 +89,8 @@ def test_index_entry_outside_the_directory_is_refused(weights):
 
 def test_pickle_only_directory_is_refused(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
-    with pytest.raises(CheckpointError, match=r"pickle files \['pytorch_model.bin'\], which are never loaded"):
+    message = r"pickle files \['pytorch_model.bin'\], which are never loaded"
+    with pytest.raises(CheckpointError, match=message):
         checkpoint_files(tmp_path)
 
 

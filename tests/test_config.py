@@ -9,7 +9,7 @@ import pytest
 
 from actors.model import load_spec
 from orchestrator import ConfigError, EngineConfig
-from tests.checkpoints import write_checkpoint
+from tests.support import write_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ only when ``materialize()`` is called: a loader narrows first, so a rank reads o
 slice from disk.
 
 Parameters are created wherever the caller's device context puts them (the engine builds on
-``meta``) and are materialized later by ``materialize_module``.
+``meta``) and are materialized layer by layer by the reload engine (``actors.reload``).
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def _copy_into(dest: torch.Tensor, loaded: Weight, what: str) -> None:
 def default_weight_loader(param: torch.Tensor, loaded: Weight, shard_id: Any = None) -> None:
     """Replicated parameter: every rank holds the whole tensor."""
     if len(loaded.shape) == 0 and param.dim() == 1 and param.numel() == 1:
-        param.data.fill_(to_tensor(loaded).item())
+        param.data.fill_(to_tensor(loaded).reshape(()))
         return
     _copy_into(param.data, loaded, "replicated parameter")
 
@@ -291,23 +291,10 @@ class ParallelLMHead(VocabParallelEmbedding):
         return self.tp.all_gather_last_dim(local)[..., : self.vocab_size]
 
 
-def materialize_module(model: nn.Module, device: torch.device) -> None:
-    """Replace every meta parameter by real storage on ``device``, keeping its attributes
-    (weight_loader, output_dim, ...) and tied parameters tied; record ``restore_device`` on
-    every module that owns parameters (the reload engine rebuilds layers there)."""
-    done: dict[int, nn.Parameter] = {}
+def place_buffers(model: nn.Module, device: torch.device) -> None:
+    """Move computed buffers (rotary frequencies, built on the CPU explicitly) to ``device``."""
     for module in model.modules():
-        own = [(n, p) for n, p in module._parameters.items() if p is not None]
-        if own:
-            module.restore_device = device
-        for name, param in own:
-            if id(param) not in done:
-                new = nn.Parameter(torch.empty_like(param, device=device), requires_grad=False)
-                new.__dict__.update(param.__dict__)
-                done[id(param)] = new
-            module._parameters[name] = done[id(param)]
         for name, buf in module._buffers.items():
-            # Computed buffers (rotary frequencies) are built on the CPU explicitly.
             if buf is not None:
                 assert not buf.is_meta, f"buffer {name} of {type(module).__name__} is on meta"
                 module._buffers[name] = buf.to(device)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -156,7 +157,8 @@ def spec_from_dict(cfg: dict[str, Any], source: str = "config.json") -> ModelSpe
     arch = archs[0]
     if arch not in ARCHITECTURES:
         raise ValueError(
-            f"{source}: unknown architecture '{arch}' (supported: {', '.join(sorted(ARCHITECTURES))})"
+            f"{source}: unknown architecture '{arch}' "
+            f"(supported: {', '.join(sorted(ARCHITECTURES))})"
         )
     family = ARCHITECTURES[arch]
     act = cfg.get("hidden_act", "silu")
@@ -168,14 +170,17 @@ def spec_from_dict(cfg: dict[str, Any], source: str = "config.json") -> ModelSpe
     kv_heads = cfg.get("num_key_value_heads") or heads
     head_dim = cfg.get("head_dim") or hidden // heads
     if cfg.get("head_dim") is None and hidden % heads:
-        raise ValueError(f"{source}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+        raise ValueError(f"{source}: hidden_size {hidden} is not divisible by "
+                         f"num_attention_heads {heads}")
     if heads % kv_heads:
         raise ValueError(
-            f"{source}: num_attention_heads {heads} is not divisible by num_key_value_heads {kv_heads}"
+            f"{source}: num_attention_heads {heads} is not divisible by "
+            f"num_key_value_heads {kv_heads}"
         )
     windows = family.sliding_windows(cfg, num_layers)
     if len(windows) != num_layers:
-        raise ValueError(f"{source}: field 'layer_types' has {len(windows)} entries, expected {num_layers}")
+        raise ValueError(f"{source}: field 'layer_types' has {len(windows)} entries, "
+                         f"expected {num_layers}")
     return ModelSpec(
         architecture=arch,
         family=family.name,
@@ -202,13 +207,15 @@ def load_spec(model_dir: str | Path) -> ModelSpec:
     """Read ``<model_dir>/config.json``; errors name the file and the field."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
-        raise ValueError(f"{path}: config.json not found; is '{model_dir}' a Hugging Face checkpoint directory?")
+        raise ValueError(f"{path}: config.json not found; is '{model_dir}' a Hugging Face "
+                         "checkpoint directory?")
     try:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: expected a JSON object at the top level")
+        raise ValueError(  # noqa: TRY004 - a malformed file is a value error, like bad JSON
+f"{path}: expected a JSON object at the top level")
     return spec_from_dict(cfg, str(path))
 
 

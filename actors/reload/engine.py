@@ -1,0 +1,300 @@
+"""The layerwise reload engine of one rank.
+
+``start`` arms every layer: its live kernel tensors are set aside and meta placeholders put
+back, each with a wrapped ``weight_loader``. A wrapped call is dry-run on meta (counting the
+elements it writes and the source windows it reads), the windows are read into rank memory,
+and the call is buffered. When a layer's count reaches its total it is processed at once:
+placeholders materialized on ``restore_device``, calls replayed, the quant method's
+``process_weights_after_loading`` run, results copied into the original kernel tensors, and
+those original objects re-registered, so every ``data_ptr`` the engine serves from survives.
+``finish`` processes ``process_last`` (attention) layers, keeps the old tensors of layers that
+received nothing and rejects partly loaded ones.
+
+The first load is the same path with no kernel tensors yet: the processed tensors become the
+kernel tensors. ``mode="plan"`` only dry-runs, to tell the planner which layer each source
+tensor feeds and how many bytes each rank keeps of it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from actors.reload.layers import LayerRecord, record_layers
+from actors.reload.meta import Bounds, PrefetchedWeight, ProbeWeight, WriteCounter, read_window
+from actors.reload.tracker import BufferTracker
+
+Mode = Literal["first", "reload", "plan"]
+STAGES = ("transfer", "load", "process", "finalize")
+
+
+class ReloadError(ValueError):
+    """The source does not fit the model; the message names the layer or tensor."""
+
+
+@dataclass(slots=True)
+class BufferedCall:
+    param: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    weight: PrefetchedWeight
+
+
+@dataclass(slots=True)
+class LayerLoad:
+    """One layer's progress during one reload."""
+
+    record: LayerRecord
+    kernel: dict[str, torch.Tensor] | None
+    calls: list[BufferedCall] = field(default_factory=list)
+    loaded_numel: int = 0
+    per_param: dict[str, int] = field(default_factory=dict)
+    shards: dict[str, list[Any]] = field(default_factory=dict)
+    processed: bool = False
+
+
+@dataclass(slots=True)
+class RankReloadStats:
+    bytes_read: int
+    peak_buffered_bytes: int
+    stage_seconds: dict[str, float]
+    layers_reloaded: list[str]
+    layers_kept: list[str]
+    warnings: list[str]
+
+
+@dataclass(slots=True)
+class PlannedRead:
+    """Plan mode: which layer a source tensor feeds and the bytes this rank reads of it."""
+
+    layer: str
+    rank_bytes: int
+
+
+class ReloadEngine:
+    def __init__(self, model: nn.Module, device: torch.device, log: Any) -> None:
+        self.model = model
+        self.log = log
+        self.records = record_layers(model, device)
+        self.layer_names = [r.name for r in self.records]
+        self._loads: dict[str, LayerLoad] = {}
+        self._mode: Mode | None = None
+        self._has_kernel = False
+
+    # ---- arming ---------------------------------------------------------------------------
+
+    def start(self, mode: Mode) -> None:
+        if self._mode is not None:
+            raise RuntimeError("a reload is already in progress on this rank")
+        if mode == "reload" and not self._has_kernel:
+            raise RuntimeError("reload before the first load")
+        self._mode = mode
+        self.tracker = BufferTracker(self.log)
+        self.seconds = dict.fromkeys(STAGES, 0.0)
+        self.bytes_read = 0
+        self._loads = {}
+        for record in self.records:
+            kernel = record.current() if mode == "reload" else None
+            if kernel is not None:
+                record.unregister(list(kernel))
+            load = LayerLoad(record, kernel)
+            record.register({n: self._armed(load, n, p) for n, p in record.placeholders.items()})
+            self._loads[record.name] = load
+
+    def _armed(self, load: LayerLoad, name: str, placeholder: nn.Parameter) -> nn.Parameter:
+        armed = nn.Parameter(torch.empty_like(placeholder, device="meta"), requires_grad=False)
+        armed.__dict__.update(placeholder.__dict__)
+
+        def weight_loader(_param: torch.Tensor, loaded_weight: Any, *args: Any, **kwargs: Any
+                          ) -> None:
+            self._on_load(load, name, loaded_weight, args, kwargs)
+
+        armed.weight_loader = weight_loader
+        return armed
+
+    # ---- loading --------------------------------------------------------------------------
+
+    def load(self, weights: Iterable[tuple[str, Any]]) -> None:
+        """Feed checkpoint-format ``(name, weight)`` pairs through the model's own mapping."""
+        self._require_started()
+        with torch.no_grad():
+            self.model.load_weights(weights)
+
+    def _on_load(self, load: LayerLoad, name: str, weight: Any, args: tuple, kwargs: dict
+                 ) -> None:
+        begin = time.perf_counter()
+        record = load.record
+        if load.processed:
+            raise ReloadError(f"layer {record.name} received '{name}' after it was complete "
+                              "(a tensor was sent twice?)")
+        placeholder = record.placeholders[name]
+        shard = args[0] if args else kwargs.get("shard_id")
+        if shard in load.shards.get(name, []):
+            raise ReloadError(f"{record.name}.{name} received shard {shard!r} twice "
+                              "(the same tensor appears twice in the source?)")
+        probe = ProbeWeight(tuple(weight.shape), weight.dtype)
+        with WriteCounter(placeholder) as counter:
+            placeholder.weight_loader(placeholder, probe, *args, **kwargs)
+        written = min(counter.numel, placeholder.numel())
+        if self._mode == "plan":
+            self._planned_last = _planned(record, weight, probe.reads)
+            return
+        read_begin = time.perf_counter()
+        windows = {b: read_window(weight, b) for b in dict.fromkeys(probe.reads)}
+        read_seconds = time.perf_counter() - read_begin
+        buffered = PrefetchedWeight(tuple(weight.shape), weight.dtype, windows)
+        self.bytes_read += buffered.nbytes
+        self.seconds["transfer"] += read_seconds
+        load.calls.append(BufferedCall(name, args, kwargs, buffered))
+        load.loaded_numel += written
+        load.per_param[name] = load.per_param.get(name, 0) + written
+        load.shards.setdefault(name, []).append(shard)
+        self.tracker.add(record.name, buffered.nbytes)
+        self.seconds["load"] += time.perf_counter() - begin - read_seconds
+        if load.loaded_numel >= record.total_numel and not record.process_last:
+            self._process(load)
+
+    def plan_tensor(self, name: str, shape: tuple[int, ...], dtype: torch.dtype
+                    ) -> PlannedRead | None:
+        """Plan mode: the layer ``name`` feeds and this rank's bytes of it (None: not kept)."""
+        self._planned_last: PlannedRead | None = None
+        self.load([(name, ProbeWeight(shape, dtype))])
+        return self._planned_last
+
+    def add_seconds(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] += seconds
+
+    # ---- processing -----------------------------------------------------------------------
+
+    def _process(self, load: LayerLoad) -> None:
+        begin = time.perf_counter()
+        record = load.record
+        fresh = {n: _materialize(p, record.restore_device) for n, p in record.placeholders.items()}
+        record.register(fresh)
+        for call in load.calls:
+            record.placeholders[call.param].weight_loader(fresh[call.param], call.weight,
+                                                          *call.args, **call.kwargs)
+        method = getattr(record.module, "quant_method", None)
+        if method is not None:
+            method.process_weights_after_loading(record.module)
+        if load.kernel is not None:
+            self._copy_into_kernel(record, load.kernel)
+        load.calls.clear()
+        load.processed = True
+        self.tracker.release(record.name)
+        self.seconds["process"] += time.perf_counter() - begin
+
+    @staticmethod
+    def _copy_into_kernel(record: LayerRecord, kernel: dict[str, torch.Tensor]) -> None:
+        result = record.current()
+        if set(result) != set(kernel):
+            raise ReloadError(f"layer {record.name}: processing produced {sorted(result)}, "
+                              f"the engine serves {sorted(kernel)}")
+        for name, target in kernel.items():
+            new = result[name]
+            if new.shape != target.shape or new.dtype != target.dtype:
+                raise ReloadError(f"layer {record.name}: '{name}' processed to "
+                                  f"{tuple(new.shape)} {new.dtype}, kernel tensor is "
+                                  f"{tuple(target.shape)} {target.dtype}")
+            target.data.copy_(new)
+        record.unregister(list(result))
+        record.register(kernel)
+
+    # ---- finishing ------------------------------------------------------------------------
+
+    def finish(self) -> RankReloadStats:
+        """Process deferred layers, then settle every layer; raises on partial layers."""
+        self._require_started()
+        begin = time.perf_counter()
+        try:
+            for load in self._loads.values():
+                if load.record.process_last and load.calls and _complete(load):
+                    self._process(load)
+            incomplete = [load for load in self._loads.values() if not load.processed]
+            self._check_incomplete(incomplete)
+        except BaseException:
+            self.abort()
+            raise
+        kept = [load.record.name for load in incomplete]
+        for load in incomplete:
+            self._restore(load)
+        self.seconds["finalize"] += time.perf_counter() - begin
+        stats = RankReloadStats(
+            bytes_read=self.bytes_read, peak_buffered_bytes=self.tracker.peak,
+            stage_seconds=dict(self.seconds),
+            layers_reloaded=[n for n, ld in self._loads.items() if ld.processed],
+            layers_kept=kept, warnings=self.tracker.warnings(),
+        )
+        self._has_kernel = self._has_kernel or self._mode == "first"
+        self._end()
+        return stats
+
+    def _check_incomplete(self, incomplete: list[LayerLoad]) -> None:
+        partial = [ld for ld in incomplete if ld.loaded_numel > 0 or self._mode == "first"]
+        if not partial:
+            return
+        lines = []
+        for load in partial:
+            for name, param in load.record.placeholders.items():
+                got = load.per_param.get(name, 0)
+                if got < param.numel():
+                    shards = [s for s in load.shards.get(name, []) if s is not None]
+                    seen = f", received shards {shards}" if shards else ""
+                    lines.append(f"{load.record.name}.{name} ({got} of {param.numel()} "
+                                 f"elements{seen})")
+        raise ReloadError("source is missing tensors for: " + "; ".join(lines))
+
+    def abort(self) -> None:
+        """Put every not-yet-processed layer back on its kernel tensors and disarm."""
+        if self._mode is None:
+            return
+        for load in self._loads.values():
+            if not load.processed:
+                self._restore(load)
+        self._end()
+
+    def _restore(self, load: LayerLoad) -> None:
+        record = load.record
+        record.unregister(list(record.placeholders))
+        if load.kernel is not None:
+            record.register(load.kernel)
+        else:
+            # First load never completed: leave meta placeholders (nothing to serve yet).
+            record.register(dict(record.placeholders))
+        load.calls.clear()
+        self.tracker.release(record.name)
+
+    def _end(self) -> None:
+        self._loads = {}
+        self._mode = None
+
+    def _require_started(self) -> None:
+        if self._mode is None:
+            raise RuntimeError("no reload in progress: call start() first")
+
+
+def _planned(record: LayerRecord, weight: Any, reads: list[Bounds]) -> PlannedRead:
+    itemsize = torch.empty(0, dtype=weight.dtype).element_size()
+    return PlannedRead(record.name, sum(_numel(b) * itemsize for b in dict.fromkeys(reads)))
+
+
+def _complete(load: LayerLoad) -> bool:
+    return load.loaded_numel >= load.record.total_numel
+
+
+def _numel(bounds: Bounds) -> int:
+    n = 1
+    for lo, hi in bounds:
+        n *= hi - lo
+    return n
+
+
+def _materialize(placeholder: nn.Parameter, device: torch.device) -> nn.Parameter:
+    param = nn.Parameter(torch.empty_like(placeholder, device=device), requires_grad=False)
+    param.__dict__.update(placeholder.__dict__)
+    return param

@@ -1,0 +1,168 @@
+"""Test support: small random checkpoints written with transformers (one per family, each
+exercising an awkward shape), transformers references, and the TP shard rules restated from
+first principles so the tests never check the project against itself."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from orchestrator import EngineConfig, ReloadOrchestrator
+
+BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6)
+
+# family -> (config class name, model class name, config overrides, save options)
+FAMILIES: dict[str, tuple[str, str, dict[str, Any], dict[str, Any]]] = {
+    # llama3 rope scaling; vocab 251 divides neither 2 nor 4; sharded into several files.
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(
+        vocab_size=251,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 32}),
+        dict(max_shard_size="60KB")),
+    # sliding window shorter than the test prompts.
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(vocab_size=128, sliding_window=6,
+                                                           head_dim=16), {}),
+    # q/k/v bias, tied embeddings.
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(vocab_size=130, tie_word_embeddings=True),
+              {}),
+    # q/k norms, explicit head_dim with heads * head_dim != hidden_size.
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(vocab_size=128, head_dim=32), {}),
+}
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Every parameter random (norm weights around 1, biases non-zero), so a tensor loaded
+    into the wrong place cannot go unnoticed."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=gen) * 0.1
+            param.copy_(noise + 1.0 if "norm" in name else noise * 1.5)
+
+
+def write_checkpoint(path: Path, family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                     **overrides: Any) -> Path:
+    import transformers
+
+    config_name, model_name, config_kwargs, save_kwargs = FAMILIES[family]
+    config = getattr(transformers, config_name)(**{**BASE, **config_kwargs, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config)
+    randomize(model, seed)
+    model.to(dtype).save_pretrained(path, **save_kwargs)
+    return path
+
+
+def reference_model(path: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def reference_logits(path: Path, token_ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return reference_model(path)(token_ids).logits
+
+
+def reference_generate(path: Path, token_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    with torch.no_grad():
+        return reference_model(path).generate(
+            token_ids, attention_mask=torch.ones_like(token_ids), max_new_tokens=new_tokens,
+            do_sample=False, pad_token_id=0,
+        )
+
+
+def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
+def start(path: Path, tp: int, **kwargs: Any) -> ReloadOrchestrator:
+    """An orchestrator (not yet started) on the session's Ray; float32 unless told."""
+    kwargs.setdefault("dtype", "float32")
+    kwargs.setdefault("num_cpus_per_rank", 0.5)
+    return ReloadOrchestrator(EngineConfig(model=str(path), tensor_parallel_size=tp, **kwargs))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+         "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+
+
+def parent_layer(name: str) -> str:
+    """Checkpoint name -> the engine module that owns its (fused) parameter."""
+    module = name.rsplit(".", 1)[0]
+    head, _, last = module.rpartition(".")
+    return f"{head}.{FUSED.get(last, last)}" if head else module
+
+
+def rank_bytes(name: str, shape: tuple[int, ...], itemsize: int, config: dict, tp: int,
+               rank: int) -> int:
+    """Bytes of one checkpoint tensor that rank ``rank`` of ``tp`` must hold: vocab rows split
+    after padding to a multiple of tp; k/v split over KV heads, one head per rank when tp
+    exceeds them; q, gate, up and the input side of o/down split evenly; norms and
+    row-parallel biases whole."""
+    numel = math.prod(shape)
+    if "embed_tokens" in name or "lm_head" in name:
+        rows = math.ceil(shape[0] / tp)
+        return max(0, min(rows, shape[0] - rank * rows)) * shape[1] * itemsize
+    if re.search(r"\.(k_proj|v_proj)\.", name):
+        return numel // min(tp, config["num_key_value_heads"]) * itemsize
+    if re.search(r"\.(q_proj|gate_proj|up_proj)\.", name) or re.search(
+            r"\.(o_proj|down_proj)\.weight$", name):
+        return numel // tp * itemsize
+    return numel * itemsize
+
+
+def expected_rank_bytes(path: Path, tp: int, rank: int) -> dict[str, int]:
+    """Checkpoint tensor name -> bytes rank ``rank`` must read of it."""
+    config = json.loads((path / "config.json").read_text())
+    out = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                tensor = f.get_slice(name)
+                itemsize = 2 if tensor.get_dtype() in ("BF16", "F16") else 4
+                out[name] = rank_bytes(name, tuple(tensor.get_shape()), itemsize, config, tp, rank)
+    return out
+
+
+def largest_layer_rank_bytes(path: Path, tp: int) -> int:
+    per_layer: dict[tuple[str, int], int] = {}
+    for rank in range(tp):
+        for name, nbytes in expected_rank_bytes(path, tp, rank).items():
+            key = (parent_layer(name), rank)
+            per_layer[key] = per_layer.get(key, 0) + nbytes
+    return max(per_layer.values())
+
+
+def write_shuffled(source: Path, target: Path, files: int, seed: int) -> Path:
+    """The same tensors as ``source``, scattered at random over ``files`` files + an index."""
+    tensors = load_tensors(source)
+    names = list(tensors)
+    random.Random(seed).shuffle(names)
+    target.mkdir(parents=True)
+    weight_map = {}
+    for i in range(files):
+        file = f"shuffled-{i:02d}.safetensors"
+        part = names[i::files]
+        save_file({n: tensors[n] for n in part}, target / file)
+        weight_map.update(dict.fromkeys(part, file))
+    (target / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (target / "config.json").write_text((source / "config.json").read_text())
+    return target

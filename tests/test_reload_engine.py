@@ -1,0 +1,155 @@
+"""The rank-side reload engine on its own (no Ray): write counting on meta, in-place copy into
+kernel tensors, processing order, untouched / partial / duplicate layers."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from actors.model.parallel import default_weight_loader, to_tensor
+from actors.reload import ReloadEngine, ReloadError
+from actors.reload.meta import WriteCounter
+
+log = logging.getLogger("test")
+
+
+def meta(*shape: int) -> torch.Tensor:
+    return torch.empty(*shape, device="meta")
+
+
+@pytest.mark.parametrize(
+    ("write", "expected"),
+    [
+        (lambda p: p.narrow(0, 1, 2).copy_(meta(2, 4)), 8),
+        (lambda p: p.fill_(torch.empty((), device="meta")), 24),      # scalar fill
+        (lambda p: p.fill_(3.0), 24),
+        (lambda p: p[4:].zero_(), 8),
+        (lambda p: p.index_put_((torch.empty(3, dtype=torch.long, device="meta"),),
+                                meta(3, 4)), 12),                      # index write
+        (lambda p: p.index_copy_(0, torch.empty(2, dtype=torch.long, device="meta"),
+                                 meta(2, 4)), 8),
+        (lambda p: meta(6, 4).copy_(p), 0),                            # a read, not a write
+    ],
+)
+def test_write_counter_counts_writes_into_the_param(write, expected):
+    param = meta(6, 4)
+    with WriteCounter(param) as counter:
+        write(param)
+    assert counter.numel == expected
+
+
+class Toy(nn.Module):
+    """Two plain layers and one ``process_last`` layer with a scalar scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 4, bias=False)
+        self.second = nn.Linear(4, 4, bias=True)
+        self.scales = nn.Module()
+        self.scales.process_last = True
+        self.scales.k_scale = nn.Parameter(torch.empty(()), requires_grad=False)
+        self.processed: list[str] = []
+        for module in (self.first, self.second, self.scales):
+            for param in module.parameters():
+                param.requires_grad_(False)
+                param.weight_loader = self.twice_loader if module is self.second else \
+                    default_weight_loader
+
+    @staticmethod
+    def twice_loader(param: torch.Tensor, loaded, shard_id=None) -> None:
+        # Writes the whole param twice: the count must be capped at the param's numel.
+        param.data.copy_(to_tensor(loaded))
+        param.data.copy_(to_tensor(loaded))
+
+    def load_weights(self, weights):
+        params = dict(self.named_parameters())
+        for name, weight in weights:
+            params[name].weight_loader(params[name], weight)
+
+
+def build() -> tuple[Toy, ReloadEngine, list[str]]:
+    with torch.device("meta"):
+        toy = Toy()
+    order: list[str] = []
+    engine = ReloadEngine(toy, torch.device("cpu"), log)
+    original = engine._process
+
+    def spy(load):
+        order.append(load.record.name)
+        original(load)
+
+    engine._process = spy
+    return toy, engine, order
+
+
+def weights(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"first.weight": torch.randn(4, 4, generator=g),
+            "second.weight": torch.randn(4, 4, generator=g),
+            "second.bias": torch.randn(4, generator=g),
+            "scales.k_scale": torch.rand((), generator=g)}
+
+
+def first_load(engine: ReloadEngine, values: dict[str, torch.Tensor]) -> None:
+    engine.start("first")
+    engine.load(values.items())
+    engine.finish()
+
+
+def test_reload_copies_into_the_original_tensors_and_finalizes_scales_last():
+    toy, engine, order = build()
+    first_load(engine, weights(0))
+    kernel = {n: (p, p.data_ptr()) for n, p in toy.named_parameters()}
+    new = weights(1)
+    order.clear()
+    engine.start("reload")
+    # Scale first in the stream: it must still be processed after every other layer.
+    engine.load([("scales.k_scale", new["scales.k_scale"])])
+    engine.load((n, t) for n, t in new.items() if n != "scales.k_scale")
+    stats = engine.finish()
+    assert order == ["first", "second", "scales"]
+    assert stats.layers_reloaded == ["first", "second", "scales"]
+    for name, param in toy.named_parameters():
+        assert param is kernel[name][0] and param.data_ptr() == kernel[name][1]
+        assert torch.equal(param, new[name])
+    assert stats.bytes_read == sum(t.numel() * t.element_size() for t in new.values())
+
+
+def test_untouched_layer_keeps_its_tensors_and_partial_layer_is_named():
+    toy, engine, _ = build()
+    first_load(engine, weights(0))
+    old_first = toy.first.weight.clone()
+    new = weights(1)
+    engine.start("reload")
+    engine.load([("second.weight", new["second.weight"]), ("second.bias", new["second.bias"]),
+                 ("scales.k_scale", new["scales.k_scale"])])
+    stats = engine.finish()
+    assert stats.layers_kept == ["first"] and torch.equal(toy.first.weight, old_first)
+
+    engine.start("reload")
+    engine.load([("second.weight", weights(2)["second.weight"])])
+    with pytest.raises(ReloadError, match=r"second\.bias \(0 of 4 elements\)"):
+        engine.finish()
+    assert not toy.second.bias.is_meta, "an aborted layer is back on its kernel tensors"
+    assert torch.equal(toy.second.weight, new["second.weight"])
+
+
+def test_duplicate_tensor_is_refused():
+    _, engine, _ = build()
+    first_load(engine, weights(0))
+    engine.start("reload")
+    engine.load([("second.bias", weights(1)["second.bias"])])
+    with pytest.raises(ReloadError, match="second.bias received shard None twice"):
+        engine.load([("second.bias", weights(1)["second.bias"])])
+    engine.abort()
+
+
+def test_first_load_with_a_missing_layer_fails():
+    _, engine, _ = build()
+    engine.start("first")
+    engine.load((n, t) for n, t in weights(0).items() if not n.startswith("first"))
+    with pytest.raises(ReloadError, match=r"first\.weight \(0 of 16 elements\)"):
+        engine.finish()
