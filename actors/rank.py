@@ -22,7 +22,9 @@ import torch.distributed as dist
 
 from actors.model import DecoderForCausalLM, KVCache, ModelSpec, TPGroup, build_model
 from actors.reload import ReloadEngine
-from actors.transport import BucketReader, FileBucket, PackedBucket
+from actors.transport import BucketReader, FileBucket, PackedBucket, PackedEntry, pack_tensors
+from quant import QuantConfig
+from quant.kv_cache import scales_from_amax
 
 
 class RankLogger(logging.LoggerAdapter):
@@ -32,13 +34,12 @@ class RankLogger(logging.LoggerAdapter):
 
 class RankActor:
     def __init__(self, *, engine: int, rank: int, world_size: int, spec: ModelSpec, dtype: str,
-                 device: str, quantization: str | None, timeout_s: float) -> None:
+                 device: str, quant: QuantConfig, timeout_s: float) -> None:
         self.engine = engine
         self.rank = rank
         self.world_size = world_size
         self.spec = spec
         self.dtype = getattr(torch, dtype)
-        self.quantization = quantization
         self.timeout = timedelta(seconds=timeout_s)
         # Ray gives a cuda rank actor exactly one visible GPU, so its index is always 0.
         self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
@@ -49,7 +50,7 @@ class RankActor:
         # Built on meta now; every layer is materialized on self.device by the first load.
         self.model: DecoderForCausalLM = build_model(
             spec, tp=TPGroup(rank, world_size), dtype=self.dtype, device=self.device,
-            quantization=quantization)
+            quant=quant)
         self.reloader = ReloadEngine(self.model, self.device, self.log)
         self.loaded = False
 
@@ -172,6 +173,32 @@ class RankActor:
         torch.cuda.synchronize(self.device)
         return logits.float().cpu() if self.rank == 0 else None
 
+    @torch.inference_mode()
+    def calibrate_kv_scales(self, token_ids: torch.Tensor) -> list[list[float]]:
+        """Forward a calibration batch, observe amax(|k|), amax(|v|) per attention layer
+        (max over the engine's ranks, so every rank uses the same scales) and write
+        scale = amax / 448 into the kernel scale tensors in place. Returns [[k, v], ...]."""
+        model = self._require_model()
+        layers = [m for m in model.modules()
+                  if getattr(getattr(m, "kv_cache_method", None), "has_scales", False)]
+        if not layers:
+            raise RuntimeError("KV-scale calibration needs kv_cache_dtype='fp8'")
+        for layer in layers:
+            layer.kv_amax = [torch.zeros((), device=self.device) for _ in range(2)]
+        try:
+            ids = token_ids.to(self.device)
+            model(ids, torch.arange(ids.shape[1], device=self.device))
+            amax = torch.stack([torch.stack(layer.kv_amax) for layer in layers])
+        finally:
+            for layer in layers:
+                del layer.kv_amax
+        TPGroup(self.rank, self.world_size).all_reduce(amax, op=dist.ReduceOp.MAX)
+        scales = scales_from_amax(amax)
+        for layer, (k_scale, v_scale) in zip(layers, scales, strict=True):
+            layer.k_scale.data.copy_(k_scale)
+            layer.v_scale.data.copy_(v_scale)
+        return scales.cpu().tolist()
+
     def kernel_tensors(self) -> dict[str, torch.Tensor]:
         model = self._require_model()
         tensors = dict(model.named_parameters())
@@ -186,11 +213,14 @@ class RankActor:
             for name, t in self.kernel_tensors().items()
         }
 
-    def get_tensor(self, name: str) -> torch.Tensor:
+    def get_tensors(self, names: list[str] | None) -> tuple[tuple[PackedEntry, ...], Any]:
+        """The named kernel tensors (all of them for None), packed as raw bytes: Ray's own
+        tensor serialization does not carry every dtype (float8)."""
         tensors = self.kernel_tensors()
-        if name not in tensors:
-            raise KeyError(f"rank {self.rank} has no kernel tensor '{name}'")
-        return tensors[name].detach().cpu().clone()
+        unknown = sorted(set(names or ()) - set(tensors))
+        if unknown:
+            raise KeyError(f"rank {self.rank} has no kernel tensor(s) {unknown}")
+        return pack_tensors([(n, tensors[n]) for n in (names or tensors)])
 
     def placement(self) -> dict[str, Any]:
         import ray

@@ -20,6 +20,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--tp", type=int, default=defaults.tensor_parallel_size)
     demo.add_argument("--layers", type=int, default=defaults.num_layers)
     demo.add_argument("--cpus-per-rank", type=float, default=defaults.num_cpus_per_rank)
+    demo.add_argument("--quantization", default=None,
+                      choices=("fp8", "fp8_per_channel", "fp8_block", "w4a8"))
+    demo.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"))
     demo.add_argument("--json", action="store_true", help="print the result as JSON")
     plan = commands.add_parser("plan", help="print the reload schedule of a checkpoint and its "
                                             "predicted buffering (no Ray)")
@@ -28,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--bucket-bytes", type=int, default=256 << 20)
     plan.add_argument("--dtype", default="auto", help="engine dtype (default: the checkpoint's)")
     plan.add_argument("--order", choices=("plan", "source"), default="plan")
+    plan.add_argument("--quantization", default=None, help="online quantization method")
+    plan.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"))
     return parser
 
 
@@ -36,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "demo":
         result = run_demo(DemoOptions(tensor_parallel_size=args.tp, num_layers=args.layers,
-                                      num_cpus_per_rank=args.cpus_per_rank))
+                                      num_cpus_per_rank=args.cpus_per_rank,
+                                      quantization=args.quantization,
+                                      kv_cache_dtype=args.kv_cache_dtype))
         print(json.dumps(result, indent=2) if args.json else format_summary(result))
         return 0 if result["ok"] else 1
     return print_plan(args)
@@ -47,13 +54,15 @@ def print_plan(args: argparse.Namespace) -> int:
     from orchestrator.coordinator import build_plan, resolve_dtype
     from orchestrator.errors import TPReloadError
     from orchestrator.inventory import open_source
+    from quant import QuantConfig
 
     try:
         spec = load_spec(args.checkpoint)
         check_tp(spec, args.tp)
         source = open_source(args.checkpoint)
         dtype = resolve_dtype(args.dtype, list(source.tensors))
-        plan, _ = build_plan(source, spec=spec, tp=args.tp, dtype=dtype, quantization=None,
+        quant = QuantConfig(args.quantization, args.kv_cache_dtype)
+        plan, _ = build_plan(source, spec=spec, tp=args.tp, dtype=dtype, quant=quant,
                              bucket_bytes=args.bucket_bytes, order=args.order)
     except (TPReloadError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

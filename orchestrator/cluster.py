@@ -106,7 +106,7 @@ def create_engine(index: int, cfg: EngineConfig, dtype: str) -> Engine:
                 placement_group=group, placement_group_bundle_index=rank
             ),
         ).remote(engine=index, rank=rank, world_size=tp, spec=cfg.model_spec, dtype=dtype,
-                 device=cfg.device, quantization=cfg.quantization, timeout_s=cfg.timeout_s)
+                 device=cfg.device, quant=cfg.quant, timeout_s=cfg.timeout_s)
         for rank in range(tp)
     ]
     return Engine(index, group, ranks)

@@ -5,13 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from actors.model import ModelSpec, check_tp, load_spec
+import torch
+
+from actors.model import ModelSpec, TPGroup, build_model, check_tp, load_spec
 from orchestrator.errors import ConfigError
-from quant import LINEAR_METHODS
+from quant import KV_CACHE_METHODS, LINEAR_METHODS, QuantConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
-KV_CACHE_DTYPES = ("auto",)
+KV_CACHE_DTYPES = tuple(KV_CACHE_METHODS)
+KV_SCALES = ("checkpoint", "calibrate")
 PLACEMENT_STRATEGIES = ("PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD")
 
 
@@ -26,9 +29,16 @@ class EngineConfig:
     dtype: str = "auto"
     """Engine dtype: 'auto' keeps the checkpoint's dtype; 'float32' for exact comparisons."""
     quantization: str | None = None
-    """Online quantization method name, or None for full precision."""
+    """Online quantization of linear layers: None (full precision), 'fp8' (per tensor),
+    'fp8_per_channel', 'fp8_block' (128x128) or 'w4a8' (int4 groups of 128, FP8 activations).
+    Every load and reload re-quantizes the new weights on each rank."""
     kv_cache_dtype: str = "auto"
-    """KV-cache storage dtype; 'auto' stores keys/values in the engine dtype."""
+    """KV-cache storage: 'auto' (engine dtype) or 'fp8' (with per-layer k/v scales)."""
+    kv_scales: str = "checkpoint"
+    """With kv_cache_dtype='fp8': 'checkpoint' (scales from the source, defaults 1.0) or
+    'calibrate' (measured on a calibration batch after every load)."""
+    kv_calibration_tokens: list[list[int]] | None = None
+    """Calibration batch for kv_scales='calibrate'; None: a fixed seeded random 4 x 64 batch."""
     device: str = "cpu"
     """'cpu' (gloo) or 'cuda' (NCCL; one GPU per rank actor)."""
     num_cpus_per_rank: float = 1.0
@@ -48,13 +58,22 @@ class EngineConfig:
         try:
             self.model_spec = load_spec(self.model)
             check_tp(self.model_spec, self.tensor_parallel_size)
+            # Quant methods check their own shape constraints while creating weights; a
+            # meta build (no memory) surfaces them here rather than on a rank.
+            build_model(self.model_spec, tp=TPGroup(0, self.tensor_parallel_size),
+                        dtype=torch.float32, device=torch.device("meta"), quant=self.quant)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
+
+    @property
+    def quant(self) -> QuantConfig:
+        return QuantConfig(self.quantization, self.kv_cache_dtype)
 
     def _check_types(self) -> None:
         expected = {
             "model": (str, Path), "tensor_parallel_size": (int,), "num_engines": (int,),
             "dtype": (str,), "quantization": (str, type(None)), "kv_cache_dtype": (str,),
+            "kv_scales": (str,), "kv_calibration_tokens": (list, type(None)),
             "device": (str,), "num_cpus_per_rank": (int, float), "bucket_bytes": (int,),
             "placement_strategy": (str,), "timeout_s": (int, float),
         }
@@ -74,7 +93,7 @@ class EngineConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"EngineConfig.{name} must be > 0, got {getattr(self, name)!r}")
         choices = {"dtype": DTYPES, "device": DEVICES, "kv_cache_dtype": KV_CACHE_DTYPES,
-                   "placement_strategy": PLACEMENT_STRATEGIES}
+                   "kv_scales": KV_SCALES, "placement_strategy": PLACEMENT_STRATEGIES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(
@@ -85,3 +104,5 @@ class EngineConfig:
             raise ConfigError(
                 f"EngineConfig.quantization={self.quantization!r} is unknown (known: None, {known})"
             )
+        if self.kv_scales == "calibrate" and self.kv_cache_dtype != "fp8":
+            raise ConfigError("EngineConfig.kv_scales='calibrate' needs kv_cache_dtype='fp8'")

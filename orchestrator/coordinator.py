@@ -33,12 +33,13 @@ import torch
 
 from actors.model import ModelSpec
 from actors.reload import Routing, route_tensors
-from actors.transport import FileBucket, PackedBucket, pack_tensors
+from actors.transport import FileBucket, PackedBucket, pack_tensors, unpack_tensors
 from orchestrator.cluster import Engine, RankKey, connect_engines, create_engine, gather
 from orchestrator.config import EngineConfig
 from orchestrator.errors import CheckpointError, ConfigError
 from orchestrator.inventory import Source, TensorInfo, open_source
 from orchestrator.plan import ORDERS, Bucket, Order, Plan, PlannedTensor, make_plan
+from quant import QuantConfig
 
 log = logging.getLogger("tp_reload")
 
@@ -94,7 +95,7 @@ CachedRouting = tuple[tuple, Routing]
 
 
 def build_plan(source: Source, *, spec: ModelSpec, tp: int, dtype: str,
-               quantization: str | None, bucket_bytes: int, order: Order,
+               quant: QuantConfig, bucket_bytes: int, order: Order,
                cached: CachedRouting | None = None) -> tuple[Plan, CachedRouting]:
     """Route ``source`` through the model (dry run on meta, no Ray) and schedule it.
     ``cached`` is reused when the source lists the same names, shapes and dtypes, as an RL
@@ -105,7 +106,7 @@ def build_plan(source: Source, *, spec: ModelSpec, tp: int, dtype: str,
     if cached is None or cached[0] != key:
         tensors = [(t.name, t.shape, t.torch_dtype) for t in source.tensors]
         try:
-            routing = route_tensors(spec, tp, getattr(torch, dtype), quantization, tensors)
+            routing = route_tensors(spec, tp, getattr(torch, dtype), quant, tensors)
         except ValueError as exc:
             raise CheckpointError(f"{source.description}: {exc}") from exc
         cached = (key, routing)
@@ -195,7 +196,7 @@ class ReloadOrchestrator:
         cfg = self.config
         plan, self._route = build_plan(
             source, spec=cfg.model_spec, tp=cfg.tensor_parallel_size, dtype=self.dtype,
-            quantization=cfg.quantization, bucket_bytes=cfg.bucket_bytes, order=order,
+            quant=cfg.quant, bucket_bytes=cfg.bucket_bytes, order=order,
             cached=self._route)
         return plan
 
@@ -216,6 +217,10 @@ class ReloadOrchestrator:
                  for name in STAGES[1:]}
         stage["plan"] = plan_seconds
         stage["transfer"] += pack_seconds
+        if self.config.kv_scales == "calibrate":
+            calibrate_begin = time.perf_counter()
+            self.calibrate_kv_scales(self.calibration_tokens())
+            stage["finalize"] += time.perf_counter() - calibrate_begin
         first = stats[min(stats)]
         report = ReloadReport(
             version=version, seconds=time.perf_counter() - begin,
@@ -297,6 +302,20 @@ class ReloadOrchestrator:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         return self._on_engine(engine, "generate", as_token_tensor(token_ids), max_new_tokens)[0]
 
+    def calibration_tokens(self) -> torch.Tensor:
+        """``kv_calibration_tokens``, or a fixed seeded random 4 x 64 batch over the vocab."""
+        if self.config.kv_calibration_tokens is not None:
+            return as_token_tensor(self.config.kv_calibration_tokens)
+        generator = torch.Generator().manual_seed(0)
+        return torch.randint(0, self.config.model_spec.vocab_size, (4, 64), generator=generator)
+
+    def calibrate_kv_scales(self, token_ids: Any) -> list[list[list[float]]]:
+        """kv_cache_dtype='fp8': set every engine's k/v scales from a forward of
+        ``token_ids`` (amax / 448 per layer, in place). Returns per engine [[k, v], ...]."""
+        results = gather(self._submit_all("calibrate_kv_scales", as_token_tensor(token_ids)),
+                         self.config.timeout_s)
+        return [results[(e.index, 0)] for e in self.engines]
+
     def capture_cuda_graph(self, token_ids: Any, engine: int = 0) -> None:
         """device='cuda': capture a forward of this shape on every rank of ``engine``."""
         self._on_engine(engine, "capture_cuda_graph", as_token_tensor(token_ids))
@@ -312,11 +331,17 @@ class ReloadOrchestrator:
 
     def get_tensor(self, name: str, rank: int = 0, engine: int = 0) -> torch.Tensor:
         """A CPU copy of one kernel tensor of one rank."""
+        return self.get_tensors([name], rank=rank, engine=engine)[name]
+
+    def get_tensors(self, names: list[str] | None = None, rank: int = 0, engine: int = 0
+                    ) -> dict[str, torch.Tensor]:
+        """CPU copies of kernel tensors of one rank (every one when ``names`` is None)."""
         target = self._engine(engine)
         if not 0 <= rank < len(target.ranks):
             raise ValueError(f"rank={rank} out of range (tensor_parallel_size={len(target.ranks)})")
-        refs = target.submit("get_tensor", name, only_rank=rank)
-        return gather(refs, self.config.timeout_s)[(engine, rank)]
+        refs = target.submit("get_tensors", names, only_rank=rank)
+        entries, buffer = gather(refs, self.config.timeout_s)[(engine, rank)]
+        return {name: tensor.clone() for name, tensor in unpack_tensors(entries, buffer)}
 
     def memory(self) -> list[list[int]]:
         """Per engine, per rank: resident set size of the rank process in bytes."""

@@ -1,22 +1,56 @@
-"""Online quantization methods, registered by name (``EngineConfig.quantization``)."""
+"""Online quantization methods, registered by name.
+
+``EngineConfig.quantization`` picks a linear method (``LINEAR_METHODS``),
+``EngineConfig.kv_cache_dtype`` a KV-cache method (``KV_CACHE_METHODS``). A new method is a
+class with ``create_weights`` / ``process_weights_after_loading`` / ``apply`` added here; no
+other package changes.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from quant.base import LinearMethod, UnquantizedLinearMethod
+from quant.fp8 import Fp8BlockLinearMethod, Fp8LinearMethod, Fp8PerChannelLinearMethod
+from quant.kv_cache import Fp8KVCacheMethod, KVCacheMethod
+from quant.w4a8 import W4A8LinearMethod
 
 LINEAR_METHODS: dict[str | None, Callable[[], LinearMethod]] = {
     None: UnquantizedLinearMethod,
+    "fp8": Fp8LinearMethod,
+    "fp8_per_channel": Fp8PerChannelLinearMethod,
+    "fp8_block": Fp8BlockLinearMethod,
+    "w4a8": W4A8LinearMethod,
+}
+KV_CACHE_METHODS: dict[str, Callable[[], KVCacheMethod]] = {
+    "auto": KVCacheMethod,
+    "fp8": Fp8KVCacheMethod,
 }
 
 
-def get_linear_method(name: str | None) -> LinearMethod:
-    """A fresh method instance for one layer; ValueError naming the known methods."""
-    if name not in LINEAR_METHODS:
-        known = ", ".join(repr(k) for k in LINEAR_METHODS)
-        raise ValueError(f"unknown quantization {name!r} (known: {known})")
-    return LINEAR_METHODS[name]()
+@dataclass(frozen=True, slots=True)
+class QuantConfig:
+    linear: str | None = None
+    """Linear method name (None: full precision)."""
+    kv_cache: str = "auto"
+    """KV-cache method name."""
+
+    def __post_init__(self) -> None:
+        if self.linear not in LINEAR_METHODS:
+            known = ", ".join(repr(k) for k in LINEAR_METHODS)
+            raise ValueError(f"unknown quantization {self.linear!r} (known: {known})")
+        if self.kv_cache not in KV_CACHE_METHODS:
+            raise ValueError(f"unknown kv_cache_dtype {self.kv_cache!r} "
+                             f"(known: {', '.join(KV_CACHE_METHODS)})")
+
+    def linear_method(self) -> LinearMethod:
+        """A fresh instance for one layer."""
+        return LINEAR_METHODS[self.linear]()
+
+    def kv_cache_method(self) -> KVCacheMethod:
+        return KV_CACHE_METHODS[self.kv_cache]()
 
 
-__all__ = ["LINEAR_METHODS", "LinearMethod", "UnquantizedLinearMethod", "get_linear_method"]
+__all__ = ["KV_CACHE_METHODS", "LINEAR_METHODS", "LinearMethod", "QuantConfig",
+           "UnquantizedLinearMethod"]

@@ -44,6 +44,16 @@ class LinearMethod(ABC):
         """``x @ W.T (+ bias)`` with the kernel-format tensors."""
 
 
+def replace_parameter(layer: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Register ``tensor`` as the kernel-format parameter ``name`` of ``layer``."""
+    layer._parameters[name] = nn.Parameter(tensor, requires_grad=False)
+
+
+def layer_device(layer: nn.Module) -> torch.device:
+    """Where the layer's tensors live: recorded at build time, never the ambient default."""
+    return layer.restore_device
+
+
 class UnquantizedLinearMethod(LinearMethod):
     """Weights kept in the engine dtype; model format equals kernel format."""
 

@@ -18,6 +18,7 @@ from orchestrator.plan import (
     order_tensors,
     predict_peak,
 )
+from quant import QuantConfig
 from tests.support import expected_rank_bytes, parent_layer, write_checkpoint
 
 
@@ -109,7 +110,7 @@ def routed(path, tp):
     from orchestrator.inventory import open_source
 
     tensors = [(i.name, i.shape, i.torch_dtype) for i in open_source(str(path)).tensors]
-    return route_tensors(load_spec(path), tp, torch.float32, None, tensors)
+    return route_tensors(load_spec(path), tp, torch.float32, QuantConfig(), tensors)
 
 
 def test_routing_maps_every_tensor_to_its_parent(deep_llama):
@@ -137,7 +138,7 @@ def test_routing_skips_tied_head_and_rotary_cache(tmp_path):
     tensors = [(i.name, i.shape, i.torch_dtype) for i in open_source(str(path)).tensors]
     tensors += [("lm_head.weight", (130, 64), torch.float32),
                 ("model.layers.0.self_attn.rotary_emb.inv_freq", (8,), torch.float32)]
-    routing = route_tensors(load_spec(path), 2, torch.float32, None, tensors)
+    routing = route_tensors(load_spec(path), 2, torch.float32, QuantConfig(), tensors)
     assert set(routing.skipped) == {"lm_head.weight",
                                     "model.layers.0.self_attn.rotary_emb.inv_freq"}
     assert "lm_head" not in routing.layer_order

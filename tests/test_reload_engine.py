@@ -153,3 +153,28 @@ def test_first_load_with_a_missing_layer_fails():
     engine.load((n, t) for n, t in weights(0).items() if not n.startswith("first"))
     with pytest.raises(ReloadError, match=r"first\.weight \(0 of 16 elements\)"):
         engine.finish()
+
+
+@pytest.mark.parametrize("method", [None, "fp8", "fp8_per_channel", "fp8_block", "w4a8"])
+def test_processing_never_uses_the_ambient_default_device(tmp_path, method):
+    """Scales and temporaries must land on the layer's recorded device: with the ambient
+    default device set to meta, anything created without an explicit device would be on meta."""
+    from actors.model import TPGroup, build_model, load_spec
+    from quant import QuantConfig
+    from tests.support import load_tensors, reference_logits, rel_l2, write_checkpoint
+
+    path = write_checkpoint(tmp_path / "m", "llama", hidden_size=256, intermediate_size=512,
+                            head_dim=64)
+    model = build_model(load_spec(path), tp=TPGroup(0, 1), dtype=torch.float32,
+                        device=torch.device("cpu"), quant=QuantConfig(method, "fp8"))
+    engine = ReloadEngine(model, torch.device("cpu"), log)
+    with torch.device("meta"):
+        engine.start("first")
+        engine.load(load_tensors(path).items())
+        engine.finish()
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    assert {t.device.type for t in tensors.values()} == {"cpu"}
+    prompt = torch.randint(0, 200, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(prompt, torch.arange(8))
+    assert rel_l2(logits, reference_logits(path, prompt)) < 0.7  # quantized, but the model

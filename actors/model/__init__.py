@@ -8,15 +8,16 @@ from actors.model.decoder import DecoderForCausalLM, map_checkpoint_name
 from actors.model.layers import KVCache
 from actors.model.parallel import TPGroup, place_buffers
 from actors.model.spec import FAMILIES, ModelSpec, check_tp, load_spec, padded_vocab
+from quant import QuantConfig
 
 
 def build_model(spec: ModelSpec, *, tp: TPGroup, dtype: torch.dtype, device: torch.device,
-                quantization: str | None = None) -> DecoderForCausalLM:
+                quant: QuantConfig | None = None) -> DecoderForCausalLM:
     """This rank's shard with parameters on meta (no memory) and computed buffers on
     ``device``. Parameters are materialized on ``device`` layer by layer as the first load
     fills them (``actors.reload``)."""
     with torch.device("meta"):
-        model = DecoderForCausalLM(spec, dtype=dtype, tp=tp, quantization=quantization)
+        model = DecoderForCausalLM(spec, dtype=dtype, tp=tp, quant=quant)
     place_buffers(model, device)
     return model
 

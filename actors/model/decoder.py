@@ -22,6 +22,7 @@ from actors.model.parallel import (
     default_weight_loader,
 )
 from actors.model.spec import ModelSpec, padded_vocab
+from quant import QuantConfig
 
 # (fused param suffix, checkpoint suffix, shard id)
 STACKED_PARAMS: tuple[tuple[str, str, Any], ...] = (
@@ -32,15 +33,29 @@ STACKED_PARAMS: tuple[tuple[str, str, Any], ...] = (
     (".gate_up_proj.", ".up_proj.", 1),
 )
 SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
+# Attention scales: (checkpoint suffix, param suffix on the attention module). q and
+# probability scales are never used (queries and probabilities stay in the engine dtype).
+KV_SCALE_ALIASES = (
+    (".self_attn.k_proj.output_scale", ".self_attn.k_scale"),
+    (".self_attn.v_proj.output_scale", ".self_attn.v_scale"),
+    (".self_attn.k_scale", ".self_attn.k_scale"),
+    (".self_attn.v_scale", ".self_attn.v_scale"),
+)
+UNUSED_SCALES = (".self_attn.q_proj.output_scale", ".self_attn.q_scale",
+                 ".self_attn.prob_output_scale", ".self_attn.prob_scale")
 
 
-def map_checkpoint_name(name: str, spec: ModelSpec) -> tuple[str, Any] | None:
+def map_checkpoint_name(name: str, spec: ModelSpec, kv_scales: bool = False
+                        ) -> tuple[str, Any] | None:
     """Checkpoint tensor name -> (model param name, shard id), or None when the engine does
-    not keep it (rotary caches, a tied LM head). Pure: the planner uses it too."""
-    if name.endswith(SKIPPED_SUFFIXES):
+    not keep it (rotary caches, a tied LM head, attention scales it does not use)."""
+    if name.endswith(SKIPPED_SUFFIXES + UNUSED_SCALES):
         return None
     if spec.tie_word_embeddings and name == "lm_head.weight":
         return None
+    for alias, target in KV_SCALE_ALIASES:
+        if name.endswith(alias):
+            return (name[: -len(alias)] + target, None) if kv_scales else None
     for fused, ckpt, shard_id in STACKED_PARAMS:
         if ckpt in name:
             return name.replace(ckpt, fused), shard_id
@@ -55,12 +70,12 @@ def required_shards(param_name: str) -> set[Any]:
 
 class DecoderLayer(nn.Module):
     def __init__(self, spec: ModelSpec, index: int, dtype: torch.dtype, tp: TPGroup,
-                 quantization: str | None) -> None:
+                 quant: QuantConfig) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
-        self.self_attn = Attention(spec, index, dtype, tp, quantization)
+        self.self_attn = Attention(spec, index, dtype, tp, quant)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
-        self.mlp = MLP(spec, dtype, tp, quantization)
+        self.mlp = MLP(spec, dtype, tp, quant)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache | None
                 ) -> torch.Tensor:
@@ -70,13 +85,13 @@ class DecoderLayer(nn.Module):
 
 class DecoderBody(nn.Module):
     def __init__(self, spec: ModelSpec, dtype: torch.dtype, tp: TPGroup,
-                 quantization: str | None) -> None:
+                 quant: QuantConfig) -> None:
         super().__init__()
         vocab = padded_vocab(spec.vocab_size, tp.size)
         self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, vocab, spec.hidden_size,
                                                    dtype=dtype, tp=tp)
         self.layers = nn.ModuleList(
-            DecoderLayer(spec, i, dtype, tp, quantization) for i in range(spec.num_layers)
+            DecoderLayer(spec, i, dtype, tp, quant) for i in range(spec.num_layers)
         )
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
 
@@ -86,10 +101,12 @@ class DecoderForCausalLM(nn.Module):
     materialize with ``parallel.materialize_module``."""
 
     def __init__(self, spec: ModelSpec, *, dtype: torch.dtype, tp: TPGroup,
-                 quantization: str | None = None) -> None:
+                 quant: QuantConfig | None = None) -> None:
         super().__init__()
+        quant = quant or QuantConfig()
         self.spec = spec
-        self.model = DecoderBody(spec, dtype, tp, quantization)
+        self.kv_scales = quant.kv_cache_method().has_scales
+        self.model = DecoderBody(spec, dtype, tp, quant)
         self.lm_head = ParallelLMHead(spec.vocab_size, padded_vocab(spec.vocab_size, tp.size),
                                       spec.hidden_size, dtype=dtype, tp=tp)
         if spec.tie_word_embeddings:
@@ -110,7 +127,7 @@ class DecoderForCausalLM(nn.Module):
         params = dict(self.named_parameters(remove_duplicate=False))
         written: dict[str, set[Any]] = {}
         for name, weight in weights:
-            target = map_checkpoint_name(name, self.spec)
+            target = map_checkpoint_name(name, self.spec, self.kv_scales)
             if target is None:
                 continue
             param_name, shard_id = target

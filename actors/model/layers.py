@@ -22,7 +22,7 @@ from actors.model.parallel import (
     new_param,
 )
 from actors.model.spec import ModelSpec, RopeSpec
-from quant import get_linear_method
+from quant import QuantConfig
 
 
 class RMSNorm(nn.Module):
@@ -112,22 +112,29 @@ def attention_mask(q_positions: torch.Tensor, kv_len: int, window: int | None) -
 
 
 class Attention(nn.Module):
+    """TP attention. With a KV-cache method that has scales, this module owns them and is
+    the 'attention layer' the reload engine finalizes after every linear layer."""
+
     def __init__(self, spec: ModelSpec, layer_index: int, dtype: torch.dtype, tp: TPGroup,
-                 quantization: str | None) -> None:
+                 quant: QuantConfig) -> None:
         super().__init__()
         self.head_dim = spec.head_dim
         self.window = spec.sliding_windows[layer_index]
         self.qkv_proj = QKVParallelLinear(
             spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads,
-            bias=spec.qkv_bias, dtype=dtype, quant_method=get_linear_method(quantization), tp=tp,
+            bias=spec.qkv_bias, dtype=dtype, quant_method=quant.linear_method(), tp=tp,
         )
         self.o_proj = RowParallelLinear(
             spec.num_heads * spec.head_dim, [spec.hidden_size], bias=spec.o_bias, dtype=dtype,
-            quant_method=get_linear_method(quantization), tp=tp,
+            quant_method=quant.linear_method(), tp=tp,
         )
         self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype) if spec.qk_norm else None
         self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype) if spec.qk_norm else None
         self.rotary_emb = RotaryEmbedding(spec.rope, spec.head_dim)
+        self.kv_cache_method = quant.kv_cache_method()
+        self.kv_cache_method.create_weights(self)
+        if self.kv_cache_method.has_scales:
+            self.quant_method = self.kv_cache_method
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache | None
                 ) -> torch.Tensor:
@@ -141,8 +148,10 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary_emb(q, k, positions)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        k, v = self.kv_cache_method.encode(self, k, v)
         if cache is not None:
             k, v = cache.append(k, v)
+        k, v = self.kv_cache_method.decode(self, k, v, q.dtype)
         mask = attention_mask(positions, k.shape[2], self.window)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
@@ -150,16 +159,16 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     def __init__(self, spec: ModelSpec, dtype: torch.dtype, tp: TPGroup,
-                 quantization: str | None) -> None:
+                 quant: QuantConfig) -> None:
         super().__init__()
         size = spec.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(
             spec.hidden_size, [size, size], bias=spec.mlp_bias, dtype=dtype,
-            quant_method=get_linear_method(quantization), tp=tp,
+            quant_method=quant.linear_method(), tp=tp,
         )
         self.down_proj = RowParallelLinear(
             size, [spec.hidden_size], bias=spec.mlp_bias, dtype=dtype,
-            quant_method=get_linear_method(quantization), tp=tp,
+            quant_method=quant.linear_method(), tp=tp,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -46,9 +46,9 @@ class TPGroup:
     group: Any = None
     """torch.distributed process group; None uses the default group (one engine per process)."""
 
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+    def all_reduce(self, x: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
         if self.size > 1:
-            dist.all_reduce(x, group=self.group)
+            dist.all_reduce(x, op=op, group=self.group)
         return x
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,8 +98,9 @@ def _copy_into(dest: torch.Tensor, loaded: Weight, what: str) -> None:
 
 
 def default_weight_loader(param: torch.Tensor, loaded: Weight, shard_id: Any = None) -> None:
-    """Replicated parameter: every rank holds the whole tensor."""
-    if len(loaded.shape) == 0 and param.dim() == 1 and param.numel() == 1:
+    """Replicated parameter: every rank holds the whole tensor. A single value fills a
+    single-element param whether stored as [] or [1]."""
+    if param.numel() == 1 and tuple(loaded.shape) in ((), (1,)):
         param.data.fill_(to_tensor(loaded).reshape(()))
         return
     _copy_into(param.data, loaded, "replicated parameter")

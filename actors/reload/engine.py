@@ -25,9 +25,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from actors.reload.layers import LayerRecord, record_layers
+from actors.reload.layers import LayerRecord, is_optional, record_layers
 from actors.reload.meta import Bounds, PrefetchedWeight, ProbeWeight, WriteCounter, read_window
 from actors.reload.tracker import BufferTracker
+from quant.sync import DeviceSync
 
 Mode = Literal["first", "reload", "plan"]
 STAGES = ("transfer", "load", "process", "finalize")
@@ -82,6 +83,7 @@ class ReloadEngine:
         self.log = log
         self.records = record_layers(model, device)
         self.layer_names = [r.name for r in self.records]
+        self.sync = DeviceSync(device)
         self._loads: dict[str, LayerLoad] = {}
         self._mode: Mode | None = None
         self._has_kernel = False
@@ -97,6 +99,7 @@ class ReloadEngine:
         self.tracker = BufferTracker(self.log)
         self.seconds = dict.fromkeys(STAGES, 0.0)
         self.bytes_read = 0
+        self.processed: list[str] = []
         self._loads = {}
         for record in self.records:
             kernel = record.current() if mode == "reload" else None
@@ -172,20 +175,28 @@ class ReloadEngine:
     # ---- processing -----------------------------------------------------------------------
 
     def _process(self, load: LayerLoad) -> None:
+        """Materialize, replay and quantize on a side stream; the kernel copy runs on the
+        current stream, ordered after the side stream's results (no-ops on CPU)."""
         begin = time.perf_counter()
         record = load.record
-        fresh = {n: _materialize(p, record.restore_device) for n, p in record.placeholders.items()}
-        record.register(fresh)
-        for call in load.calls:
-            record.placeholders[call.param].weight_loader(fresh[call.param], call.weight,
-                                                          *call.args, **call.kwargs)
-        method = getattr(record.module, "quant_method", None)
-        if method is not None:
-            method.process_weights_after_loading(record.module)
+        current, side = self.sync.current(), self.sync.new_stream()
+        self.sync.order(current, side)
+        with self.sync.on(side):
+            fresh = {n: _materialize(p, record.restore_device)
+                     for n, p in record.placeholders.items()}
+            record.register(fresh)
+            for call in load.calls:
+                record.placeholders[call.param].weight_loader(fresh[call.param], call.weight,
+                                                              *call.args, **call.kwargs)
+            method = getattr(record.module, "quant_method", None)
+            if method is not None:
+                method.process_weights_after_loading(record.module)
+        self.sync.order(side, current, *record.current().values())
         if load.kernel is not None:
             self._copy_into_kernel(record, load.kernel)
         load.calls.clear()
         load.processed = True
+        self.processed.append(record.name)
         self.tracker.release(record.name)
         self.seconds["process"] += time.perf_counter() - begin
 
@@ -213,7 +224,7 @@ class ReloadEngine:
         begin = time.perf_counter()
         try:
             for load in self._loads.values():
-                if load.record.process_last and load.calls and _complete(load):
+                if load.record.process_last and self._finalize_now(load):
                     self._process(load)
             incomplete = [load for load in self._loads.values() if not load.processed]
             self._check_incomplete(incomplete)
@@ -227,12 +238,23 @@ class ReloadEngine:
         stats = RankReloadStats(
             bytes_read=self.bytes_read, peak_buffered_bytes=self.tracker.peak,
             stage_seconds=dict(self.seconds),
-            layers_reloaded=[n for n, ld in self._loads.items() if ld.processed],
+            layers_reloaded=list(self.processed),
             layers_kept=kept, warnings=self.tracker.warnings(),
         )
         self._has_kernel = self._has_kernel or self._mode == "first"
         self._end()
         return stats
+
+    def _finalize_now(self, load: LayerLoad) -> bool:
+        """A process_last layer is processed when complete, on the first load (defaults
+        fill what is missing), or when the layer it resets with was reloaded."""
+        record = load.record
+        if not _complete(load):
+            return False
+        if load.calls or self._mode == "first":
+            return True
+        dependency = self._loads.get(record.reset_with) if record.reset_with else None
+        return dependency is not None and dependency.processed
 
     def _check_incomplete(self, incomplete: list[LayerLoad]) -> None:
         partial = [ld for ld in incomplete if ld.loaded_numel > 0 or self._mode == "first"]
@@ -242,7 +264,7 @@ class ReloadEngine:
         for load in partial:
             for name, param in load.record.placeholders.items():
                 got = load.per_param.get(name, 0)
-                if got < param.numel():
+                if got < param.numel() and not is_optional(param):
                     shards = [s for s in load.shards.get(name, []) if s is not None]
                     seen = f", received shards {shards}" if shards else ""
                     lines.append(f"{load.record.name}.{name} ({got} of {param.numel()} "
@@ -297,4 +319,6 @@ def _numel(bounds: Bounds) -> int:
 def _materialize(placeholder: nn.Parameter, device: torch.device) -> nn.Parameter:
     param = nn.Parameter(torch.empty_like(placeholder, device=device), requires_grad=False)
     param.__dict__.update(placeholder.__dict__)
+    if is_optional(placeholder):
+        param.data.fill_(placeholder.fill_value)
     return param

@@ -12,6 +12,11 @@ from torch import nn
 Owner = tuple[nn.Module, str]
 
 
+def is_optional(param: torch.Tensor) -> bool:
+    """An optional param is filled with its ``fill_value`` when the source lacks it."""
+    return getattr(param, "fill_value", None) is not None
+
+
 @dataclass(slots=True)
 class LayerRecord:
     name: str
@@ -25,10 +30,15 @@ class LayerRecord:
     """Where this layer's tensors are materialized."""
     process_last: bool
     """Attention/KV-scale layers: processed in finalize, after every other layer."""
+    reset_with: str | None
+    """process_last layers: the layer whose reload re-processes this one even when the
+    source carries none of its (optional) tensors, e.g. attention scales with qkv_proj."""
 
     @property
     def total_numel(self) -> int:
-        return sum(p.numel() for p in self.placeholders.values())
+        """Elements the source must write before the layer is complete: optional params
+        (those with a ``fill_value``) do not count."""
+        return sum(p.numel() for p in self.placeholders.values() if not is_optional(p))
 
     def register(self, tensors: dict[str, torch.Tensor]) -> None:
         """Put ``tensors`` (params or buffers, by name) on every owner."""
@@ -73,5 +83,7 @@ def record_layers(model: nn.Module, device: torch.device) -> list[LayerRecord]:
             name=name, module=module, placeholders=own,
             owners={a: owners[id(p)] for a, p in own.items()}, restore_device=device,
             process_last=bool(getattr(module, "process_last", False)),
+            reset_with=(f"{name}.{module.reset_with}" if getattr(module, "reset_with", None)
+                        else None),
         ))
     return [r for r in records if not r.process_last] + [r for r in records if r.process_last]

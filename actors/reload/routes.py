@@ -11,6 +11,7 @@ import torch
 
 from actors.model import ModelSpec, TPGroup, build_model
 from actors.reload.engine import ReloadEngine
+from quant import QuantConfig
 
 log = logging.getLogger("tp_reload.plan")
 
@@ -31,14 +32,14 @@ class Routing:
     """Source tensors the engine does not keep (rotary caches, a tied LM head)."""
 
 
-def route_tensors(spec: ModelSpec, tp: int, dtype: torch.dtype, quantization: str | None,
+def route_tensors(spec: ModelSpec, tp: int, dtype: torch.dtype, quant: QuantConfig,
                   tensors: list[tuple[str, tuple[int, ...], torch.dtype]]) -> Routing:
     """ValueError naming the tensor when a name or shape does not fit the model."""
     meta = torch.device("meta")
     engines = []
     for rank in range(tp):
         model = build_model(spec, tp=TPGroup(rank, tp), dtype=dtype, device=meta,
-                            quantization=quantization)
+                            quant=quant)
         engine = ReloadEngine(model, meta, log)
         engine.start("plan")
         engines.append(engine)

@@ -1,0 +1,96 @@
+"""Online FP8 (e4m3fn) weight quantization at three granularities.
+
+Model format: the full-precision weight [N, K] of this rank (TP-sliced and fused exactly as
+unquantized), so checkpoint loaders and shard rules are unchanged. Kernel format:
+``weight`` float8_e4m3fn [N, K] and ``weight_scale`` float32, the dequantization multiplier:
+
+  * ``fp8``             per tensor, [1]: one scale per rank per fused param (q|k|v share one);
+  * ``fp8_per_channel`` per output row, [N, 1];
+  * ``fp8_block``       per 128x128 block, [ceil(N/128), ceil(K/128)].
+
+Arithmetic (the tests restate it independently, bit for bit):
+  scale = max(amax(|W| over the group), 1e-12) / 448      (float32)
+  q     = clamp(W.float() / scale, -448, 448).to(float8_e4m3fn)
+Activation precision: weight-only. Forward dequantizes (q.float() * scale) to the engine
+dtype and multiplies in that dtype; activations are never quantized.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quant.base import UnquantizedLinearMethod, layer_device, replace_parameter
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+MIN_AMAX = 1e-12
+BLOCK = 128
+
+
+def quantize_fp8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``scale`` broadcast against ``w``."""
+    return (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    return amax.float().clamp(min=MIN_AMAX) / FP8_MAX
+
+
+def block_amax(w: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+    """amax over each ``block`` x ``block`` tile of a 2-D tensor (edge tiles partial)."""
+    n, k = w.shape
+    nb, kb = math.ceil(n / block), math.ceil(k / block)
+    padded = F.pad(w.float().abs(), (0, kb * block - k, 0, nb * block - n))
+    return padded.view(nb, block, kb, block).amax(dim=(1, 3))
+
+
+def expand_blocks(scale: torch.Tensor, shape: torch.Size, block: int = BLOCK) -> torch.Tensor:
+    """[nb, kb] block scales -> [N, K] element scales."""
+    full = scale.repeat_interleave(block, dim=0).repeat_interleave(block, dim=1)
+    return full[: shape[0], : shape[1]]
+
+
+class Fp8LinearMethod(UnquantizedLinearMethod):
+    name = "fp8"
+    granularity = "tensor"
+
+    def group_scale(self, w: torch.Tensor) -> torch.Tensor:
+        """Scale tensor in its kernel shape."""
+        if self.granularity == "tensor":
+            return scale_from_amax(w.abs().amax()).reshape(1)
+        if self.granularity == "channel":
+            return scale_from_amax(w.abs().amax(dim=1, keepdim=True))
+        return scale_from_amax(block_amax(w))
+
+    def element_scale(self, scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        return expand_blocks(scale, shape) if self.granularity == "block" else scale
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        weight = layer.weight.data
+        assert weight.device == layer_device(layer), "weight materialized off restore_device"
+        # The ranks' fused full-precision weight is quantized as one tensor (q|k|v together).
+        scale = self.group_scale(weight)
+        qweight = quantize_fp8(weight, self.element_scale(scale, weight.shape))
+        replace_parameter(layer, "weight", qweight)
+        replace_parameter(layer, "weight_scale", scale)
+
+    def dequantized_weight(self, layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+        scale = self.element_scale(layer.weight_scale, layer.weight.shape)
+        return (layer.weight.float() * scale).to(dtype)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight(layer, x.dtype), bias)
+
+
+class Fp8PerChannelLinearMethod(Fp8LinearMethod):
+    name = "fp8_per_channel"
+    granularity = "channel"
+
+
+class Fp8BlockLinearMethod(Fp8LinearMethod):
+    name = "fp8_block"
+    granularity = "block"
