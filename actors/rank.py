@@ -27,6 +27,23 @@ from quant import QuantConfig
 from quant.kv_cache import scales_from_amax
 
 
+def process_memory() -> dict[str, int]:
+    """{'rss_bytes', 'peak_rss_bytes'} of this process (VmRSS, VmHWM)."""
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, value = line.split(":")
+                fields[key] = int(value.split()[0]) * 1024
+    return {"rss_bytes": fields["VmRSS"], "peak_rss_bytes": fields["VmHWM"]}
+
+
+def reset_peak_rss() -> None:
+    """Restart VmHWM from the current RSS (Linux clear_refs '5')."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 class RankLogger(logging.LoggerAdapter):
     def process(self, msg: str, kwargs: Any) -> tuple[str, Any]:
         return f"{self.extra['prefix']} {msg}", kwargs
@@ -90,6 +107,7 @@ class RankActor:
         items = self.reader.items(bucket)
         self.reloader.add_seconds("transfer", self.reader.fetch_seconds - fetched)
         self.reloader.load(items)
+        self.reloader.own_buffers()
 
     def finish_reload(self) -> dict[str, Any]:
         try:
@@ -109,10 +127,12 @@ class RankActor:
             self.reader.close()
 
     def memory(self) -> dict[str, int]:
-        """Resident set size of this rank process, from /proc (Linux)."""
-        with open("/proc/self/statm") as f:
-            resident_pages = int(f.read().split()[1])
-        return {"rss_bytes": resident_pages * os.sysconf("SC_PAGE_SIZE")}
+        """Resident set size of this rank process and its peak since the last
+        ``reset_peak_memory``, from /proc (Linux)."""
+        return process_memory()
+
+    def reset_peak_memory(self) -> None:
+        reset_peak_rss()
 
     # ---- serving ------------------------------------------------------------------------
 

@@ -2,9 +2,10 @@
 
 * ``FileBucket``: a checkpoint directory every rank can read. The driver sends names only;
   each rank opens the files itself and its loaders read just the rank's windows.
-* ``PackedBucket``: in-memory tensors packed once by the driver into one aligned byte buffer,
-  ``ray.put`` once, fetched by every rank (zero-copy from the node's object store) and sliced
-  locally; the reload engine copies out only the windows the rank keeps.
+* ``PackedBucket``: in-memory tensors as raw byte views, ``ray.put`` once (one copy into the
+  node's object store, no staging buffer), fetched by every rank zero-copy and sliced locally;
+  the reload engine copies out only the windows the rank keeps, and only if it must keep
+  them past the bucket.
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ from safetensors import safe_open
 
 from actors.checkpoint import CheckpointSlice
 
-ALIGN = 64  # bytes; keeps every packed tensor aligned for any dtype view
-
 
 @dataclass(frozen=True, slots=True)
 class FileBucket:
@@ -36,49 +35,38 @@ class PackedEntry:
     dtype: str
     """torch dtype name, e.g. ``bfloat16``."""
     shape: tuple[int, ...]
-    offset: int
-    nbytes: int
 
 
 @dataclass(frozen=True, slots=True)
 class PackedBucket:
     entries: tuple[PackedEntry, ...]
     payload: list[Any]
-    """[ObjectRef of the packed uint8 array], nested so Ray hands the ref, not the data,
+    """[ObjectRef of the list of byte arrays], nested so Ray hands the ref, not the data,
     to the method and the rank can time the fetch."""
 
 
-def _aligned(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
-
-
 def pack_tensors(tensors: list[tuple[str, torch.Tensor]]
-                 ) -> tuple[tuple[PackedEntry, ...], np.ndarray]:
-    """One contiguous uint8 buffer holding every tensor's bytes, plus where each one is."""
-    entries, offset = [], 0
+                 ) -> tuple[tuple[PackedEntry, ...], list[np.ndarray]]:
+    """Each tensor as a uint8 numpy view of its own memory (no copy for contiguous CPU
+    tensors): Ray serializes such arrays out of band, straight into the object store, and
+    any dtype (bf16, fp8) travels as bytes."""
+    entries, arrays = [], []
     for name, tensor in tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        entries.append(PackedEntry(name, str(tensor.dtype).removeprefix("torch."),
-                                   tuple(tensor.shape), offset, nbytes))
-        offset = _aligned(offset + nbytes)
-    buffer = np.empty(max(offset, 1), dtype=np.uint8)
-    flat = torch.from_numpy(buffer)
-    for entry, (_, tensor) in zip(entries, tensors, strict=True):
         raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        flat[entry.offset:entry.offset + entry.nbytes].copy_(raw)
-    return tuple(entries), buffer
+        entries.append(PackedEntry(name, str(tensor.dtype).removeprefix("torch."),
+                                   tuple(tensor.shape)))
+        arrays.append(raw.numpy())
+    return tuple(entries), arrays
 
 
-def unpack_tensors(entries: tuple[PackedEntry, ...], buffer: np.ndarray
+def unpack_tensors(entries: tuple[PackedEntry, ...], arrays: list[np.ndarray]
                    ) -> list[tuple[str, torch.Tensor]]:
     with warnings.catch_warnings():
         # The object store hands out read-only memory; these views are only ever read.
         warnings.simplefilter("ignore", UserWarning)
-        flat = torch.from_numpy(buffer)
-    return [
-        (e.name, flat[e.offset:e.offset + e.nbytes].view(getattr(torch, e.dtype)).reshape(e.shape))
-        for e in entries
-    ]
+        raw = [torch.from_numpy(a) for a in arrays]
+    return [(e.name, r.view(getattr(torch, e.dtype)).reshape(e.shape))
+            for e, r in zip(entries, raw, strict=True)]
 
 
 class BucketReader:
@@ -96,9 +84,9 @@ class BucketReader:
         import ray
 
         begin = time.perf_counter()
-        buffer = ray.get(bucket.payload[0])
+        arrays = ray.get(bucket.payload[0])
         self.fetch_seconds += time.perf_counter() - begin
-        return unpack_tensors(bucket.entries, buffer)
+        return unpack_tensors(bucket.entries, arrays)
 
     def _slice(self, name: str, path: str) -> CheckpointSlice:
         if path not in self._handles:

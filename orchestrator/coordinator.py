@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -76,6 +76,8 @@ class ReloadReport:
     source: str
     source_bytes: int
     buckets: int
+    buffered_timeline: list[int] = field(default_factory=list)
+    """Engine 0 rank 0: buffered bytes after every arrival and release, in stream order."""
 
 
 def resolve_dtype(requested: str, infos: list[TensorInfo]) -> str:
@@ -207,9 +209,14 @@ class ReloadOrchestrator:
         plan_seconds = time.perf_counter() - begin
         timeout = self.config.timeout_s
         try:
-            gather(self._submit_all("start_reload", first_load), timeout)
-            pack_seconds = self._send(source, plan)
-            stats = gather(self._submit_all("finish_reload"), timeout)
+            # A rank runs its calls in submission order: start, buckets and finish are queued
+            # back to back and awaited together, so no round trip waits on another.
+            started = self._submit_all("start_reload", first_load)
+            loading, pack_seconds = self._send(source, plan)
+            finishing = self._submit_all("finish_reload")
+            for calls in (started, *loading):
+                gather(calls, timeout)
+            stats = gather(finishing, timeout)
         except BaseException:
             self._abort_quietly()
             raise
@@ -232,15 +239,17 @@ class ReloadOrchestrator:
             warnings=[f"engine {e} rank {r}: {w}" for (e, r), s in sorted(stats.items())
                       for w in s["warnings"]],
             order=order, source=source.description, source_bytes=source.nbytes,
-            buckets=len(plan.buckets),
+            buckets=len(plan.buckets), buffered_timeline=first["buffered_timeline"],
         )
         for warning in report.warnings:
             log.warning(warning)
         return report
 
-    def _send(self, source: Source, plan: Plan) -> float:
-        """Stream the plan's buckets to every rank of every engine with a bounded number in
-        flight; returns the driver's packing seconds."""
+    def _send(self, source: Source, plan: Plan
+              ) -> tuple[deque[dict[RankKey, ray.ObjectRef]], float]:
+        """Queue the plan's buckets on every rank of every engine. Packed (in-memory)
+        buckets hold object-store memory, so at most BUCKETS_IN_FLIGHT of them are pending;
+        a directory bucket is only names. Returns the pending calls and the packing seconds."""
         in_flight: deque[dict[RankKey, ray.ObjectRef]] = deque()
         pack_seconds = 0.0
         for bucket in plan.buckets:
@@ -248,18 +257,16 @@ class ReloadOrchestrator:
             message = self._message(source, bucket)
             pack_seconds += time.perf_counter() - start
             in_flight.append(self._submit_all("load_bucket", message))
-            if len(in_flight) >= BUCKETS_IN_FLIGHT:
+            if source.kind == "memory" and len(in_flight) >= BUCKETS_IN_FLIGHT:
                 gather(in_flight.popleft(), self.config.timeout_s)
-        while in_flight:
-            gather(in_flight.popleft(), self.config.timeout_s)
-        return pack_seconds
+        return in_flight, pack_seconds
 
     @staticmethod
     def _message(source: Source, bucket: Bucket) -> FileBucket | PackedBucket:
         if source.kind == "dir":
             return FileBucket(tuple((t.name, t.file) for t in bucket.tensors))
-        entries, buffer = pack_tensors([(t.name, source.data[t.name]) for t in bucket.tensors])
-        return PackedBucket(entries, [ray.put(buffer)])
+        entries, arrays = pack_tensors([(t.name, source.data[t.name]) for t in bucket.tensors])
+        return PackedBucket(entries, [ray.put(arrays)])
 
     def _abort_quietly(self) -> None:
         """Best effort after a failure: every rank drops its partial state."""
@@ -340,14 +347,18 @@ class ReloadOrchestrator:
         if not 0 <= rank < len(target.ranks):
             raise ValueError(f"rank={rank} out of range (tensor_parallel_size={len(target.ranks)})")
         refs = target.submit("get_tensors", names, only_rank=rank)
-        entries, buffer = gather(refs, self.config.timeout_s)[(engine, rank)]
-        return {name: tensor.clone() for name, tensor in unpack_tensors(entries, buffer)}
+        entries, arrays = gather(refs, self.config.timeout_s)[(engine, rank)]
+        return {name: tensor.clone() for name, tensor in unpack_tensors(entries, arrays)}
 
-    def memory(self) -> list[list[int]]:
-        """Per engine, per rank: resident set size of the rank process in bytes."""
+    def memory(self, peak: bool = False) -> list[list[int]]:
+        """Per engine, per rank: resident bytes of the rank process, or with ``peak`` the
+        most it held since ``reset_peak_memory``."""
+        key = "peak_rss_bytes" if peak else "rss_bytes"
         results = gather(self._submit_all("memory"), self.config.timeout_s)
-        return [[results[(e.index, r)]["rss_bytes"] for r in range(len(e.ranks))]
-                for e in self.engines]
+        return [[results[(e.index, r)][key] for r in range(len(e.ranks))] for e in self.engines]
+
+    def reset_peak_memory(self) -> None:
+        gather(self._submit_all("reset_peak_memory"), self.config.timeout_s)
 
     def placements(self) -> list[list[dict[str, Any]]]:
         """Per engine, per rank: node id, pid and GPU ids of the rank actor."""

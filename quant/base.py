@@ -23,6 +23,9 @@ class LinearMethod(ABC):
     """How one linear layer stores, converts and applies its weight."""
 
     name: str = ""
+    converts_weights: bool = True
+    """False when kernel format equals model format (``process_weights_after_loading`` is
+    the identity): the reload engine then replays loads straight into the kernel tensors."""
 
     @abstractmethod
     def create_weights(
@@ -58,6 +61,7 @@ class UnquantizedLinearMethod(LinearMethod):
     """Weights kept in the engine dtype; model format equals kernel format."""
 
     name = "none"
+    converts_weights = False
 
     def create_weights(
         self,

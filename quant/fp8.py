@@ -32,20 +32,41 @@ BLOCK = 128
 
 
 def quantize_fp8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``scale`` broadcast against ``w``."""
-    return (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    """``scale`` (float32) broadcast against ``w``. One float32 copy of w, then the
+    division and the clamp in place (out-of-place float32 ops cost twice as much here)."""
+    q = w.to(torch.float32, copy=True)
+    return q.div_(scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
 
 
 def scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     return amax.float().clamp(min=MIN_AMAX) / FP8_MAX
 
 
+def abs_max(w: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
+    """max |w| (exact: one of w's values) from one min/max pass, no |w| temporary."""
+    if dim is None:
+        low, high = torch.aminmax(w)
+    else:
+        low, high = torch.aminmax(w, dim=dim, keepdim=keepdim)
+    return torch.maximum(-low, high)
+
+
+def pad_to_multiple(w: torch.Tensor, block: int, dims: tuple[int, ...]) -> torch.Tensor:
+    """Zero-pad the trailing ``dims`` of ``w`` up to multiples of ``block`` (no copy when
+    they already are): zeros never change an absolute maximum."""
+    pads: list[int] = []
+    for dim in sorted(dims, reverse=True):
+        size = w.shape[dim]
+        pads += [0, math.ceil(size / block) * block - size]
+    return F.pad(w, pads) if any(pads) else w
+
+
 def block_amax(w: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
     """amax over each ``block`` x ``block`` tile of a 2-D tensor (edge tiles partial)."""
-    n, k = w.shape
-    nb, kb = math.ceil(n / block), math.ceil(k / block)
-    padded = F.pad(w.float().abs(), (0, kb * block - k, 0, nb * block - n))
-    return padded.view(nb, block, kb, block).amax(dim=(1, 3))
+    padded = pad_to_multiple(w, block, (0, 1))
+    nb, kb = padded.shape[0] // block, padded.shape[1] // block
+    tiles = padded.view(nb, block, kb, block)
+    return torch.maximum(-tiles.amin(dim=(1, 3)), tiles.amax(dim=(1, 3)))
 
 
 def expand_blocks(scale: torch.Tensor, shape: torch.Size, block: int = BLOCK) -> torch.Tensor:
@@ -55,15 +76,18 @@ def expand_blocks(scale: torch.Tensor, shape: torch.Size, block: int = BLOCK) ->
 
 
 class Fp8LinearMethod(UnquantizedLinearMethod):
+    """Reuses the unquantized model format (create_weights); converts it on processing."""
+
     name = "fp8"
+    converts_weights = True
     granularity = "tensor"
 
     def group_scale(self, w: torch.Tensor) -> torch.Tensor:
         """Scale tensor in its kernel shape."""
         if self.granularity == "tensor":
-            return scale_from_amax(w.abs().amax()).reshape(1)
+            return scale_from_amax(abs_max(w)).reshape(1)
         if self.granularity == "channel":
-            return scale_from_amax(w.abs().amax(dim=1, keepdim=True))
+            return scale_from_amax(abs_max(w, dim=1, keepdim=True))
         return scale_from_amax(block_amax(w))
 
     def element_scale(self, scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:

@@ -23,14 +23,12 @@ input it holds: a row-parallel layer's per-token scale covers only the rank's sl
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from quant.base import UnquantizedLinearMethod, layer_device, replace_parameter
-from quant.fp8 import FP8, FP8_MAX, MIN_AMAX
+from quant.fp8 import FP8, FP8_MAX, MIN_AMAX, abs_max, pad_to_multiple
 from quant.sync import DeviceSync
 
 GROUP = 128
@@ -41,10 +39,8 @@ SIGN_FLIP = -0x77777778
 
 def group_scales(w: torch.Tensor, group: int = GROUP) -> torch.Tensor:
     """[..., N, K] -> bf16 [..., N, ceil(K/group)]."""
-    k = w.shape[-1]
-    groups = math.ceil(k / group)
-    padded = F.pad(w.float().abs(), (0, groups * group - k))
-    amax = padded.view(*w.shape[:-1], groups, group).amax(dim=-1)
+    padded = pad_to_multiple(w, group, (w.dim() - 1,))
+    amax = abs_max(padded.view(*w.shape[:-1], -1, group), dim=-1).float()
     return (amax.clamp(min=MIN_AMAX) / 7.0).to(torch.bfloat16)
 
 
@@ -131,7 +127,10 @@ def fake_quantize_fp8_per_token(x: torch.Tensor) -> torch.Tensor:
 
 
 class W4A8LinearMethod(UnquantizedLinearMethod):
+    """Reuses the unquantized model format (create_weights); converts it on processing."""
+
     name = "w4a8"
+    converts_weights = True
 
     def create_weights(self, layer: nn.Module, *, input_size_per_partition: int,
                        **kwargs) -> None:

@@ -67,6 +67,7 @@ class RankReloadStats:
     layers_reloaded: list[str]
     layers_kept: list[str]
     warnings: list[str]
+    buffered_timeline: list[int]
 
 
 @dataclass(slots=True)
@@ -84,6 +85,12 @@ class ReloadEngine:
         self.records = record_layers(model, device)
         self.layer_names = [r.name for r in self.records]
         self.sync = DeviceSync(device)
+        # A loader's dry run depends only on the call's shape: run it once, reuse it after.
+        self._dry_runs: dict[tuple, tuple[int, list[Bounds]]] = {}
+        # Model-format buffers of converting layers, reused from layer to layer and reload
+        # to reload: one per (param name, shape, dtype), so the params of one layer never
+        # share storage and the pool holds about one layer of each kind.
+        self._scratch: dict[tuple, torch.Tensor] = {}
         self._loads: dict[str, LayerLoad] = {}
         self._mode: Mode | None = None
         self._has_kernel = False
@@ -135,22 +142,19 @@ class ReloadEngine:
         if load.processed:
             raise ReloadError(f"layer {record.name} received '{name}' after it was complete "
                               "(a tensor was sent twice?)")
-        placeholder = record.placeholders[name]
         shard = args[0] if args else kwargs.get("shard_id")
         if shard in load.shards.get(name, []):
             raise ReloadError(f"{record.name}.{name} received shard {shard!r} twice "
                               "(the same tensor appears twice in the source?)")
-        probe = ProbeWeight(tuple(weight.shape), weight.dtype)
-        with WriteCounter(placeholder) as counter:
-            placeholder.weight_loader(placeholder, probe, *args, **kwargs)
-        written = min(counter.numel, placeholder.numel())
+        written, reads = self._dry_run(record, name, weight, args, kwargs)
         if self._mode == "plan":
-            self._planned_last = _planned(record, weight, probe.reads)
+            self._planned_last = _planned(record, weight, reads)
             return
         read_begin = time.perf_counter()
-        windows = {b: read_window(weight, b) for b in dict.fromkeys(probe.reads)}
+        windows = {b: read_window(weight, b) for b in dict.fromkeys(reads)}
         read_seconds = time.perf_counter() - read_begin
-        buffered = PrefetchedWeight(tuple(weight.shape), weight.dtype, windows)
+        buffered = PrefetchedWeight(tuple(weight.shape), weight.dtype, windows,
+                                    borrowed=isinstance(weight, torch.Tensor))
         self.bytes_read += buffered.nbytes
         self.seconds["transfer"] += read_seconds
         load.calls.append(BufferedCall(name, args, kwargs, buffered))
@@ -161,6 +165,29 @@ class ReloadEngine:
         self.seconds["load"] += time.perf_counter() - begin - read_seconds
         if load.loaded_numel >= record.total_numel and not record.process_last:
             self._process(load)
+
+    def _dry_run(self, record: LayerRecord, name: str, weight: Any, args: tuple,
+                 kwargs: dict) -> tuple[int, list[Bounds]]:
+        """Elements the call writes into the param (capped at its size) and the source
+        windows it reads, from a run on meta; memoized by the call's shape."""
+        key = (record.name, name, args, tuple(sorted(kwargs.items())), tuple(weight.shape),
+               weight.dtype)
+        if key not in self._dry_runs:
+            placeholder = record.placeholders[name]
+            probe = ProbeWeight(tuple(weight.shape), weight.dtype)
+            with WriteCounter(placeholder) as counter:
+                placeholder.weight_loader(placeholder, probe, *args, **kwargs)
+            self._dry_runs[key] = (min(counter.numel, placeholder.numel()), probe.reads)
+        return self._dry_runs[key]
+
+    def own_buffers(self) -> None:
+        """Before a transfer buffer is released: copy out the windows still buffered for
+        incomplete layers (in plan order there are few or none)."""
+        begin = time.perf_counter()
+        for load in self._loads.values():
+            for call in load.calls:
+                call.weight.own()
+        self.seconds["transfer"] += time.perf_counter() - begin
 
     def plan_tensor(self, name: str, shape: tuple[int, ...], dtype: torch.dtype
                     ) -> PlannedRead | None:
@@ -175,14 +202,37 @@ class ReloadEngine:
     # ---- processing -----------------------------------------------------------------------
 
     def _process(self, load: LayerLoad) -> None:
+        begin = time.perf_counter()
+        if _writes_kernel_directly(load):
+            self._replay_into_kernel(load)
+        else:
+            self._materialize_and_process(load)
+        load.calls.clear()
+        load.processed = True
+        self.processed.append(load.record.name)
+        self.tracker.release(load.record.name)
+        self.seconds["process"] += time.perf_counter() - begin
+
+    def _replay_into_kernel(self, load: LayerLoad) -> None:
+        """Model format is kernel format (no quant method): the buffered calls write the
+        kernel tensors themselves, with no intermediate copy."""
+        record = load.record
+        for call in load.calls:
+            record.placeholders[call.param].weight_loader(load.kernel[call.param], call.weight,
+                                                          *call.args, **call.kwargs)
+        record.unregister(list(record.placeholders))
+        record.register(load.kernel)
+
+    def _materialize_and_process(self, load: LayerLoad) -> None:
         """Materialize, replay and quantize on a side stream; the kernel copy runs on the
         current stream, ordered after the side stream's results (no-ops on CPU)."""
-        begin = time.perf_counter()
         record = load.record
         current, side = self.sync.current(), self.sync.new_stream()
         self.sync.order(current, side)
         with self.sync.on(side):
-            fresh = {n: _materialize(p, record.restore_device)
+            # On the first load the fresh tensors become the kernel tensors: never pooled.
+            materialize = _materialize if load.kernel is None else self._from_scratch
+            fresh = {n: materialize(n, p, record.restore_device)
                      for n, p in record.placeholders.items()}
             record.register(fresh)
             for call in load.calls:
@@ -194,11 +244,18 @@ class ReloadEngine:
         self.sync.order(side, current, *record.current().values())
         if load.kernel is not None:
             self._copy_into_kernel(record, load.kernel)
-        load.calls.clear()
-        load.processed = True
-        self.processed.append(record.name)
-        self.tracker.release(record.name)
-        self.seconds["process"] += time.perf_counter() - begin
+
+    def _from_scratch(self, name: str, placeholder: nn.Parameter, device: torch.device
+                      ) -> nn.Parameter:
+        key = (name, tuple(placeholder.shape), placeholder.dtype, device)
+        if key not in self._scratch:
+            self._scratch[key] = torch.empty(placeholder.shape, dtype=placeholder.dtype,
+                                             device=device)
+        param = nn.Parameter(self._scratch[key], requires_grad=False)
+        param.__dict__.update(placeholder.__dict__)
+        if is_optional(placeholder):
+            param.data.fill_(placeholder.fill_value)
+        return param
 
     @staticmethod
     def _copy_into_kernel(record: LayerRecord, kernel: dict[str, torch.Tensor]) -> None:
@@ -240,6 +297,7 @@ class ReloadEngine:
             stage_seconds=dict(self.seconds),
             layers_reloaded=list(self.processed),
             layers_kept=kept, warnings=self.tracker.warnings(),
+            buffered_timeline=list(self.tracker.timeline),
         )
         self._has_kernel = self._has_kernel or self._mode == "first"
         self._end()
@@ -305,6 +363,19 @@ def _planned(record: LayerRecord, weight: Any, reads: list[Bounds]) -> PlannedRe
     return PlannedRead(record.name, sum(_numel(b) * itemsize for b in dict.fromkeys(reads)))
 
 
+def _writes_kernel_directly(load: LayerLoad) -> bool:
+    """True when the layer has kernel tensors of exactly its model format (no quant method,
+    same names, shapes and dtypes) and every param is rewritten or optional-free."""
+    record, kernel = load.record, load.kernel
+    method = getattr(record.module, "quant_method", None)
+    if kernel is None or getattr(method, "converts_weights", False):
+        return False
+    if set(kernel) != set(record.placeholders):
+        return False
+    return all(kernel[n].shape == p.shape and kernel[n].dtype == p.dtype
+               and not is_optional(p) for n, p in record.placeholders.items())
+
+
 def _complete(load: LayerLoad) -> bool:
     return load.loaded_numel >= load.record.total_numel
 
@@ -316,7 +387,7 @@ def _numel(bounds: Bounds) -> int:
     return n
 
 
-def _materialize(placeholder: nn.Parameter, device: torch.device) -> nn.Parameter:
+def _materialize(_name: str, placeholder: nn.Parameter, device: torch.device) -> nn.Parameter:
     param = nn.Parameter(torch.empty_like(placeholder, device=device), requires_grad=False)
     param.__dict__.update(placeholder.__dict__)
     if is_optional(placeholder):

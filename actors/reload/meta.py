@@ -57,16 +57,26 @@ class ProbeWeight(_Window):
 
 
 class PrefetchedWeight(_Window):
-    """The windows a loader reads, already in this rank's memory."""
+    """The windows a loader reads, already in this rank's memory, or ``borrowed``: views
+    into a transfer buffer that must be copied (``own``) before the buffer is released."""
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype,
-                 windows: dict[Bounds, torch.Tensor], bounds: Bounds | None = None) -> None:
+                 windows: dict[Bounds, torch.Tensor], bounds: Bounds | None = None,
+                 borrowed: bool = False) -> None:
         super().__init__(shape, dtype, bounds)
         self.windows = windows
+        self.borrowed = borrowed
 
     def narrow(self, dim: int, start: int, length: int) -> PrefetchedWeight:
         return PrefetchedWeight(self.full_shape, self.dtype, self.windows,
                                 self._narrowed(dim, start, length))
+
+    def own(self) -> None:
+        """Copy borrowed windows into memory of their own."""
+        if self.borrowed:
+            for bounds, window in self.windows.items():
+                self.windows[bounds] = window.clone()
+            self.borrowed = False
 
     def materialize(self) -> torch.Tensor:
         # A loader that reads differently on replay than in its dry run breaks the contract.
@@ -79,10 +89,10 @@ class PrefetchedWeight(_Window):
 
 
 def read_window(source: Any, bounds: Bounds) -> torch.Tensor:
-    """Read one window of a source weight into memory this rank owns."""
+    """One window of a source weight: a view for an in-memory tensor (see
+    ``PrefetchedWeight.own``), the bytes read from the file for a checkpoint slice."""
     if isinstance(source, torch.Tensor):
-        # Copy: a view would pin the whole transfer buffer it came from.
-        return source[tuple(slice(lo, hi) for lo, hi in bounds)].clone()
+        return source[tuple(slice(lo, hi) for lo, hi in bounds)]
     for dim, (lo, hi) in enumerate(bounds):
         source = source.narrow(dim, lo, hi - lo)
     return source.materialize()

@@ -15,11 +15,14 @@ class BufferTracker:
     max_partial_layers: int = 0
     bytes_at_max_partial: int = 0
     partial: dict[str, int] = field(default_factory=dict)
+    timeline: list[int] = field(default_factory=list)
+    """Buffered bytes after every arrival and every release, in order."""
 
     def add(self, layer: str, nbytes: int) -> None:
         self.partial[layer] = self.partial.get(layer, 0) + nbytes
         self.current += nbytes
         self.peak = max(self.peak, self.current)
+        self.timeline.append(self.current)
         if len(self.partial) >= 2 and len(self.partial) > self.max_partial_layers:
             if self.max_partial_layers < 2:
                 self.log.warning("%d layers partly buffered at once (%.1f MB): %s; stream "
@@ -30,6 +33,7 @@ class BufferTracker:
 
     def release(self, layer: str) -> None:
         self.current -= self.partial.pop(layer, 0)
+        self.timeline.append(self.current)
 
     def warnings(self) -> list[str]:
         if self.max_partial_layers < 2:

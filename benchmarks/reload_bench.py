@@ -1,0 +1,343 @@
+"""Reload time and memory: tp-reload against the machine's floor and real peers, in one run.
+
+    python -m benchmarks.reload_bench [--size 0.5b] [--quick] [--json out.json] [--plot out.png]
+
+Cases: TP in {1, 2} x quantization in {none, fp8} x source in {dir, dict} x order in
+{plan, source}. For each: ours (``orch.reload`` end to end, stage breakdown), the floor and
+the peers (``benchmarks.baselines``), repeated (min and median), peak buffered bytes and the
+peak RSS of each path's rank processes. Prints a table and whether each target holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from safetensors.torch import load_file
+
+from benchmarks.baselines import RankWork, concurrent_floor_seconds, floor_seconds, run_peer
+from benchmarks.checkpoints import SIZES, ensure_checkpoint, half_depth, parameter_count
+from orchestrator import EngineConfig, ReloadOrchestrator
+from orchestrator.inventory import checkpoint_files
+
+log = logging.getLogger("tp_reload.bench")
+PEERS = ("dcp", "full")
+MB = 1e6
+
+
+@dataclass
+class Case:
+    tp: int
+    quantization: str | None
+    source: str
+    order: str
+    ours: list[float] = field(default_factory=list)
+    ours_stages: list[dict[str, float]] = field(default_factory=list)
+    floor: list[float] = field(default_factory=list)
+    floor_stages: list[dict[str, float]] = field(default_factory=list)
+    concurrent_floor: list[float] = field(default_factory=list)
+    peers: dict[str, list[float]] = field(default_factory=dict)
+    peer_stages: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    peak_buffered: int = 0
+    predicted_peak: int = 0
+    peak_rss: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"tp{self.tp}-{self.quantization or 'none'}-{self.source}-{self.order}"
+
+    def summary(self) -> dict[str, Any]:
+        best_peer = min((min(v) for v in self.peers.values()), default=None)
+        return {
+            "case": self.name, "tp": self.tp, "quantization": self.quantization,
+            "source": self.source, "order": self.order,
+            "ours_s": min(self.ours), "ours_median_s": statistics.median(self.ours),
+            "ours_stage_seconds": median_stages(self.ours_stages),
+            "floor_s": min(self.floor), "floor_median_s": statistics.median(self.floor),
+            "floor_stage_seconds": median_stages(self.floor_stages),
+            "concurrent_floor_s": min(self.concurrent_floor),
+            "ratio_to_concurrent_floor": min(self.ours) / min(self.concurrent_floor),
+            "peers": {k: min(v) for k, v in self.peers.items()},
+            "peers_median_s": {k: statistics.median(v) for k, v in self.peers.items()},
+            "peer_stage_seconds": {k: median_stages(v) for k, v in self.peer_stages.items()},
+            "ratio_to_floor": min(self.ours) / min(self.floor),
+            "ratio_to_best_peer": min(self.ours) / best_peer if best_peer else None,
+            "peak_buffered_bytes": self.peak_buffered,
+            "predicted_peak_buffered_bytes": self.predicted_peak,
+            "peak_rss_bytes": dict(self.peak_rss),
+        }
+
+
+def median_stages(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(r[k] for r in rows) for k in rows[0]} if rows else {}
+
+
+# ---- measuring ---------------------------------------------------------------------------
+
+
+@dataclass
+class Options:
+    size: str
+    repeats: int
+    tps: tuple[int, ...]
+    workdir: Path
+    bucket_bytes: int
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint as a trainer would hand it over: one dict, file by file."""
+    tensors: dict[str, torch.Tensor] = {}
+    for file in checkpoint_files(path):
+        tensors.update({n: t.clone() for n, t in load_file(file).items()})
+    return tensors
+
+
+def engine_config(path: Path, tp: int, quantization: str | None, opts: Options) -> EngineConfig:
+    cores = os.cpu_count() or 1
+    return EngineConfig(model=str(path), tensor_parallel_size=tp, dtype="bfloat16",
+                        quantization=quantization, num_cpus_per_rank=max(0.5, cores / tp),
+                        bucket_bytes=opts.bucket_bytes, timeout_s=1800)
+
+
+def measure_ours(orch: ReloadOrchestrator, case: Case, source: Any, repeats: int) -> None:
+    for _ in range(repeats):
+        orch.reset_peak_memory()
+        report = orch.reload(source, order=case.order)
+        case.ours.append(report.seconds)
+        case.ours_stages.append(report.stage_seconds)
+        case.peak_buffered = max(case.peak_buffered, report.peak_buffered_bytes)
+        case.predicted_peak = report.predicted_peak_buffered_bytes
+        rss = max(orch.memory(peak=True)[0])
+        case.peak_rss["ours"] = max(case.peak_rss.get("ours", 0), rss)
+
+
+def run_engine_cases(path: Path, tp: int, quantization: str | None, tensors: dict,
+                     opts: Options) -> list[Case]:
+    cases = [Case(tp, quantization, s, o) for s in ("dir", "dict") for o in ("plan", "source")]
+    with ReloadOrchestrator(engine_config(path, tp, quantization, opts)) as orch:
+        for case in cases:
+            source = str(path) if case.source == "dir" else tensors
+            measure_ours(orch, case, source, opts.repeats)
+            log.warning("ours %-24s min %.3fs", case.name, min(case.ours))
+    return cases
+
+
+def run_floor(path: Path, tp: int, quantization: str | None, tensors: dict,
+              cases: list[Case], repeats: int) -> None:
+    threads = torch.get_num_threads()
+    # A rank of a TP=tp engine gets cores / tp threads: so does each rank's floor work.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
+    try:
+        works = [RankWork(path, tp, rank, torch.bfloat16, quantization) for rank in range(tp)]
+        for kind in ("dir", "dict"):
+            source = (path, None) if kind == "dir" else (None, tensors)
+            stages = [floor_seconds(works, *source) for _ in range(repeats)]
+            concurrent = [concurrent_floor_seconds(works, *source) for _ in range(repeats)]
+            for case in cases:
+                if case.source == kind:
+                    case.floor = [sum(s.values()) for s in stages]
+                    case.floor_stages = stages
+                    case.concurrent_floor = concurrent
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_peers(path: Path, tp: int, quantization: str | None, cases: list[Case],
+              repeats: int) -> None:
+    for kind in PEERS:
+        stages, peak = run_peer(kind, path, tp, "bfloat16", quantization, repeats)
+        log.warning("peer %-4s tp%d %-5s min %.3fs", kind, tp, quantization or "none",
+                    min(sum(s.values()) for s in stages))
+        for case in cases:
+            if case.source == "dir":
+                case.peers[kind] = [sum(s.values()) for s in stages]
+                case.peer_stages[kind] = stages
+                case.peak_rss[kind] = peak
+
+
+def buffered_timelines(path: Path, tensors: dict, opts: Options) -> dict[str, list[int]]:
+    """Rank 0 of a TP=2 engine: buffered bytes through one reload, per source and order.
+    'shuffled' is the dict in a random order, as an unordered trainer export would be."""
+    names = list(tensors)
+    random.Random(0).shuffle(names)
+    shuffled = {n: tensors[n] for n in names}
+    timelines = {}
+    with ReloadOrchestrator(engine_config(path, max(opts.tps), None, opts)) as orch:
+        for label, source in (("dir", str(path)), ("shuffled dict", shuffled)):
+            for order in ("plan", "source"):
+                report = orch.reload(source, order=order)
+                timelines[f"{label}, {order} order"] = report.buffered_timeline
+    return timelines
+
+
+def depth_check(path: Path, opts: Options) -> list[dict[str, Any]]:
+    """Plan-order peak buffered bytes at two depths of the same width."""
+    rows = []
+    for model in (half_depth(path), path):
+        with ReloadOrchestrator(engine_config(model, max(opts.tps), None, opts)) as orch:
+            report = orch.reload(str(model), order="plan")
+            plan = orch.plan(str(model))
+            layers = orch.config.model_spec.num_layers
+        bound = plan.largest_layer_rank_bytes + opts.bucket_bytes
+        peak = report.peak_buffered_bytes
+        rows.append({"layers": layers, "peak_buffered_bytes": peak,
+                     "largest_layer_rank_bytes": plan.largest_layer_rank_bytes,
+                     "bucket_bytes": opts.bucket_bytes, "holds": peak <= bound})
+    return rows
+
+
+def run(opts: Options) -> dict[str, Any]:
+    path = ensure_checkpoint(opts.workdir, opts.size)
+    tensors = load_tensors(path)
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             ignore_reinit_error=True)
+    cases: list[Case] = []
+    for tp in opts.tps:
+        for quantization in (None, "fp8"):
+            group = run_engine_cases(path, tp, quantization, tensors, opts)
+            run_floor(path, tp, quantization, tensors, group, opts.repeats)
+            run_peers(path, tp, quantization, group, opts.repeats)
+            cases += group
+    timelines = buffered_timelines(path, tensors, opts)
+    depths = depth_check(path, opts)
+    fields, _ = SIZES[opts.size]
+    return {
+        "machine": machine_description(),
+        "model": {"size": opts.size, "parameters": parameter_count(fields), **fields,
+                  "dtype": "bfloat16", "checkpoint_bytes": sum(t.nbytes for t in tensors.values()),
+                  "files": len(checkpoint_files(path))},
+        "repeats": opts.repeats, "bucket_bytes": opts.bucket_bytes,
+        "cases": [c.summary() for c in cases],
+        "buffered_timelines": timelines,
+        "depths": depths,
+    }
+
+
+def machine_description() -> dict[str, Any]:
+    with open("/proc/meminfo") as f:
+        total_kb = int(f.readline().split()[1])
+    return {"cpus": os.cpu_count(), "memory_gib": round(total_kb / 2**20, 1),
+            "torch": torch.__version__, "ray": ray.__version__,
+            "date": time.strftime("%Y-%m-%d")}
+
+
+# ---- reporting ---------------------------------------------------------------------------
+
+
+def targets(result: dict[str, Any]) -> list[tuple[str, bool, str]]:
+    cases = {c["case"]: c for c in result["cases"]}
+    out = []
+    for quant in ("none", "fp8"):
+        case = cases.get(f"tp2-{quant}-dir-plan")
+        if case:
+            ratio = case["ratio_to_floor"]
+            out.append((f"ours/floor <= 1.5, dir source, TP=2, {quant}", ratio <= 1.5,
+                        f"{ratio:.2f}"))
+    for case in result["cases"]:
+        if case["source"] == "dir" and case["order"] == "plan" and case["peers"]:
+            ratio = case["ratio_to_best_peer"]
+            out.append((f"ours faster than every peer, {case['case']}", ratio < 1.0,
+                        f"ours/best peer {ratio:.2f}"))
+    depths = result["depths"]
+    same = len({d["peak_buffered_bytes"] for d in depths}) == 1
+    detail = ", ".join(f"{d['layers']} layers: {d['peak_buffered_bytes'] / MB:.1f} MB (largest "
+                       f"layer {d['largest_layer_rank_bytes'] / MB:.1f} MB)" for d in depths)
+    out.append(("plan-order peak buffered <= largest layer + one bucket, independent of depth",
+                all(d["holds"] for d in depths) and same, detail))
+    return out
+
+
+def format_table(result: dict[str, Any]) -> str:
+    header = (f"{'case':<24} {'ours min/med s':>15} {'floor s':>8} {'x floor':>7} "
+              f"{'dcp s':>7} {'full s':>7} {'x peer':>6} {'buf MB (pred)':>14} "
+              f"{'RSS MB ours/dcp/full':>21}")
+    lines = [header, "-" * len(header)]
+    for c in result["cases"]:
+        peers = c["peers"]
+        rss = c["peak_rss_bytes"]
+        ratio_peer = f"{c['ratio_to_best_peer']:.2f}" if c["ratio_to_best_peer"] else "-"
+        rss_text = "/".join(f"{rss[k] / MB:.0f}" if k in rss else "-" for k in ("ours", *PEERS))
+        lines.append(
+            f"{c['case']:<24} {c['ours_s']:>7.3f}/{c['ours_median_s']:<7.3f} "
+            f"{c['floor_s']:>8.3f} {c['ratio_to_floor']:>7.2f} "
+            f"{peers.get('dcp', float('nan')):>7.3f} {peers.get('full', float('nan')):>7.3f} "
+            f"{ratio_peer:>6} "
+            f"{c['peak_buffered_bytes'] / MB:>6.1f} "
+            f"({c['predicted_peak_buffered_bytes'] / MB:>5.1f}) "
+            f"{rss_text:>21}")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5))
+    for label, timeline in result["buffered_timelines"].items():
+        xs = [i / max(1, len(timeline) - 1) for i in range(len(timeline))]
+        left.plot(xs, [b / MB for b in timeline], label=label)
+    left.set(title="buffered bytes, rank 0, one reload (TP=2)", xlabel="progress of the reload",
+             ylabel="MB buffered")
+    left.legend()
+    case = next((c for c in result["cases"] if c["case"] == "tp2-fp8-dir-plan"),
+                result["cases"][0])
+    paths = {"ours": case["ours_stage_seconds"], "floor": case["floor_stage_seconds"],
+             **case["peer_stage_seconds"]}
+    for i, (name, stages) in enumerate(paths.items()):
+        bottom = 0.0
+        for stage, seconds in stages.items():
+            right.bar(i, seconds, bottom=bottom, label=f"{name}: {stage}")
+            bottom += seconds
+    right.set_xticks(range(len(paths)), list(paths))
+    right.set(title=f"seconds per stage, {case['case']} (median)", ylabel="seconds")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.reload_bench")
+    parser.add_argument("--size", choices=list(SIZES), default="0.5b")
+    parser.add_argument("--quick", action="store_true", help="small model, 2 repeats (~1 min)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--bucket-bytes", type=int, default=256 << 20)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/tp-reload-bench"))
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--plot", type=Path, help="write the PNG plot here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    opts = Options(size="quick" if args.quick else args.size,
+                   repeats=2 if args.quick else args.repeats, tps=tuple(args.tp),
+                   workdir=args.workdir, bucket_bytes=args.bucket_bytes)
+    result = run(opts)
+    result["targets"] = [{"target": t, "holds": ok, "measured": m} for t, ok, m in targets(result)]
+    model = result["model"]
+    print(f"\nmodel {model['size']}: {model['parameters'] / 1e9:.2f}B parameters, bf16, "
+          f"{model['checkpoint_bytes'] / MB:.0f} MB in {model['files']} files; "
+          f"machine {result['machine']}; repeats {opts.repeats}\n")
+    print(format_table(result))
+    print("\ntargets:")
+    for row in result["targets"]:
+        print(f"  [{'holds' if row['holds'] else 'MISSED'}] {row['target']}: {row['measured']}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    if args.plot:
+        plot(result, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,31 @@
+"""The benchmark runs end to end on its quick model (structure and accounting only: speed
+targets are the benchmark's business, never a test's)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.reload_bench import Options, run, targets
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def test_quick_benchmark_measures_every_path(ray_cluster, tmp_path):
+    result = run(Options(size="quick", repeats=1, tps=(2,), workdir=tmp_path,
+                         bucket_bytes=8 << 20))
+    cases = {c["case"]: c for c in result["cases"]}
+    assert set(cases) == {f"tp2-{q}-{s}-{o}" for q in ("none", "fp8") for s in ("dir", "dict")
+                          for o in ("plan", "source")}
+    for case in cases.values():
+        assert case["ours_s"] > 0 and case["floor_s"] > 0
+        assert case["peak_buffered_bytes"] == case["predicted_peak_buffered_bytes"]
+        assert case["peak_rss_bytes"]["ours"] > 0
+        if case["source"] == "dir":
+            assert set(case["peers"]) == {"dcp", "full"}
+            assert set(case["peak_rss_bytes"]) == {"ours", "dcp", "full"}
+    timelines = result["buffered_timelines"]
+    shuffled = max(timelines["shuffled dict, source order"])
+    assert shuffled > max(timelines["shuffled dict, plan order"])
+    depths = result["depths"]
+    assert [d["layers"] for d in depths] == [4, 8] and all(d["holds"] for d in depths)
+    assert len(targets(result)) == 5
