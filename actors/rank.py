@@ -51,7 +51,8 @@ class RankLogger(logging.LoggerAdapter):
 
 class RankActor:
     def __init__(self, *, engine: int, rank: int, world_size: int, spec: ModelSpec, dtype: str,
-                 device: str, quant: QuantConfig, timeout_s: float) -> None:
+                 device: str, quant: QuantConfig, timeout_s: float,
+                 check_finite: bool = True) -> None:
         self.engine = engine
         self.rank = rank
         self.world_size = world_size
@@ -68,8 +69,10 @@ class RankActor:
         self.model: DecoderForCausalLM = build_model(
             spec, tp=TPGroup(rank, world_size), dtype=self.dtype, device=self.device,
             quant=quant)
-        self.reloader = ReloadEngine(self.model, self.device, self.log)
+        self.reloader = ReloadEngine(self.model, self.device, self.log, check_finite)
+        self.reloader.stage_hook = self._at_stage
         self.loaded = False
+        self._fault: tuple[str, str, str | None] | None = None
 
     # ---- distributed set-up -------------------------------------------------------------
 
@@ -81,6 +84,15 @@ class RankActor:
         self._store = dist.TCPStore(host, 0, self.world_size, is_master=True,
                                     wait_for_workers=False, timeout=self.timeout)
         return host, self._store.port
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def reset_distributed(self) -> None:
+        """Leave the engine's process group (after a peer died) so a new one can form."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        self._store = None
 
     def init_distributed(self, host: str, port: int) -> None:
         if self.device.type == "cuda":
@@ -103,6 +115,7 @@ class RankActor:
 
     def load_bucket(self, bucket: FileBucket | PackedBucket) -> None:
         """Feed one bucket; complete layers are processed before this returns."""
+        self._at_stage("transfer")
         fetched = self.reader.fetch_seconds
         items = self.reader.items(bucket)
         self.reloader.add_seconds("transfer", self.reader.fetch_seconds - fetched)
@@ -125,6 +138,25 @@ class RankActor:
         self.reloader.abort()
         if hasattr(self, "reader"):
             self.reader.close()
+
+    # ---- fault injection (tests, chaos drills) ------------------------------------------
+
+    def inject_fault(self, stage: str, action: str, signal_path: str | None = None) -> None:
+        """At the next ``stage`` of a reload ('transfer', 'process' or 'quantize'): 'raise'
+        an error, or 'pause' (touch ``signal_path``, then block) so a drill can kill it there."""
+        self._fault = (stage, action, signal_path)
+
+    def _at_stage(self, stage: str) -> None:
+        if self._fault is None or self._fault[0] != stage:
+            return
+        _, action, signal_path = self._fault
+        self._fault = None
+        if action == "raise":
+            raise RuntimeError(f"injected fault in the {stage} stage")
+        if signal_path:
+            with open(signal_path, "w") as f:
+                f.write(str(os.getpid()))
+        time.sleep(3600)
 
     def memory(self) -> dict[str, int]:
         """Resident set size of this rank process and its peak since the last

@@ -2,7 +2,14 @@
 
 from orchestrator.config import EngineConfig
 from orchestrator.coordinator import ReloadOrchestrator, ReloadReport
-from orchestrator.errors import CheckpointError, ConfigError, RankError, TPReloadError
+from orchestrator.errors import (
+    CheckpointError,
+    ConfigError,
+    RankError,
+    RecoveryError,
+    ReloadInProgressError,
+    TPReloadError,
+)
 
 __all__ = [
     "CheckpointError",
@@ -10,6 +17,8 @@ __all__ = [
     "EngineConfig",
     "ReloadReport",
     "RankError",
+    "RecoveryError",
+    "ReloadInProgressError",
     "ReloadOrchestrator",
     "TPReloadError",
 ]

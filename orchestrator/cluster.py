@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.rank import RankActor
 from orchestrator.config import EngineConfig
-from orchestrator.errors import RankError
+from orchestrator.errors import CheckpointError, RankError
 
 log = logging.getLogger("tp_reload")
 RankKey = tuple[int, int]  # (engine, rank)
@@ -49,6 +50,10 @@ def _result(key: RankKey, ref: ray.ObjectRef) -> Any:
     try:
         return ray.get(ref)
     except RayTaskError as exc:
+        if isinstance(exc.cause, ValueError):
+            # Bad data found on a rank (NaN, Inf, a tensor that does not fit): the source's
+            # fault, not the rank's (loaders and the reload engine raise ValueError for it).
+            raise CheckpointError(f"engine {key[0]} rank {key[1]}: {exc.cause}") from exc
         # Ray colours the remote traceback; keep the text plain for logs and messages.
         raise RankError(*key, ANSI_ESCAPE.sub("", str(exc))) from exc
     except RayActorError as exc:
@@ -87,8 +92,9 @@ def _bundle(cfg: EngineConfig) -> dict[str, float]:
 def create_engine(index: int, cfg: EngineConfig, dtype: str) -> Engine:
     """Reserve the engine's bundles, then start one rank actor in each."""
     tp = cfg.tensor_parallel_size
+    # Unique per orchestrator: several may share one Ray cluster.
     group = placement_group([_bundle(cfg)] * tp, strategy=cfg.placement_strategy,
-                            name=f"tp-reload-engine-{index}")
+                            name=f"tp-reload-{uuid.uuid4().hex[:8]}-engine-{index}")
     try:
         ray.get(group.ready(), timeout=cfg.timeout_s)
     except GetTimeoutError as exc:
@@ -102,14 +108,41 @@ def create_engine(index: int, cfg: EngineConfig, dtype: str) -> Engine:
         remote.options(
             num_cpus=cfg.num_cpus_per_rank,
             num_gpus=1 if cfg.device == "cuda" else 0,
+            # A dead rank comes back empty; the coordinator rebuilds it (never retries a call).
+            max_restarts=cfg.max_rank_restarts, max_task_retries=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=group, placement_group_bundle_index=rank
             ),
         ).remote(engine=index, rank=rank, world_size=tp, spec=cfg.model_spec, dtype=dtype,
-                 device=cfg.device, quant=cfg.quant, timeout_s=cfg.timeout_s)
+                 device=cfg.device, quant=cfg.quant, timeout_s=cfg.timeout_s,
+                 check_finite=cfg.check_finite)
         for rank in range(tp)
     ]
     return Engine(index, group, ranks)
+
+
+def rank_pids(engines: list[Engine], timeout_s: float) -> dict[RankKey, int]:
+    """Process id of every rank actor, waiting for Ray to restart dead ones (a changed pid
+    is a restarted rank: its constructor ran again and it holds no weights)."""
+    pids: dict[RankKey, int] = {}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        missing = {k: ref for e in engines for k, ref in e.submit("ping").items()
+                   if k not in pids}
+        ray.wait(list(missing.values()), num_returns=len(missing),
+                 timeout=max(0.0, deadline - time.monotonic()))
+        for key, ref in missing.items():
+            try:
+                pids[key] = ray.get(ref, timeout=0)
+            except (RayActorError, GetTimeoutError):
+                pass
+        if len(pids) == sum(len(e.ranks) for e in engines):
+            return pids
+        if time.monotonic() >= deadline:
+            engine, rank = min(set(missing) - set(pids))
+            raise RankError(engine, rank, f"did not come back within {timeout_s:.0f}s "
+                            "(max_rank_restarts exhausted?)")
+        time.sleep(0.2)
 
 
 def connect_engines(engines: list[Engine], timeout_s: float) -> None:

@@ -49,6 +49,14 @@ class EngineConfig:
     """Ray placement-group strategy for one engine's ranks."""
     timeout_s: float = 300.0
     """Longest wait for any rank call or collective before the call fails naming the rank."""
+    check_finite: bool = True
+    """Refuse a reload whose tensors hold NaN or Inf (checked per tensor as it streams)."""
+    serve_during_reload: str = "wait"
+    """forward/generate during a reload: 'wait' for it to commit or roll back, or 'fail'
+    at once with ReloadInProgressError."""
+    max_rank_restarts: int = 3
+    """How often Ray restarts a dead rank actor; each restart rebuilds it at the last
+    committed version."""
     model_spec: ModelSpec = field(init=False, repr=False, compare=False)
     """Parsed from <model>/config.json during validation."""
 
@@ -76,24 +84,30 @@ class EngineConfig:
             "kv_scales": (str,), "kv_calibration_tokens": (list, type(None)),
             "device": (str,), "num_cpus_per_rank": (int, float), "bucket_bytes": (int,),
             "placement_strategy": (str,), "timeout_s": (int, float),
+            "check_finite": (bool,), "serve_during_reload": (str,), "max_rank_restarts": (int,),
         }
         for f in fields(self):
             if f.name not in expected:
                 continue
             value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, expected[f.name]):
-                names = " or ".join(t.__name__ for t in expected[f.name])
+            allowed = expected[f.name]
+            if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
+                names = " or ".join(t.__name__ for t in allowed)
                 raise ConfigError(f"EngineConfig.{f.name} must be {names}, got {value!r}")
         self.model = str(self.model)
 
     def _check_values(self) -> None:
         positive = ("tensor_parallel_size", "num_engines", "num_cpus_per_rank", "bucket_bytes",
                     "timeout_s")
+        if self.max_rank_restarts < 0:
+            raise ConfigError(f"EngineConfig.max_rank_restarts must be >= 0, "
+                              f"got {self.max_rank_restarts}")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"EngineConfig.{name} must be > 0, got {getattr(self, name)!r}")
         choices = {"dtype": DTYPES, "device": DEVICES, "kv_cache_dtype": KV_CACHE_DTYPES,
-                   "kv_scales": KV_SCALES, "placement_strategy": PLACEMENT_STRATEGIES}
+                   "kv_scales": KV_SCALES, "placement_strategy": PLACEMENT_STRATEGIES,
+                   "serve_during_reload": ("wait", "fail")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(

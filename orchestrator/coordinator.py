@@ -23,8 +23,11 @@ Ordering invariants:
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,11 +37,25 @@ import torch
 from actors.model import ModelSpec
 from actors.reload import Routing, route_tensors
 from actors.transport import FileBucket, PackedBucket, pack_tensors, unpack_tensors
-from orchestrator.cluster import Engine, RankKey, connect_engines, create_engine, gather
+from orchestrator.cluster import (
+    Engine,
+    RankKey,
+    connect_engines,
+    create_engine,
+    gather,
+    rank_pids,
+)
 from orchestrator.config import EngineConfig
-from orchestrator.errors import CheckpointError, ConfigError
+from orchestrator.errors import (
+    CheckpointError,
+    ConfigError,
+    RecoveryError,
+    ReloadInProgressError,
+)
 from orchestrator.inventory import Source, TensorInfo, open_source
 from orchestrator.plan import ORDERS, Bucket, Order, Plan, PlannedTensor, make_plan
+from orchestrator.transaction import CommitLog, committed
+from orchestrator.validate import validate_source
 from quant import QuantConfig
 
 log = logging.getLogger("tp_reload")
@@ -98,10 +115,12 @@ CachedRouting = tuple[tuple, Routing]
 
 def build_plan(source: Source, *, spec: ModelSpec, tp: int, dtype: str,
                quant: QuantConfig, bucket_bytes: int, order: Order,
-               cached: CachedRouting | None = None) -> tuple[Plan, CachedRouting]:
-    """Route ``source`` through the model (dry run on meta, no Ray) and schedule it.
-    ``cached`` is reused when the source lists the same names, shapes and dtypes, as an RL
-    loop's sources do step after step. CheckpointError names a tensor that does not fit."""
+               cached: CachedRouting | None = None, strict: bool = True,
+               require_all: bool = False) -> tuple[Plan, CachedRouting]:
+    """Route ``source`` through the model (dry run on meta, no Ray), validate it and
+    schedule it. ``cached`` is reused when the source lists the same names, shapes and
+    dtypes, as an RL loop's sources do step after step. CheckpointError names what does not
+    fit; ``require_all`` (a first load) also refuses a source that leaves a layer empty."""
     if not source.tensors:
         raise CheckpointError(f"{source.description}: the source has no tensors")
     key = tuple((t.name, t.shape, t.dtype) for t in source.tensors)
@@ -113,6 +132,7 @@ def build_plan(source: Source, *, spec: ModelSpec, tp: int, dtype: str,
             raise CheckpointError(f"{source.description}: {exc}") from exc
         cached = (key, routing)
     routing = cached[1]
+    validate_source(source, routing, strict=strict, require_all=require_all)
     tensors = [
         PlannedTensor(t.name, routing.layer_of[t.name], t.nbytes, routing.rank_bytes[t.name],
                       t.file)
@@ -139,6 +159,13 @@ class ReloadOrchestrator:
         self.load_report: ReloadReport | None = None
         self._version: int | None = None
         self._route: CachedRouting | None = None
+        self._log = CommitLog()
+        self._pids: dict[RankKey, int] = {}
+        # One lock orders reloads and serving calls: a forward never sees a half-applied
+        # version, and every rank of an engine receives calls in the same order.
+        self._lock = threading.RLock()
+        self._reloading = False
+        self._broken: str | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -153,16 +180,22 @@ class ReloadOrchestrator:
         cfg = self.config
         first = open_source(cfg.model)
         self.dtype = resolve_dtype(cfg.dtype, list(first.tensors))
-        self._plan(first, "plan")  # validates names and shapes before anything is placed
+        begin = time.perf_counter()
+        # Validated against the model before anything is placed.
+        plan = self._plan(first, "plan", require_all=True)
+        plan_seconds = time.perf_counter() - begin
         if not ray.is_initialized():
             ray.init(ignore_reinit_error=True)
         try:
             self.engines = [create_engine(i, cfg, self.dtype) for i in range(cfg.num_engines)]
             connect_engines(self.engines, cfg.timeout_s)
-            self.load_report = self._stream(first, "plan", first_load=True, version=0)
+            self._pids = rank_pids(self.engines, cfg.timeout_s)
+            self.load_report, messages = self._stream(first, plan, plan_seconds,
+                                                      first_load=True, version=0)
         except BaseException:
             self.shutdown()
             raise
+        self._log.record(committed(first, messages), covers_every_layer=True)
         self._version = 0
         log.info("%d engine(s) x TP=%d serving %s (%s) as version 0", cfg.num_engines,
                  cfg.tensor_parallel_size, cfg.model, self.dtype)
@@ -176,57 +209,65 @@ class ReloadOrchestrator:
 
     # ---- reloading ----------------------------------------------------------------------
 
-    def reload(self, source: Any, order: Order = "plan") -> ReloadReport:
-        """Stream new weights into every rank of every engine, in place.
+    def reload(self, source: Any, order: Order = "plan", strict: bool = True) -> ReloadReport:
+        """Stream new weights into every rank of every engine, in place, all or nothing.
 
         ``source``: a checkpoint directory, a dict name -> tensor, or an iterable of
         (name, tensor) in checkpoint format (full, unsharded). ``order="plan"`` streams in
         parent-layer order (one layer buffered at a time); ``"source"`` keeps the source's own
-        order. Layers the source does not touch keep their weights (``layers_kept``)."""
+        order. Layers the source does not touch keep their weights (``layers_kept``);
+        ``strict=False`` ignores names that match no parameter. The version increments only
+        when every rank finished; on any failure every rank is rolled back to the last
+        committed version before the error is raised. Serving calls wait meanwhile."""
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-        version = self.version + 1
-        report = self._stream(open_source(source), order, first_load=False, version=version)
-        self._version = version
-        return report
+        with self._exclusive(reloading=True):
+            begin = time.perf_counter()
+            src = open_source(source)
+            plan = self._plan(src, order, strict=strict)
+            plan_seconds = time.perf_counter() - begin
+            version = self.version + 1
+            try:
+                report, messages = self._stream(src, plan, plan_seconds, first_load=False,
+                                                 version=version)
+            except BaseException as error:
+                self._recover(error)
+                raise
+            self._log.record(committed(src, messages), covers_every_layer=not report.layers_kept)
+            self._version = version
+            return report
 
-    def plan(self, source: Any, order: Order = "plan") -> Plan:
-        """The schedule a reload of ``source`` would follow (nothing is sent)."""
-        return self._plan(open_source(source), order)
+    def plan(self, source: Any, order: Order = "plan", strict: bool = True) -> Plan:
+        """The schedule a reload of ``source`` would follow (validated; nothing is sent)."""
+        return self._plan(open_source(source), order, strict=strict)
 
-    def _plan(self, source: Source, order: Order) -> Plan:
+    def _plan(self, source: Source, order: Order, *, strict: bool = True,
+              require_all: bool = False) -> Plan:
         cfg = self.config
         plan, self._route = build_plan(
             source, spec=cfg.model_spec, tp=cfg.tensor_parallel_size, dtype=self.dtype,
             quant=cfg.quant, bucket_bytes=cfg.bucket_bytes, order=order,
-            cached=self._route)
+            cached=self._route, strict=strict, require_all=require_all)
         return plan
 
-    def _stream(self, source: Source, order: Order, *, first_load: bool, version: int
-                ) -> ReloadReport:
-        begin = time.perf_counter()
-        plan = self._plan(source, order)
-        plan_seconds = time.perf_counter() - begin
-        timeout = self.config.timeout_s
-        try:
-            # A rank runs its calls in submission order: start, buckets and finish are queued
-            # back to back and awaited together, so no round trip waits on another.
-            started = self._submit_all("start_reload", first_load)
-            loading, pack_seconds = self._send(source, plan)
-            finishing = self._submit_all("finish_reload")
-            for calls in (started, *loading):
-                gather(calls, timeout)
-            stats = gather(finishing, timeout)
-        except BaseException:
-            self._abort_quietly()
-            raise
+    def _stream(self, source: Source, plan: Plan, plan_seconds: float, *, first_load: bool,
+                version: int) -> tuple[ReloadReport, list[FileBucket | PackedBucket]]:
+        begin = time.perf_counter() - plan_seconds
+        # A rank runs its calls in submission order: start, buckets and finish are queued
+        # back to back and awaited together, so no round trip waits on another.
+        started = self._submit_all("start_reload", first_load)
+        loading, messages, pack_seconds = self._send(source, plan)
+        finishing = self._submit_all("finish_reload")
+        for calls in (started, *loading):
+            gather(calls, self.config.timeout_s)
+        stats = gather(finishing, self.config.timeout_s)
         stage = {name: max(s["stage_seconds"][name] for s in stats.values())
                  for name in STAGES[1:]}
         stage["plan"] = plan_seconds
         stage["transfer"] += pack_seconds
         if self.config.kv_scales == "calibrate":
             calibrate_begin = time.perf_counter()
-            self.calibrate_kv_scales(self.calibration_tokens())
+            self._calibrate(self.calibration_tokens())
             stage["finalize"] += time.perf_counter() - calibrate_begin
         first = stats[min(stats)]
         report = ReloadReport(
@@ -238,28 +279,30 @@ class ReloadOrchestrator:
             layers_reloaded=first["layers_reloaded"], layers_kept=first["layers_kept"],
             warnings=[f"engine {e} rank {r}: {w}" for (e, r), s in sorted(stats.items())
                       for w in s["warnings"]],
-            order=order, source=source.description, source_bytes=source.nbytes,
+            order=plan.order, source=source.description, source_bytes=source.nbytes,
             buckets=len(plan.buckets), buffered_timeline=first["buffered_timeline"],
         )
         for warning in report.warnings:
             log.warning(warning)
-        return report
+        return report, messages
 
-    def _send(self, source: Source, plan: Plan
-              ) -> tuple[deque[dict[RankKey, ray.ObjectRef]], float]:
+    def _send(self, source: Source, plan: Plan) -> tuple[
+            deque[dict[RankKey, ray.ObjectRef]], list[FileBucket | PackedBucket], float]:
         """Queue the plan's buckets on every rank of every engine. Packed (in-memory)
         buckets hold object-store memory, so at most BUCKETS_IN_FLIGHT of them are pending;
-        a directory bucket is only names. Returns the pending calls and the packing seconds."""
+        a directory bucket is only names. Returns the pending calls, the messages (for the
+        commit log) and the packing seconds."""
         in_flight: deque[dict[RankKey, ray.ObjectRef]] = deque()
+        messages: list[FileBucket | PackedBucket] = []
         pack_seconds = 0.0
         for bucket in plan.buckets:
             start = time.perf_counter()
-            message = self._message(source, bucket)
+            messages.append(self._message(source, bucket))
             pack_seconds += time.perf_counter() - start
-            in_flight.append(self._submit_all("load_bucket", message))
+            in_flight.append(self._submit_all("load_bucket", messages[-1]))
             if source.kind == "memory" and len(in_flight) >= BUCKETS_IN_FLIGHT:
                 gather(in_flight.popleft(), self.config.timeout_s)
-        return in_flight, pack_seconds
+        return in_flight, messages, pack_seconds
 
     @staticmethod
     def _message(source: Source, bucket: Bucket) -> FileBucket | PackedBucket:
@@ -268,12 +311,66 @@ class ReloadOrchestrator:
         entries, arrays = pack_tensors([(t.name, source.data[t.name]) for t in bucket.tensors])
         return PackedBucket(entries, [ray.put(arrays)])
 
-    def _abort_quietly(self) -> None:
-        """Best effort after a failure: every rank drops its partial state."""
-        refs = self._submit_all("abort_reload")
-        ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.config.timeout_s)
+    # ---- recovery -----------------------------------------------------------------------
+
+    def _recover(self, error: BaseException) -> None:
+        """After a failed reload: restarted ranks rejoin their engine's process group, and
+        every rank replays the commit log back to the last committed version."""
+        timeout = self.config.timeout_s
+        try:
+            pids = rank_pids(self.engines, timeout)
+            restarted = {key for key, pid in pids.items() if pid != self._pids.get(key)}
+            for engine in self.engines:
+                if any(key[0] == engine.index for key in restarted):
+                    gather(engine.submit("reset_distributed"), timeout)
+                    connect_engines([engine], timeout)
+            self._pids = pids
+            gather(self._submit_all("abort_reload"), timeout)
+            self._replay(restarted)
+        except BaseException as exc:
+            self._broken = (f"a failed reload ({error}) could not be rolled back ({exc}); "
+                            "restart the orchestrator")
+            raise RecoveryError(self._broken) from exc
+        if restarted:
+            error.add_note(f"restarted rank(s) {sorted(restarted)} were rebuilt")
+        error.add_note(f"every rank of every engine is back on version {self._version}")
+        log.warning("reload failed (%s); restored version %s on every rank", error, self._version)
+
+    def _replay(self, restarted: set[RankKey]) -> None:
+        timeout = self.config.timeout_s
+        for index, entry in enumerate(self._log.entries):
+            entry.check_unchanged()
+            started = {
+                (e.index, r): actor.start_reload.remote(index == 0 and (e.index, r) in restarted)
+                for e in self.engines for r, actor in enumerate(e.ranks)
+            }
+            loading = [self._submit_all("load_bucket", message) for message in entry.messages]
+            finishing = self._submit_all("finish_reload")
+            for calls in (started, *loading, finishing):
+                gather(calls, timeout)
+        if self.config.kv_scales == "calibrate":
+            self._calibrate(self.calibration_tokens())
 
     # ---- serving ------------------------------------------------------------------------
+
+    @contextmanager
+    def _exclusive(self, reloading: bool = False) -> Iterator[None]:
+        """Hold the engines: serving calls wait for a running reload (or, with
+        serve_during_reload='fail', raise at once) and a reload waits for them."""
+        if self._broken is not None:
+            raise RecoveryError(self._broken)
+        if (not reloading and self._reloading
+                and self.config.serve_during_reload == "fail"):
+            raise ReloadInProgressError("a reload is running (serve_during_reload='fail')")
+        with self._lock:
+            if self._broken is not None:
+                raise RecoveryError(self._broken)
+            self._reloading = reloading or self._reloading
+            try:
+                yield
+            finally:
+                if reloading:
+                    self._reloading = False
 
     @property
     def version(self) -> int:
@@ -296,7 +393,8 @@ class ReloadOrchestrator:
         return calls
 
     def _on_engine(self, engine: int, method: str, *args: Any) -> dict[int, Any]:
-        results = gather(self._engine(engine).submit(method, *args), self.config.timeout_s)
+        with self._exclusive():
+            results = gather(self._engine(engine).submit(method, *args), self.config.timeout_s)
         return {rank: value for (_, rank), value in sorted(results.items())}
 
     def forward(self, token_ids: Any, engine: int = 0) -> torch.Tensor:
@@ -319,7 +417,11 @@ class ReloadOrchestrator:
     def calibrate_kv_scales(self, token_ids: Any) -> list[list[list[float]]]:
         """kv_cache_dtype='fp8': set every engine's k/v scales from a forward of
         ``token_ids`` (amax / 448 per layer, in place). Returns per engine [[k, v], ...]."""
-        results = gather(self._submit_all("calibrate_kv_scales", as_token_tensor(token_ids)),
+        with self._exclusive():
+            return self._calibrate(as_token_tensor(token_ids))
+
+    def _calibrate(self, token_ids: torch.Tensor) -> list[list[list[float]]]:
+        results = gather(self._submit_all("calibrate_kv_scales", token_ids),
                          self.config.timeout_s)
         return [results[(e.index, 0)] for e in self.engines]
 
@@ -346,19 +448,31 @@ class ReloadOrchestrator:
         target = self._engine(engine)
         if not 0 <= rank < len(target.ranks):
             raise ValueError(f"rank={rank} out of range (tensor_parallel_size={len(target.ranks)})")
-        refs = target.submit("get_tensors", names, only_rank=rank)
-        entries, arrays = gather(refs, self.config.timeout_s)[(engine, rank)]
+        with self._exclusive():
+            refs = target.submit("get_tensors", names, only_rank=rank)
+            entries, arrays = gather(refs, self.config.timeout_s)[(engine, rank)]
         return {name: tensor.clone() for name, tensor in unpack_tensors(entries, arrays)}
 
     def memory(self, peak: bool = False) -> list[list[int]]:
         """Per engine, per rank: resident bytes of the rank process, or with ``peak`` the
         most it held since ``reset_peak_memory``."""
         key = "peak_rss_bytes" if peak else "rss_bytes"
-        results = gather(self._submit_all("memory"), self.config.timeout_s)
+        with self._exclusive():
+            results = gather(self._submit_all("memory"), self.config.timeout_s)
         return [[results[(e.index, r)][key] for r in range(len(e.ranks))] for e in self.engines]
 
     def reset_peak_memory(self) -> None:
         gather(self._submit_all("reset_peak_memory"), self.config.timeout_s)
+
+    def inject_fault(self, stage: str, action: str, *, engine: int = 0, rank: int = 0,
+                     signal_path: str | None = None) -> None:
+        """Fault drills: make one rank 'raise' at, or 'pause' in, the next reload's ``stage``
+        ('transfer', 'process', 'quantize'); a paused rank touches ``signal_path``."""
+        if stage not in ("transfer", "process", "quantize") or action not in ("raise", "pause"):
+            raise ValueError(f"unknown fault {stage!r}/{action!r}")
+        target = self._engine(engine)
+        gather(target.submit("inject_fault", stage, action, signal_path, only_rank=rank),
+               self.config.timeout_s)
 
     def placements(self) -> list[list[dict[str, Any]]]:
         """Per engine, per rank: node id, pid and GPU ids of the rank actor."""

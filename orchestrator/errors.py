@@ -15,6 +15,15 @@ class CheckpointError(TPReloadError, ValueError):
     """A checkpoint file or tensor is unusable; the message names the file and tensor."""
 
 
+class ReloadInProgressError(TPReloadError, RuntimeError):
+    """A serving call arrived during a reload with ``serve_during_reload='fail'``."""
+
+
+class RecoveryError(TPReloadError, RuntimeError):
+    """After a failed reload the engines could not be restored (the message says why); the
+    orchestrator refuses to serve until it is restarted."""
+
+
 class RankError(TPReloadError, RuntimeError):
     """A rank actor failed; carries the engine, the rank and the rank's traceback text."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from actors.model.decoder import DecoderForCausalLM, map_checkpoint_name
+from actors.model.decoder import DecoderForCausalLM, UnknownTensorError, map_checkpoint_name
 from actors.model.layers import KVCache
 from actors.model.parallel import TPGroup, place_buffers
 from actors.model.spec import FAMILIES, ModelSpec, check_tp, load_spec, padded_vocab
@@ -28,6 +28,7 @@ __all__ = [
     "KVCache",
     "ModelSpec",
     "TPGroup",
+    "UnknownTensorError",
     "build_model",
     "check_tp",
     "load_spec",

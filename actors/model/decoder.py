@@ -62,6 +62,10 @@ def map_checkpoint_name(name: str, spec: ModelSpec, kv_scales: bool = False
     return name, None
 
 
+class UnknownTensorError(ValueError):
+    """A checkpoint tensor name that maps to no parameter of this model."""
+
+
 def required_shards(param_name: str) -> set[Any]:
     """The shard ids a param needs before it is complete ({None} for unfused params)."""
     shards = {s for fused, _, s in STACKED_PARAMS if fused in param_name}
@@ -133,7 +137,8 @@ class DecoderForCausalLM(nn.Module):
             param_name, shard_id = target
             param = params.get(param_name)
             if param is None:
-                raise ValueError(f"checkpoint tensor '{name}' does not match any model parameter")
+                raise UnknownTensorError(
+                    f"checkpoint tensor '{name}' does not match any model parameter")
             loader = getattr(param, "weight_loader", default_weight_loader)
             try:
                 if shard_id is None:

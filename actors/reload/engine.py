@@ -72,19 +72,29 @@ class RankReloadStats:
 
 @dataclass(slots=True)
 class PlannedRead:
-    """Plan mode: which layer a source tensor feeds and the bytes this rank reads of it."""
+    """Plan mode: where a source tensor goes on this rank and what it costs."""
 
     layer: str
+    param: str
+    """Full name of the param it writes, e.g. ``model.layers.0.self_attn.qkv_proj.weight``."""
+    param_dtype: torch.dtype
+    written: int
+    """Elements of the param it writes."""
+    shard: Any
     rank_bytes: int
 
 
 class ReloadEngine:
-    def __init__(self, model: nn.Module, device: torch.device, log: Any) -> None:
+    def __init__(self, model: nn.Module, device: torch.device, log: Any,
+                 check_finite: bool = True) -> None:
         self.model = model
         self.log = log
         self.records = record_layers(model, device)
         self.layer_names = [r.name for r in self.records]
         self.sync = DeviceSync(device)
+        self.check_finite = check_finite
+        # Called with a stage name ('process', 'quantize') before that work: fault injection.
+        self.stage_hook: Any = None
         # A loader's dry run depends only on the call's shape: run it once, reuse it after.
         self._dry_runs: dict[tuple, tuple[int, list[Bounds]]] = {}
         # Model-format buffers of converting layers, reused from layer to layer and reload
@@ -133,7 +143,13 @@ class ReloadEngine:
         """Feed checkpoint-format ``(name, weight)`` pairs through the model's own mapping."""
         self._require_started()
         with torch.no_grad():
-            self.model.load_weights(weights)
+            self.model.load_weights(self._named(weights))
+
+    def _named(self, weights: Iterable[tuple[str, Any]]) -> Iterable[tuple[str, Any]]:
+        """Remember which checkpoint tensor is being loaded, for error messages."""
+        for name, weight in weights:
+            self._current_name = name
+            yield name, weight
 
     def _on_load(self, load: LayerLoad, name: str, weight: Any, args: tuple, kwargs: dict
                  ) -> None:
@@ -148,11 +164,16 @@ class ReloadEngine:
                               "(the same tensor appears twice in the source?)")
         written, reads = self._dry_run(record, name, weight, args, kwargs)
         if self._mode == "plan":
-            self._planned_last = _planned(record, weight, reads)
+            placeholder = record.placeholders[name]
+            self._planned_last = PlannedRead(
+                record.name, f"{record.name}.{name}", placeholder.dtype, written, shard,
+                _read_bytes(weight, reads))
             return
         read_begin = time.perf_counter()
         windows = {b: read_window(weight, b) for b in dict.fromkeys(reads)}
         read_seconds = time.perf_counter() - read_begin
+        if self.check_finite and self._mode != "plan":
+            _require_finite(self._current_name, windows)
         buffered = PrefetchedWeight(tuple(weight.shape), weight.dtype, windows,
                                     borrowed=isinstance(weight, torch.Tensor))
         self.bytes_read += buffered.nbytes
@@ -203,6 +224,8 @@ class ReloadEngine:
 
     def _process(self, load: LayerLoad) -> None:
         begin = time.perf_counter()
+        if self.stage_hook is not None:
+            self.stage_hook("process")
         if _writes_kernel_directly(load):
             self._replay_into_kernel(load)
         else:
@@ -240,6 +263,8 @@ class ReloadEngine:
                                                               *call.args, **call.kwargs)
             method = getattr(record.module, "quant_method", None)
             if method is not None:
+                if self.stage_hook is not None:
+                    self.stage_hook("quantize")
                 method.process_weights_after_loading(record.module)
         self.sync.order(side, current, *record.current().values())
         if load.kernel is not None:
@@ -358,9 +383,17 @@ class ReloadEngine:
             raise RuntimeError("no reload in progress: call start() first")
 
 
-def _planned(record: LayerRecord, weight: Any, reads: list[Bounds]) -> PlannedRead:
+def _read_bytes(weight: Any, reads: list[Bounds]) -> int:
     itemsize = torch.empty(0, dtype=weight.dtype).element_size()
-    return PlannedRead(record.name, sum(_numel(b) * itemsize for b in dict.fromkeys(reads)))
+    return sum(_numel(b) * itemsize for b in dict.fromkeys(reads))
+
+
+def _require_finite(name: str, windows: dict[Bounds, torch.Tensor]) -> None:
+    for window in windows.values():
+        if window.is_floating_point() and not bool(torch.isfinite(window).all()):
+            kind = "NaN" if bool(torch.isnan(window).any()) else "Inf"
+            raise ReloadError(f"tensor '{name}' contains {kind} values (a diverged step?); "
+                              "the reload is refused and the engine keeps its weights")
 
 
 def _writes_kernel_directly(load: LayerLoad) -> bool:

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from actors.model import ModelSpec, TPGroup, build_model
-from actors.reload.engine import ReloadEngine
+from actors.model import ModelSpec, TPGroup, UnknownTensorError, build_model
+from actors.reload.engine import PlannedRead, ReloadEngine
+from actors.reload.layers import is_optional
 from quant import QuantConfig
 
 log = logging.getLogger("tp_reload.plan")
@@ -30,11 +31,18 @@ class Routing:
     """Layer -> bytes each rank buffers for it when the source carries all of it."""
     skipped: tuple[str, ...]
     """Source tensors the engine does not keep (rotary caches, a tied LM head)."""
+    unknown: tuple[str, ...]
+    """Source tensors matching no parameter (refused unless strict=False)."""
+    reads: dict[str, PlannedRead]
+    """Rank 0's view of each kept source tensor: param, elements written, dtype."""
+    layer_params: dict[str, dict[str, int]]
+    """Layer -> its required params -> elements (rank 0); optional params left out."""
 
 
 def route_tensors(spec: ModelSpec, tp: int, dtype: torch.dtype, quant: QuantConfig,
                   tensors: list[tuple[str, tuple[int, ...], torch.dtype]]) -> Routing:
-    """ValueError naming the tensor when a name or shape does not fit the model."""
+    """ValueError naming the tensor when a shape does not fit the model; names that match
+    nothing are collected in ``unknown`` (the caller decides whether to refuse them)."""
     meta = torch.device("meta")
     engines = []
     for rank in range(tp):
@@ -46,11 +54,18 @@ def route_tensors(spec: ModelSpec, tp: int, dtype: torch.dtype, quant: QuantConf
     layer_of: dict[str, str] = {}
     rank_bytes: dict[str, tuple[int, ...]] = {}
     skipped: list[str] = []
+    unknown: list[str] = []
+    first: dict[str, PlannedRead] = {}
     for name, shape, tensor_dtype in tensors:
-        reads = [engine.plan_tensor(name, shape, tensor_dtype) for engine in engines]
+        try:
+            reads = [engine.plan_tensor(name, shape, tensor_dtype) for engine in engines]
+        except UnknownTensorError:
+            unknown.append(name)
+            continue
         if reads[0] is None:
             skipped.append(name)
             continue
+        first[name] = reads[0]
         layer_of[name] = reads[0].layer
         rank_bytes[name] = tuple(r.rank_bytes for r in reads)
     records = engines[0].records
@@ -64,5 +79,7 @@ def route_tensors(spec: ModelSpec, tp: int, dtype: torch.dtype, quant: QuantConf
         process_last=frozenset(r.name for r in records if r.process_last),
         layer_of=layer_of, rank_bytes=rank_bytes,
         layer_rank_bytes={k: tuple(v) for k, v in layer_bytes.items()},
-        skipped=tuple(skipped),
+        skipped=tuple(skipped), unknown=tuple(unknown), reads=first,
+        layer_params={r.name: {f"{r.name}.{n}": p.numel() for n, p in r.placeholders.items()
+                               if not is_optional(p)} for r in records},
     )

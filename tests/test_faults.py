@@ -1,0 +1,314 @@
+"""Transactional reload: bad input refused, faults survived, nothing half-applied served.
+
+Every case: a clear error, then logits bit-identical to the last committed version,
+``inspect()`` unchanged, and the next valid reload succeeding."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from safetensors.torch import save_file
+
+from orchestrator import CheckpointError, RankError, ReloadInProgressError
+from tests.support import load_tensors, reference_logits, rel_l2, start, write_checkpoint
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def steps(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("fault-steps")
+    return {n: write_checkpoint(root / n, "llama", seed=s) for n, s in (("a", 31), ("b", 32))}
+
+
+@pytest.fixture(scope="module")
+def engine(ray_cluster, steps):
+    with start(steps["a"], 2) as orch:
+        yield orch
+
+
+class Served:
+    """What an engine serves now, to compare after a refused or failed reload."""
+
+    def __init__(self, orch, prompt: torch.Tensor) -> None:
+        self.logits = orch.forward(prompt)
+        self.tensors = orch.inspect()
+        self.version = orch.version
+
+    def assert_unchanged(self, orch, prompt: torch.Tensor, ranks=None) -> None:
+        assert torch.equal(orch.forward(prompt), self.logits), "served weights changed"
+        assert orch.version == self.version
+        now = orch.inspect()
+        for rank in ranks if ranks is not None else range(len(now)):
+            assert now[rank] == self.tensors[rank], f"rank {rank} kernel tensors changed"
+
+
+def next_valid_reload(orch, steps, prompt) -> None:
+    """Reload the checkpoint not served now; it must commit and be served."""
+    serving_a = rel_l2(orch.forward(prompt), reference_logits(steps["a"], prompt)) < 1e-4
+    target = steps["b" if serving_a else "a"]
+    version = orch.version
+    report = orch.reload(str(target))
+    assert report.version == orch.version == version + 1
+    assert rel_l2(orch.forward(prompt), reference_logits(target, prompt)) <= 1e-4
+
+
+def refused(orch, steps, prompt, source, pattern: str, error=CheckpointError, **kwargs) -> None:
+    served = Served(orch, prompt)
+    with pytest.raises(error, match=pattern):
+        orch.reload(source, **kwargs)
+    served.assert_unchanged(orch, prompt)
+    next_valid_reload(orch, steps, prompt)
+
+
+def copy_dir(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+# ---- bad input ---------------------------------------------------------------------------
+
+
+def test_missing_tensor_of_one_layer(engine, steps, prompt):
+    source = load_tensors(steps["b"])
+    del source["model.layers.1.self_attn.v_proj.weight"]
+    refused(engine, steps, prompt, source,
+            r"layer model\.layers\.1\.self_attn\.qkv_proj is incomplete: .*shards \['k', 'q'\]")
+
+
+def test_unexpected_name_refused_unless_not_strict(engine, steps, prompt):
+    source = load_tensors(steps["b"]) | {"model.layers.0.mlp.extra.weight": torch.ones(2)}
+    refused(engine, steps, prompt, source,
+            r"'model\.layers\.0\.mlp\.extra\.weight' matches no parameter.*strict=False")
+    engine.reload(source, strict=False)
+    assert rel_l2(engine.forward(prompt), reference_logits(steps["b"], prompt)) <= 1e-4
+
+
+def test_wrong_shape(engine, steps, prompt):
+    source = load_tensors(steps["b"])
+    source["model.layers.0.mlp.up_proj.weight"] = torch.randn(100, 64)
+    refused(engine, steps, prompt, source,
+            r"'model\.layers\.0\.mlp\.up_proj\.weight'.*shape mismatch")
+
+
+def test_wrong_dtype(engine, steps, prompt):
+    source = load_tensors(steps["b"])
+    source["model.norm.weight"] = source["model.norm.weight"].to(torch.int32)
+    refused(engine, steps, prompt, source,
+            r"'model\.norm\.weight' \(in-memory source\) has dtype I32")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_found_while_streaming_is_rolled_back(engine, steps, prompt, tmp_path, bad):
+    """Caught mid-stream, after earlier layers were already written: a real rollback."""
+    tensors = load_tensors(steps["b"])
+    tensors["model.layers.1.mlp.down_proj.weight"][3, 5] = bad
+    path = copy_dir(steps["b"], tmp_path / "bad")
+    for file in path.glob("*.safetensors"):
+        file.unlink()
+    save_file(tensors, path / "model.safetensors")
+    (path / "model.safetensors.index.json").unlink()
+    kind = "NaN" if bad != bad else "Inf"
+    refused(engine, steps, prompt, str(path),
+            rf"'model\.layers\.1\.mlp\.down_proj\.weight' contains {kind}")
+
+
+def test_truncated_file(engine, steps, prompt, tmp_path):
+    path = copy_dir(steps["b"], tmp_path / "truncated")
+    victim = sorted(path.glob("*.safetensors"))[1]
+    victim.write_bytes(victim.read_bytes()[:-100])
+    refused(engine, steps, prompt, str(path), rf"{victim.name}: tensor .* \(truncated\?\)")
+
+
+def test_corrupt_header(engine, steps, prompt, tmp_path):
+    path = copy_dir(steps["b"], tmp_path / "corrupt")
+    victim = sorted(path.glob("*.safetensors"))[0]
+    data = bytearray(victim.read_bytes())
+    data[8:24] = b"\xff" * 16
+    victim.write_bytes(bytes(data))
+    refused(engine, steps, prompt, str(path), rf"{victim.name}: corrupt safetensors header")
+
+
+def test_index_pointing_outside_the_directory(engine, steps, prompt, tmp_path):
+    path = copy_dir(steps["b"], tmp_path / "escape")
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    name = next(iter(index["weight_map"]))
+    index["weight_map"][name] = "../../elsewhere.safetensors"
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    refused(engine, steps, prompt, str(path), rf"tensor '{name}' points outside the checkpoint dir")
+
+
+def test_duplicate_name_in_two_files(engine, steps, prompt, tmp_path):
+    path = copy_dir(steps["b"], tmp_path / "dup")
+    (path / "model.safetensors.index.json").unlink()
+    save_file({"model.norm.weight": torch.ones(64)}, path / "zz-extra.safetensors")
+    refused(engine, steps, prompt, str(path), r"'model\.norm\.weight' appears in both")
+
+
+def test_pickle_file_is_never_loaded(engine, steps, prompt, tmp_path):
+    path = tmp_path / "pickled"
+    path.mkdir()
+    torch.save(load_tensors(steps["b"]), path / "pytorch_model.bin")
+    refused(engine, steps, prompt, str(path), r"pickle files \['pytorch_model\.bin'\]")
+
+
+def test_empty_source(engine, steps, prompt):
+    refused(engine, steps, prompt, {}, r"the source has no tensors")
+
+
+def test_checkpoint_of_a_different_model(engine, steps, prompt, tmp_path):
+    other = write_checkpoint(tmp_path / "other", "llama", hidden_size=96, head_dim=24)
+    refused(engine, steps, prompt, str(other), r"shape mismatch")
+
+
+# ---- rank failures -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", ["transfer", "process"])
+def test_rank_killed_mid_reload_is_rebuilt(ray_cluster, steps, prompt, tmp_path, stage):
+    with start(steps["a"], 2) as orch:
+        served = Served(orch, prompt)
+        signal = tmp_path / "paused"
+        orch.inject_fault(stage, "pause", engine=0, rank=1, signal_path=str(signal))
+        errors: list[BaseException] = []
+
+        def reload() -> None:
+            try:
+                orch.reload(str(steps["b"]))
+            except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+                errors.append(exc)
+
+        worker = threading.Thread(target=reload)
+        worker.start()
+        deadline = time.monotonic() + 60
+        while not signal.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert signal.exists(), f"rank 1 never reached the {stage} stage"
+        ray.kill(orch.engines[0].ranks[1], no_restart=False)
+        worker.join(timeout=120)
+        assert len(errors) == 1 and isinstance(errors[0], RankError)
+        assert (errors[0].engine, errors[0].rank) == (0, 1)
+        assert "back on version 0" in "".join(getattr(errors[0], "__notes__", []))
+        # Rank 0 kept its tensors; rank 1 is a new process with the same tensors by name.
+        served.assert_unchanged(orch, prompt, ranks=[0])
+        rebuilt = orch.inspect()[1]
+        assert {n: (t["shape"], t["dtype"]) for n, t in rebuilt.items()} == \
+               {n: (t["shape"], t["dtype"]) for n, t in served.tensors[1].items()}
+        next_valid_reload(orch, steps, prompt)
+
+
+def test_exception_in_one_ranks_quantization(ray_cluster, steps, prompt):
+    with start(steps["a"], 2, quantization="fp8") as orch:
+        served = Served(orch, prompt)
+        orch.inject_fault("quantize", "raise", engine=0, rank=1)
+        with pytest.raises(RankError, match=r"engine 0 rank 1 failed:(.|\n)*injected fault"):
+            orch.reload(str(steps["b"]))
+        served.assert_unchanged(orch, prompt)
+        orch.reload(str(steps["b"]))
+        assert orch.version == 1
+
+
+# ---- concurrency -------------------------------------------------------------------------
+
+
+def test_reload_waits_for_a_running_generate(engine, steps, prompt):
+    before = engine.forward(prompt)
+    long_prompt = prompt.repeat(8, 1)
+    result: dict[str, object] = {}
+
+    def generate() -> None:
+        result["tokens"] = engine.generate(long_prompt, max_new_tokens=120)
+        result["done"] = time.monotonic()
+
+    worker = threading.Thread(target=generate)
+    worker.start()
+    while engine._lock.acquire(blocking=False):  # wait until generate holds the engines
+        engine._lock.release()
+        time.sleep(0.001)
+    version = engine.version
+    next_valid_reload(engine, steps, prompt)
+    reloaded = time.monotonic()
+    worker.join()
+    assert result["done"] <= reloaded, "the reload ran while generate was still running"
+    assert engine.version == version + 1
+    assert not torch.equal(engine.forward(prompt), before)
+
+
+def test_serving_during_a_reload_fails_fast_when_configured(ray_cluster, steps, prompt, tmp_path):
+    with start(steps["a"], 1, serve_during_reload="fail") as orch:
+        signal = tmp_path / "paused"
+        orch.inject_fault("transfer", "pause", signal_path=str(signal))
+        worker = threading.Thread(target=lambda: pytest.raises(RankError, orch.reload,
+                                                               str(steps["b"])))
+        worker.start()
+        while not signal.exists():
+            time.sleep(0.05)
+        with pytest.raises(ReloadInProgressError):
+            orch.forward(prompt)
+        ray.kill(orch.engines[0].ranks[0], no_restart=False)
+        worker.join(timeout=120)
+        assert rel_l2(orch.forward(prompt), reference_logits(steps["a"], prompt)) <= 1e-4
+
+
+def test_two_reloads_at_once_are_serialized(engine, steps, prompt):
+    version = engine.version
+    reports = {}
+    def reload(key: str) -> None:
+        reports[key] = engine.reload(str(steps[key]))
+
+    threads = [threading.Thread(target=reload, args=(k,)) for k in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(r.version for r in reports.values()) == [version + 1, version + 2]
+    last = max(reports, key=lambda k: reports[k].version)
+    assert rel_l2(engine.forward(prompt), reference_logits(steps[last], prompt)) <= 1e-4
+
+
+# ---- soak --------------------------------------------------------------------------------
+
+
+def test_soak_fifty_reloads_with_faults(ray_cluster, steps, prompt):
+    """50 reloads alternating two checkpoints, every 5th one faulty (bad data, a missing
+    tensor, an exception in a rank): committed versions always serve the right weights, a
+    failed one changes nothing, and rank memory stays within 64 MB of its warm level."""
+    expected = {k: reference_logits(steps[k], prompt) for k in steps}
+    tensors = {k: load_tensors(steps[k]) for k in steps}
+    with start(steps["a"], 2) as orch:
+        serving, committed = "a", 0
+        for i in range(1, 51):
+            target = "b" if serving == "a" else "a"
+            if i == 6:
+                warm = orch.memory()[0]
+            if i % 5 == 0:
+                fault = (i // 5) % 3
+                if fault == 0:
+                    bad = dict(tensors[target])
+                    bad["model.layers.0.mlp.gate_proj.weight"] = torch.full((128, 64), float("nan"))
+                    with pytest.raises(CheckpointError):
+                        orch.reload(bad)
+                elif fault == 1:
+                    bad = {n: t for n, t in tensors[target].items()
+                           if "layers.1.self_attn.q_proj" not in n}
+                    with pytest.raises(CheckpointError):
+                        orch.reload(bad)
+                else:
+                    orch.inject_fault("process", "raise", rank=i % 2)
+                    with pytest.raises(RankError):
+                        orch.reload(str(steps[target]))
+            else:
+                orch.reload(tensors[target] if i % 2 else str(steps[target]))
+                serving, committed = target, committed + 1
+            assert orch.version == committed
+            assert rel_l2(orch.forward(prompt), expected[serving]) <= 1e-4
+        growth = max(f - w for f, w in zip(orch.memory()[0], warm, strict=True))
+    print(f"soak: {committed} committed of 50, rank RSS growth after warm-up {growth / 1e6:.1f} MB")
+    assert committed == 40 and growth <= 64 << 20
