@@ -92,6 +92,7 @@ class Options:
     tps: tuple[int, ...]
     workdir: Path
     bucket_bytes: int
+    check_finite: bool = True
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -106,7 +107,8 @@ def engine_config(path: Path, tp: int, quantization: str | None, opts: Options) 
     cores = os.cpu_count() or 1
     return EngineConfig(model=str(path), tensor_parallel_size=tp, dtype="bfloat16",
                         quantization=quantization, num_cpus_per_rank=max(0.5, cores / tp),
-                        bucket_bytes=opts.bucket_bytes, timeout_s=1800)
+                        bucket_bytes=opts.bucket_bytes, timeout_s=1800,
+                        check_finite=opts.check_finite)
 
 
 def measure_ours(orch: ReloadOrchestrator, case: Case, source: Any, repeats: int) -> None:
@@ -217,6 +219,7 @@ def run(opts: Options) -> dict[str, Any]:
                   "dtype": "bfloat16", "checkpoint_bytes": sum(t.nbytes for t in tensors.values()),
                   "files": len(checkpoint_files(path))},
         "repeats": opts.repeats, "bucket_bytes": opts.bucket_bytes,
+        "check_finite": opts.check_finite,
         "cases": [c.summary() for c in cases],
         "buffered_timelines": timelines,
         "depths": depths,
@@ -315,19 +318,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--bucket-bytes", type=int, default=256 << 20)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/tp-reload-bench"))
+    parser.add_argument("--no-check-finite", action="store_true",
+                        help="measure ours without the per-tensor NaN/Inf check")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--plot", type=Path, help="write the PNG plot here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     opts = Options(size="quick" if args.quick else args.size,
                    repeats=2 if args.quick else args.repeats, tps=tuple(args.tp),
-                   workdir=args.workdir, bucket_bytes=args.bucket_bytes)
+                   workdir=args.workdir, bucket_bytes=args.bucket_bytes,
+                   check_finite=not args.no_check_finite)
     result = run(opts)
     result["targets"] = [{"target": t, "holds": ok, "measured": m} for t, ok, m in targets(result)]
     model = result["model"]
     print(f"\nmodel {model['size']}: {model['parameters'] / 1e9:.2f}B parameters, bf16, "
           f"{model['checkpoint_bytes'] / MB:.0f} MB in {model['files']} files; "
-          f"machine {result['machine']}; repeats {opts.repeats}\n")
+          f"machine {result['machine']}; repeats {opts.repeats}; NaN/Inf check "
+          f"{'on' if opts.check_finite else 'off'}\n")
     print(format_table(result))
     print("\ntargets:")
     for row in result["targets"]:

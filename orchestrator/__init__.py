@@ -1,7 +1,7 @@
 """tp-reload driver side: configure, place and drive tensor-parallel engines on Ray."""
 
 from orchestrator.config import EngineConfig
-from orchestrator.coordinator import ReloadOrchestrator, ReloadReport
+from orchestrator.coordinator import ReloadOrchestrator
 from orchestrator.errors import (
     CheckpointError,
     ConfigError,
@@ -10,6 +10,7 @@ from orchestrator.errors import (
     ReloadInProgressError,
     TPReloadError,
 )
+from orchestrator.report import ReloadReport
 
 __all__ = [
     "CheckpointError",

@@ -51,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_plan(args: argparse.Namespace) -> int:
     from actors.model import check_tp, load_spec
-    from orchestrator.coordinator import build_plan, resolve_dtype
     from orchestrator.errors import TPReloadError
     from orchestrator.inventory import open_source
+    from orchestrator.planning import build_plan, resolve_dtype
     from quant import QuantConfig
 
     try:

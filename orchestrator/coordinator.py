@@ -28,14 +28,11 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 import torch
 
-from actors.model import ModelSpec
-from actors.reload import Routing, route_tensors
 from actors.transport import FileBucket, PackedBucket, pack_tensors, unpack_tensors
 from orchestrator.cluster import (
     Engine,
@@ -46,102 +43,16 @@ from orchestrator.cluster import (
     rank_pids,
 )
 from orchestrator.config import EngineConfig
-from orchestrator.errors import (
-    CheckpointError,
-    ConfigError,
-    RecoveryError,
-    ReloadInProgressError,
-)
-from orchestrator.inventory import Source, TensorInfo, open_source
-from orchestrator.plan import ORDERS, Bucket, Order, Plan, PlannedTensor, make_plan
+from orchestrator.errors import RankError, RecoveryError, ReloadInProgressError
+from orchestrator.inventory import Source, open_source
+from orchestrator.plan import ORDERS, Bucket, Order, Plan
+from orchestrator.planning import CachedRouting, build_plan, resolve_dtype
+from orchestrator.report import STAGES, ReloadReport
 from orchestrator.transaction import CommitLog, committed
-from orchestrator.validate import validate_source
-from quant import QuantConfig
 
 log = logging.getLogger("tp_reload")
-
-CHECKPOINT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-
-
-STAGES = ("plan", "transfer", "load", "process", "finalize")
 # Buckets in flight at once: one being consumed by the ranks, one already on its way.
 BUCKETS_IN_FLIGHT = 2
-
-
-@dataclass(frozen=True, slots=True)
-class ReloadReport:
-    """What one load or reload did. Times are wall seconds; per-stage times are the slowest
-    rank's (ranks work in parallel), plus the driver's own planning and packing."""
-
-    version: int
-    """Version now served (0 for the first load)."""
-    seconds: float
-    stage_seconds: dict[str, float]
-    """plan, transfer (reading or fetching bytes), load (dry runs, buffering), process
-    (materialize, replay, quantize, copy into kernel tensors), finalize."""
-    bytes_read: dict[RankKey, int]
-    """Bytes each (engine, rank) read or copied out of the source: about source_bytes / tp."""
-    peak_buffered_bytes: int
-    """Measured: the most any rank held in buffered loader calls at once."""
-    predicted_peak_buffered_bytes: int
-    """The planner's prediction for the order used."""
-    layers_reloaded: list[str]
-    layers_kept: list[str]
-    """Layers the source did not touch: they keep serving their previous tensors."""
-    warnings: list[str]
-    order: str
-    source: str
-    source_bytes: int
-    buckets: int
-    buffered_timeline: list[int] = field(default_factory=list)
-    """Engine 0 rank 0: buffered bytes after every arrival and release, in stream order."""
-
-
-def resolve_dtype(requested: str, infos: list[TensorInfo]) -> str:
-    """'auto' -> the dtype the checkpoint stores its embedding in."""
-    if requested != "auto":
-        return requested
-    for info in infos:
-        if info.name.endswith("embed_tokens.weight"):
-            if info.dtype not in CHECKPOINT_DTYPES:
-                raise ConfigError(f"{info.file}: '{info.name}' has dtype {info.dtype}; "
-                                  "set EngineConfig.dtype explicitly")
-            return CHECKPOINT_DTYPES[info.dtype]
-    raise CheckpointError("checkpoint has no '*embed_tokens.weight'; set EngineConfig.dtype")
-
-
-CachedRouting = tuple[tuple, Routing]
-
-
-def build_plan(source: Source, *, spec: ModelSpec, tp: int, dtype: str,
-               quant: QuantConfig, bucket_bytes: int, order: Order,
-               cached: CachedRouting | None = None, strict: bool = True,
-               require_all: bool = False) -> tuple[Plan, CachedRouting]:
-    """Route ``source`` through the model (dry run on meta, no Ray), validate it and
-    schedule it. ``cached`` is reused when the source lists the same names, shapes and
-    dtypes, as an RL loop's sources do step after step. CheckpointError names what does not
-    fit; ``require_all`` (a first load) also refuses a source that leaves a layer empty."""
-    if not source.tensors:
-        raise CheckpointError(f"{source.description}: the source has no tensors")
-    key = tuple((t.name, t.shape, t.dtype) for t in source.tensors)
-    if cached is None or cached[0] != key:
-        tensors = [(t.name, t.shape, t.torch_dtype) for t in source.tensors]
-        try:
-            routing = route_tensors(spec, tp, getattr(torch, dtype), quant, tensors)
-        except ValueError as exc:
-            raise CheckpointError(f"{source.description}: {exc}") from exc
-        cached = (key, routing)
-    routing = cached[1]
-    validate_source(source, routing, strict=strict, require_all=require_all)
-    tensors = [
-        PlannedTensor(t.name, routing.layer_of[t.name], t.nbytes, routing.rank_bytes[t.name],
-                      t.file)
-        for t in source.tensors if t.name in routing.layer_of
-    ]
-    plan = make_plan(tensors, routing.layer_order, bucket_bytes=bucket_bytes, order=order,
-                     process_last=routing.process_last)
-    return plan, cached
-
 
 def as_token_tensor(token_ids: Any) -> torch.Tensor:
     ids = torch.as_tensor(token_ids, dtype=torch.long)
@@ -394,8 +305,19 @@ class ReloadOrchestrator:
 
     def _on_engine(self, engine: int, method: str, *args: Any) -> dict[int, Any]:
         with self._exclusive():
-            results = gather(self._engine(engine).submit(method, *args), self.config.timeout_s)
+            try:
+                results = gather(self._engine(engine).submit(method, *args),
+                                 self.config.timeout_s)
+            except RankError as error:
+                self._rebuild_if_restarted(error)
+                raise
         return {rank: value for (_, rank), value in sorted(results.items())}
+
+    def _rebuild_if_restarted(self, error: RankError) -> None:
+        """A rank that died while serving comes back empty: rebuild it before the error
+        reaches the caller, so the next call is served at the committed version."""
+        if rank_pids(self.engines, self.config.timeout_s) != self._pids:
+            self._recover(error)
 
     def forward(self, token_ids: Any, engine: int = 0) -> torch.Tensor:
         """float32 CPU logits [B, T, vocab] from ``engine`` (vocab padding removed)."""

@@ -312,3 +312,15 @@ def test_soak_fifty_reloads_with_faults(ray_cluster, steps, prompt):
         growth = max(f - w for f, w in zip(orch.memory()[0], warm, strict=True))
     print(f"soak: {committed} committed of 50, rank RSS growth after warm-up {growth / 1e6:.1f} MB")
     assert committed == 40 and growth <= 64 << 20
+
+
+def test_rank_killed_while_serving_is_rebuilt(ray_cluster, steps, prompt):
+    with start(steps["a"], 2) as orch:
+        orch.reload(str(steps["b"]))
+        before = orch.forward(prompt)
+        ray.kill(orch.engines[0].ranks[0], no_restart=False)
+        with pytest.raises(RankError) as failed:
+            orch.forward(prompt)
+        assert "back on version 1" in "".join(getattr(failed.value, "__notes__", []))
+        assert torch.equal(orch.forward(prompt), before)
+        next_valid_reload(orch, steps, prompt)

@@ -389,8 +389,13 @@ def _read_bytes(weight: Any, reads: list[Bounds]) -> int:
 
 
 def _require_finite(name: str, windows: dict[Bounds, torch.Tensor]) -> None:
+    """min and max are finite exactly when every element is (NaN propagates through
+    aminmax): one fast reduction instead of a full isfinite mask (~20x slower on CPU bf16)."""
     for window in windows.values():
-        if window.is_floating_point() and not bool(torch.isfinite(window).all()):
+        if not window.is_floating_point() or window.numel() == 0:
+            continue
+        low, high = torch.aminmax(window)
+        if not bool(torch.isfinite(low) & torch.isfinite(high)):
             kind = "NaN" if bool(torch.isnan(window).any()) else "Inf"
             raise ReloadError(f"tensor '{name}' contains {kind} values (a diverged step?); "
                               "the reload is refused and the engine keeps its weights")
