@@ -26,6 +26,13 @@ class LinearMethod(ABC):
     converts_weights: bool = True
     """False when kernel format equals model format (``process_weights_after_loading`` is
     the identity): the reload engine then replays loads straight into the kernel tensors."""
+    screened_params: tuple[str, ...] = ()
+    """Model-format params whose NaN/Inf the processed scales always reveal (an amax over
+    them): the reload engine asks ``has_nonfinite`` instead of scanning them again."""
+
+    def has_nonfinite(self, layer: nn.Module) -> bool:
+        """After processing: whether a screened param held NaN or Inf."""
+        return False
 
     @abstractmethod
     def create_weights(

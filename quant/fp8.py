@@ -80,7 +80,12 @@ class Fp8LinearMethod(UnquantizedLinearMethod):
 
     name = "fp8"
     converts_weights = True
+    screened_params = ("weight",)
     granularity = "tensor"
+
+    def has_nonfinite(self, layer: nn.Module) -> bool:
+        # Every element feeds some amax, and NaN/Inf propagate through amax and the scale.
+        return not bool(torch.isfinite(layer.weight_scale).all())
 
     def group_scale(self, w: torch.Tensor) -> torch.Tensor:
         """Scale tensor in its kernel shape."""

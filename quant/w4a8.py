@@ -131,6 +131,11 @@ class W4A8LinearMethod(UnquantizedLinearMethod):
 
     name = "w4a8"
     converts_weights = True
+    screened_params = ("weight",)
+
+    def has_nonfinite(self, layer: nn.Module) -> bool:
+        # NaN/Inf reach the group scale's amax, then the per-channel amax of those scales.
+        return not bool(torch.isfinite(layer.weight_chan_scale).all())
 
     def create_weights(self, layer: nn.Module, *, input_size_per_partition: int,
                        **kwargs) -> None:

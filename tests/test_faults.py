@@ -324,3 +324,21 @@ def test_rank_killed_while_serving_is_rebuilt(ray_cluster, steps, prompt):
         assert "back on version 1" in "".join(getattr(failed.value, "__notes__", []))
         assert torch.equal(orch.forward(prompt), before)
         next_valid_reload(orch, steps, prompt)
+
+
+@pytest.mark.parametrize("method", ["fp8", "w4a8"])
+def test_nan_in_a_quantized_layer_is_found_through_its_scales(ray_cluster, tmp_path, prompt,
+                                                              method):
+    """Quantized layers are screened by their scales (no extra pass): still refused, named,
+    and rolled back."""
+    a = write_checkpoint(tmp_path / "a", "llama", seed=1, hidden_size=256,
+                         intermediate_size=512, head_dim=64)
+    bad = load_tensors(write_checkpoint(tmp_path / "b", "llama", seed=2, hidden_size=256,
+                                        intermediate_size=512, head_dim=64))
+    bad["model.layers.1.self_attn.k_proj.weight"][7, 9] = float("nan")
+    with start(a, 2, quantization=method) as orch:
+        served = Served(orch, prompt)
+        with pytest.raises(CheckpointError, match=r"'model\.layers\.1\.self_attn\.k_proj\.weight'"
+                                                  r".*contains NaN or Inf"):
+            orch.reload(bad)
+        served.assert_unchanged(orch, prompt)
