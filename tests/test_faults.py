@@ -245,15 +245,24 @@ def test_serving_during_a_reload_fails_fast_when_configured(ray_cluster, steps, 
     with start(steps["a"], 1, serve_during_reload="fail") as orch:
         signal = tmp_path / "paused"
         orch.inject_fault("transfer", "pause", signal_path=str(signal))
-        worker = threading.Thread(target=lambda: pytest.raises(RankError, orch.reload,
-                                                               str(steps["b"])))
+        errors: list[BaseException] = []
+
+        def reload() -> None:
+            try:
+                orch.reload(str(steps["b"]))
+            except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+                errors.append(exc)
+
+        worker = threading.Thread(target=reload)
         worker.start()
-        while not signal.exists():
+        deadline = time.monotonic() + 60
+        while not signal.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         with pytest.raises(ReloadInProgressError):
             orch.forward(prompt)
         ray.kill(orch.engines[0].ranks[0], no_restart=False)
         worker.join(timeout=120)
+        assert len(errors) == 1 and isinstance(errors[0], RankError)
         assert rel_l2(orch.forward(prompt), reference_logits(steps["a"], prompt)) <= 1e-4
 
 

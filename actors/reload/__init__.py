@@ -18,7 +18,8 @@ Limitations:
      (not this engine) is what makes a failed reload invisible.
 """
 
-from actors.reload.engine import RankReloadStats, ReloadEngine, ReloadError
+from actors.reload.engine import ReloadEngine
 from actors.reload.routes import Routing, route_tensors
+from actors.reload.types import RankReloadStats, ReloadError
 
 __all__ = ["RankReloadStats", "ReloadEngine", "ReloadError", "Routing", "route_tensors"]

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 import torch
 
 from actors.model import ModelSpec, TPGroup, UnknownTensorError, build_model
-from actors.reload.engine import PlannedRead, ReloadEngine
+from actors.reload.engine import ReloadEngine
 from actors.reload.layers import is_optional
+from actors.reload.types import PlannedRead
 from quant import QuantConfig
 
 log = logging.getLogger("tp_reload.plan")

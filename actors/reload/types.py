@@ -1,0 +1,63 @@
+"""The reload engine's records: per call, per layer, per reload."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from actors.reload.layers import LayerRecord
+from actors.reload.meta import PrefetchedWeight
+
+
+class ReloadError(ValueError):
+    """The source does not fit the model; the message names the layer or tensor."""
+
+
+@dataclass(slots=True)
+class BufferedCall:
+    param: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    weight: PrefetchedWeight
+    source_name: str
+    """Checkpoint tensor name, for error messages."""
+
+
+@dataclass(slots=True)
+class LayerLoad:
+    """One layer's progress during one reload."""
+
+    record: LayerRecord
+    kernel: dict[str, torch.Tensor] | None
+    calls: list[BufferedCall] = field(default_factory=list)
+    loaded_numel: int = 0
+    per_param: dict[str, int] = field(default_factory=dict)
+    shards: dict[str, list[Any]] = field(default_factory=dict)
+    processed: bool = False
+
+
+@dataclass(slots=True)
+class RankReloadStats:
+    bytes_read: int
+    peak_buffered_bytes: int
+    stage_seconds: dict[str, float]
+    layers_reloaded: list[str]
+    layers_kept: list[str]
+    warnings: list[str]
+    buffered_timeline: list[int]
+
+
+@dataclass(slots=True)
+class PlannedRead:
+    """Plan mode: where a source tensor goes on this rank and what it costs."""
+
+    layer: str
+    param: str
+    """Full name of the param it writes, e.g. ``model.layers.0.self_attn.qkv_proj.weight``."""
+    param_dtype: torch.dtype
+    written: int
+    """Elements of the param it writes."""
+    shard: Any
+    rank_bytes: int
