@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from orchestrator.demo import DemoOptions, format_summary, run_demo
+from orchestrator.demo import DEMO_MODELS, DemoOptions, format_summary, run_demo
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,6 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--quantization", default=None,
                       choices=("fp8", "fp8_per_channel", "fp8_block", "w4a8"))
     demo.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"))
+    demo.add_argument("--model", default=defaults.model, choices=tuple(DEMO_MODELS),
+                      help="random model family (default: %(default)s)")
     demo.add_argument("--json", action="store_true", help="print the result as JSON")
     plan = commands.add_parser("plan", help="print the reload schedule of a checkpoint and its "
                                             "predicted buffering (no Ray)")
@@ -43,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         result = run_demo(DemoOptions(tensor_parallel_size=args.tp, num_layers=args.layers,
                                       num_cpus_per_rank=args.cpus_per_rank,
                                       quantization=args.quantization,
-                                      kv_cache_dtype=args.kv_cache_dtype))
+                                      kv_cache_dtype=args.kv_cache_dtype,
+                                      model=args.model))
         print(json.dumps(result, indent=2) if args.json else format_summary(result))
         return 0 if result["ok"] else 1
     return print_plan(args)

@@ -192,10 +192,23 @@ class ReloadOrchestrator:
                       for w in s["warnings"]],
             order=plan.order, source=source.description, source_bytes=source.nbytes,
             buckets=len(plan.buckets), buffered_timeline=first["buffered_timeline"],
+            **self._by_kind(plan, stats),
         )
         for warning in report.warnings:
             log.warning(warning)
         return report, messages
+
+    def _by_kind(self, plan: Plan, stats: dict[RankKey, dict]) -> dict[str, dict]:
+        kinds = self._route[1].layer_kinds
+        nbytes: dict[str, int] = {}
+        for tensor in plan.tensors:
+            kind = kinds[tensor.layer]
+            nbytes[kind] = nbytes.get(kind, 0) + tensor.nbytes
+        seconds: dict[str, float] = {}
+        for rank_stats in stats.values():
+            for layer, spent in rank_stats["layer_seconds"].items():
+                seconds[kinds[layer]] = seconds.get(kinds[layer], 0.0) + spent
+        return {"bytes_by_kind": nbytes, "seconds_by_kind": seconds}
 
     def _send(self, source: Source, plan: Plan) -> tuple[
             deque[dict[RankKey, ray.ObjectRef]], list[FileBucket | PackedBucket], float]:

@@ -1,6 +1,6 @@
-"""The embedded default job (``tp-reload demo`` / ``make demo``): a small random Llama-family
-checkpoint written with transformers, served by a TP engine on a local Ray, checked against
-transformers."""
+"""The embedded default job (``tp-reload demo`` / ``make demo``): a small random checkpoint
+written with transformers (Llama by default; Qwen3-MoE or Mixtral with ``--model``), served by
+a TP engine on a local Ray, reloaded in place, checked against transformers."""
 
 from __future__ import annotations
 
@@ -31,22 +31,38 @@ class DemoOptions:
     """Online quantization of the engine (None, fp8, fp8_per_channel, fp8_block, w4a8)."""
     kv_cache_dtype: str = "auto"
     """'auto' or 'fp8'."""
+    model: str = "llama"
+    """Random model family: one of DEMO_MODELS."""
 
 
-def write_demo_checkpoint(path: Path, num_layers: int, seed: int) -> None:
-    """A random Llama 3-style model (llama3 rope scaling, GQA), sharded into several files."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+COMMON = dict(vocab_size=1000, hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
+              max_position_embeddings=512, initializer_range=0.1)
+# name -> (transformers config class, model class, description, config fields)
+DEMO_MODELS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", "LlamaForCausalLM (random, llama3 rope, "
+              "GQA 8/2)", dict(intermediate_size=512, rope_parameters={
+                  "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 64})),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", "Qwen3MoeForCausalLM (random, 16 "
+                  "experts top-4, q/k norms)", dict(intermediate_size=512, head_dim=32,
+                                                    moe_intermediate_size=128, num_experts=16,
+                                                    num_experts_per_tok=4, norm_topk_prob=True)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", "MixtralForCausalLM (random, 8 experts "
+                "top-2)", dict(intermediate_size=256, num_local_experts=8,
+                               num_experts_per_tok=2)),
+}
 
+
+def write_demo_checkpoint(path: Path, num_layers: int, seed: int, model: str = "llama") -> None:
+    """A random model of family ``model``, sharded into several files."""
+    import transformers
+
+    config_class, model_class, _, fields = DEMO_MODELS[model]
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=num_layers,
-        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
-        initializer_range=0.1,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 64},
-    )
-    LlamaForCausalLM(config).save_pretrained(path, max_shard_size="1MB")
+    config = getattr(transformers, config_class)(num_hidden_layers=num_layers,
+                                                 **COMMON, **fields)
+    getattr(transformers, model_class)(config).save_pretrained(path, max_shard_size="1MB")
 
 
 def reference_outputs(path: Path, prompt: torch.Tensor, new_tokens: int
@@ -68,8 +84,8 @@ def _rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def run_demo(options: DemoOptions) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="tp-reload-demo-") as tmp:
         step0, step1 = Path(tmp) / "step0", Path(tmp) / "step1"
-        write_demo_checkpoint(step0, options.num_layers, options.seed)
-        write_demo_checkpoint(step1, options.num_layers, options.seed + 1)
+        write_demo_checkpoint(step0, options.num_layers, options.seed, options.model)
+        write_demo_checkpoint(step1, options.num_layers, options.seed + 1, options.model)
         generator = torch.Generator().manual_seed(options.seed)
         prompt = torch.randint(0, 1000, (2, 16), generator=generator)
         ref0_logits, ref0_tokens = reference_outputs(step0, prompt, 8)
@@ -98,7 +114,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     # only a broken engine (error near 1, NaN) fails the demo.
     numerics_ok = (max(errors) <= 1e-4 and all(matches)) if exact else max(errors) < 0.9
     return {
-        "model": "LlamaForCausalLM (random, llama3 rope, GQA 8/2)",
+        "model": DEMO_MODELS[options.model][2],
         "quantization": options.quantization,
         "kv_cache_dtype": options.kv_cache_dtype,
         "exact": exact,
@@ -125,6 +141,8 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
             "logits_rel_l2_error_vs_transformers": errors[1],
             "greedy_tokens_match_transformers": matches[1],
             "warnings": reload.warnings,
+            "expert_layers_share": dict(zip(("bytes", "seconds"), reload.share("experts"),
+                                            strict=True)),
         },
         "ok": numerics_ok and same_tensors,
     }
@@ -151,6 +169,9 @@ def format_summary(result: dict[str, Any]) -> str:
         f"    peak buffered per rank {reload['peak_buffered_bytes'] / mb:.3f} MB "
         f"(predicted {reload['predicted_peak_buffered_bytes'] / mb:.3f} MB); bytes read: "
         + ", ".join(f"{r} {b / mb:.2f} MB" for r, b in reload["bytes_read_per_rank"].items()),
+        *([f"    expert layers: {reload['expert_layers_share']['bytes']:.0%} of the bytes, "
+           f"{reload['expert_layers_share']['seconds']:.0%} of the rank time"]
+          if reload["expert_layers_share"]["bytes"] else []),
         f"    all {result['kernel_tensors']} kernel tensors kept identity and data_ptr: "
         f"{reload['kernel_tensors_unchanged']}",
         f"  step1 logits vs transformers: rel. L2 error "

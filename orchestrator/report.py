@@ -36,3 +36,15 @@ class ReloadReport:
     buckets: int
     buffered_timeline: list[int] = field(default_factory=list)
     """Engine 0 rank 0: buffered bytes after every arrival and release, in stream order."""
+    bytes_by_kind: dict[str, int] = field(default_factory=dict)
+    """Source bytes per layer kind (``dense``; ``experts`` for fused MoE expert layers)."""
+    seconds_by_kind: dict[str, float] = field(default_factory=dict)
+    """Rank seconds (reading, buffering, processing) per layer kind, summed over ranks."""
+
+    def share(self, kind: str) -> tuple[float, float]:
+        """(fraction of source bytes, fraction of rank seconds) spent on layers of ``kind``,
+        e.g. ``report.share("experts")``."""
+        total_bytes = sum(self.bytes_by_kind.values())
+        total_seconds = sum(self.seconds_by_kind.values())
+        return (self.bytes_by_kind.get(kind, 0) / total_bytes if total_bytes else 0.0,
+                self.seconds_by_kind.get(kind, 0.0) / total_seconds if total_seconds else 0.0)

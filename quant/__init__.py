@@ -1,9 +1,9 @@
 """Online quantization methods, registered by name.
 
-``EngineConfig.quantization`` picks a linear method (``LINEAR_METHODS``),
-``EngineConfig.kv_cache_dtype`` a KV-cache method (``KV_CACHE_METHODS``). A new method is a
-class with ``create_weights`` / ``process_weights_after_loading`` / ``apply`` added here; no
-other package changes.
+``EngineConfig.quantization`` picks a linear method (``LINEAR_METHODS``) and the fused-expert
+method of the same name (``MOE_METHODS``), ``EngineConfig.kv_cache_dtype`` a KV-cache method
+(``KV_CACHE_METHODS``). A new method is a class with ``create_weights`` /
+``process_weights_after_loading`` / ``apply`` added here; no other package changes.
 """
 
 from __future__ import annotations
@@ -14,6 +14,14 @@ from dataclasses import dataclass
 from quant.base import LinearMethod, UnquantizedLinearMethod
 from quant.fp8 import Fp8BlockLinearMethod, Fp8LinearMethod, Fp8PerChannelLinearMethod
 from quant.kv_cache import Fp8KVCacheMethod, KVCacheMethod
+from quant.moe import (
+    Fp8BlockMoEMethod,
+    Fp8MoEMethod,
+    Fp8PerChannelMoEMethod,
+    MoEMethod,
+    UnquantizedMoEMethod,
+    W4A8MoEMethod,
+)
 from quant.w4a8 import W4A8LinearMethod
 
 LINEAR_METHODS: dict[str | None, Callable[[], LinearMethod]] = {
@@ -23,6 +31,14 @@ LINEAR_METHODS: dict[str | None, Callable[[], LinearMethod]] = {
     "fp8_block": Fp8BlockLinearMethod,
     "w4a8": W4A8LinearMethod,
 }
+MOE_METHODS: dict[str | None, Callable[[], MoEMethod]] = {
+    None: UnquantizedMoEMethod,
+    "fp8": Fp8MoEMethod,
+    "fp8_per_channel": Fp8PerChannelMoEMethod,
+    "fp8_block": Fp8BlockMoEMethod,
+    "w4a8": W4A8MoEMethod,
+}
+assert set(MOE_METHODS) == set(LINEAR_METHODS), "every quantization covers experts too"
 KV_CACHE_METHODS: dict[str, Callable[[], KVCacheMethod]] = {
     "auto": KVCacheMethod,
     "fp8": Fp8KVCacheMethod,
@@ -48,9 +64,13 @@ class QuantConfig:
         """A fresh instance for one layer."""
         return LINEAR_METHODS[self.linear]()
 
+    def moe_method(self) -> MoEMethod:
+        """A fresh instance for one fused-expert layer."""
+        return MOE_METHODS[self.linear]()
+
     def kv_cache_method(self) -> KVCacheMethod:
         return KV_CACHE_METHODS[self.kv_cache]()
 
 
-__all__ = ["KV_CACHE_METHODS", "LINEAR_METHODS", "LinearMethod", "QuantConfig",
-           "UnquantizedLinearMethod"]
+__all__ = ["KV_CACHE_METHODS", "LINEAR_METHODS", "MOE_METHODS", "LinearMethod", "MoEMethod",
+           "QuantConfig", "UnquantizedLinearMethod"]

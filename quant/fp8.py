@@ -75,6 +75,34 @@ def expand_blocks(scale: torch.Tensor, shape: torch.Size, block: int = BLOCK) ->
     return full[: shape[0], : shape[1]]
 
 
+GRANULARITIES = ("tensor", "channel", "block")
+
+
+def group_scale(w: torch.Tensor, granularity: str) -> torch.Tensor:
+    """Scale tensor of a 2-D weight in its kernel shape ([1], [N, 1] or [nb, kb])."""
+    if granularity == "tensor":
+        return scale_from_amax(abs_max(w)).reshape(1)
+    if granularity == "channel":
+        return scale_from_amax(abs_max(w, dim=1, keepdim=True))
+    return scale_from_amax(block_amax(w))
+
+
+def element_scale(scale: torch.Tensor, shape: torch.Size, granularity: str) -> torch.Tensor:
+    """A kernel-shaped scale broadcastable against the [N, K] weight."""
+    return expand_blocks(scale, shape) if granularity == "block" else scale
+
+
+def quantize_weight(w: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-D weight -> (fp8 weight, float32 scale), on ``w``'s device."""
+    scale = group_scale(w, granularity)
+    return quantize_fp8(w, element_scale(scale, w.shape, granularity)), scale
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, granularity: str,
+                      dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * element_scale(scale, q.shape, granularity)).to(dtype)
+
+
 class Fp8LinearMethod(UnquantizedLinearMethod):
     """Reuses the unquantized model format (create_weights); converts it on processing."""
 
@@ -87,32 +115,17 @@ class Fp8LinearMethod(UnquantizedLinearMethod):
         # Every element feeds some amax, and NaN/Inf propagate through amax and the scale.
         return not bool(torch.isfinite(layer.weight_scale).all())
 
-    def group_scale(self, w: torch.Tensor) -> torch.Tensor:
-        """Scale tensor in its kernel shape."""
-        if self.granularity == "tensor":
-            return scale_from_amax(abs_max(w)).reshape(1)
-        if self.granularity == "channel":
-            return scale_from_amax(abs_max(w, dim=1, keepdim=True))
-        return scale_from_amax(block_amax(w))
-
-    def element_scale(self, scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        return expand_blocks(scale, shape) if self.granularity == "block" else scale
-
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         weight = layer.weight.data
         assert weight.device == layer_device(layer), "weight materialized off restore_device"
         # The ranks' fused full-precision weight is quantized as one tensor (q|k|v together).
-        scale = self.group_scale(weight)
-        qweight = quantize_fp8(weight, self.element_scale(scale, weight.shape))
+        qweight, scale = quantize_weight(weight, self.granularity)
         replace_parameter(layer, "weight", qweight)
         replace_parameter(layer, "weight_scale", scale)
 
-    def dequantized_weight(self, layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-        scale = self.element_scale(layer.weight_scale, layer.weight.shape)
-        return (layer.weight.float() * scale).to(dtype)
-
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight(layer, x.dtype), bias)
+        w = dequantize_weight(layer.weight, layer.weight_scale, self.granularity, x.dtype)
+        return F.linear(x, w, bias)
 
 
 class Fp8PerChannelLinearMethod(Fp8LinearMethod):

@@ -140,3 +140,37 @@ def fake_quantize_fp8_per_token(x: torch.Tensor) -> torch.Tensor:
     a = x.float().numpy()
     scale = _scale(np.abs(a).max(axis=-1, keepdims=True))
     return (_fp8(a / scale).float() * torch.from_numpy(scale)).to(x.dtype)
+
+
+def rank_experts(tensors: dict[str, torch.Tensor], config: dict, tp: int, rank: int
+                 ) -> dict[str, dict[str, torch.Tensor]]:
+    """Per MoE layer (``<block>.experts``): this rank's model-format ``w13`` [E, 2I/tp, H]
+    (its rows of every expert's gate, then up) and ``w2`` [E, H, I/tp] (its columns of
+    down), from the per-expert checkpoint names of either family."""
+    inter = config.get("moe_intermediate_size") or config["intermediate_size"]
+    rows = slice(rank * inter // tp, (rank + 1) * inter // tp)
+    names = {"gate": ("gate_proj", "w1"), "up": ("up_proj", "w3"), "down": ("down_proj", "w2")}
+    layers: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    for name, tensor in tensors.items():
+        head, sep, tail = name.partition(".experts.")
+        if not sep:
+            continue
+        expert, proj, _ = tail.split(".")
+        role = next(r for r, aliases in names.items() if proj in aliases)
+        layers.setdefault(f"{head}.experts", {}).setdefault(int(expert), {})[role] = tensor
+    out = {}
+    for layer, experts in layers.items():
+        ordered = [experts[e] for e in sorted(experts)]
+        out[layer] = {
+            "w13": torch.stack([torch.cat([x["gate"][rows], x["up"][rows]]) for x in ordered]),
+            "w2": torch.stack([x["down"][:, rows] for x in ordered]),
+        }
+    return out
+
+
+def reference_expert_kernels(w: torch.Tensor, proj: str, method: str
+                             ) -> dict[str, torch.Tensor]:
+    """Each expert of [E, N, K] quantized on its own, stacked: ``{proj}_{kernel name}``."""
+    per_expert = [reference_kernel(w[e], method) for e in range(w.shape[0])]
+    return {f"{proj}_{name}": torch.stack([k[name] for k in per_expert])
+            for name in per_expert[0]}

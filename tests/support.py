@@ -37,6 +37,14 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any], dict[str, Any]]] = {
               {}),
     # q/k norms, explicit head_dim with heads * head_dim != hidden_size.
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(vocab_size=128, head_dim=32), {}),
+    # MoE with q/k norms; layer 1 dense (mlp_only_layers), 8 experts of width 32, top-2
+    # renormalized.
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        vocab_size=128, head_dim=16, num_hidden_layers=3, moe_intermediate_size=32,
+        num_experts=8, num_experts_per_tok=2, mlp_only_layers=[1], norm_topk_prob=True), {}),
+    # MoE with w1/w3/w2 expert names under block_sparse_moe; 4 experts of width 32, top-2.
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
+        vocab_size=128, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2), {}),
 }
 
 
@@ -102,10 +110,15 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
          "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+EXPERT = re.compile(r"\.experts\.\d+\.")
 
 
 def parent_layer(name: str) -> str:
-    """Checkpoint name -> the engine module that owns its (fused) parameter."""
+    """Checkpoint name -> the engine module that owns its (fused) parameter; every expert
+    of a MoE layer belongs to one module, ``<block>.experts``."""
+    expert = EXPERT.search(name)
+    if expert:
+        return name[: expert.start()] + ".experts"
     module = name.rsplit(".", 1)[0]
     head, _, last = module.rpartition(".")
     return f"{head}.{FUSED.get(last, last)}" if head else module
@@ -115,16 +128,16 @@ def rank_bytes(name: str, shape: tuple[int, ...], itemsize: int, config: dict, t
                rank: int) -> int:
     """Bytes of one checkpoint tensor that rank ``rank`` of ``tp`` must hold: vocab rows split
     after padding to a multiple of tp; k/v split over KV heads, one head per rank when tp
-    exceeds them; q, gate, up and the input side of o/down split evenly; norms and
-    row-parallel biases whole."""
+    exceeds them; q, gate, up (experts' w1/w3 too) and the input side of o/down (experts'
+    w2) split evenly; norms, routers and row-parallel biases whole."""
     numel = math.prod(shape)
     if "embed_tokens" in name or "lm_head" in name:
         rows = math.ceil(shape[0] / tp)
         return max(0, min(rows, shape[0] - rank * rows)) * shape[1] * itemsize
     if re.search(r"\.(k_proj|v_proj)\.", name):
         return numel // min(tp, config["num_key_value_heads"]) * itemsize
-    if re.search(r"\.(q_proj|gate_proj|up_proj)\.", name) or re.search(
-            r"\.(o_proj|down_proj)\.weight$", name):
+    if re.search(r"\.(q_proj|gate_proj|up_proj|w1|w3)\.", name) or re.search(
+            r"\.(o_proj|down_proj|w2)\.weight$", name):
         return numel // tp * itemsize
     return numel * itemsize
 

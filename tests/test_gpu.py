@@ -100,3 +100,104 @@ def test_quantized_engine_on_gpu_is_exact_and_on_device(ray_cluster, tmp_path, m
         assert orch.inspect() == before
         check_kernels(orch, b, method, 1)
         assert {t["device"] for t in before[0].values()} == {"cuda:0"}
+
+
+def _w4a8_expert_rank(rank: int, tp: int, gate: torch.Tensor, up: torch.Tensor,
+                      down: torch.Tensor, ordered: bool) -> dict[str, torch.Tensor]:
+    """One TP rank's fused-expert layer on the shared GPU: loaded expert by expert through
+    its loader, then converted by the W4A8 MoE method. The conversion's stream is made
+    busy (it sleeps before the in-place int4 conversion), so a reorder that is not ordered
+    after it reads unconverted nibbles."""
+    import quant.moe
+    import quant.w4a8
+    from quant.sync import DeviceSync
+
+    device = torch.device("cuda", 0)
+    convert = quant.w4a8.convert_uint4b8_to_signed_inplace
+
+    def late_convert(packed: torch.Tensor) -> torch.Tensor:
+        torch.cuda._sleep(300_000_000)
+        return convert(packed)
+
+    # Patched for this call only: Ray reuses worker processes between tasks.
+    saved = quant.w4a8.convert_uint4b8_to_signed_inplace, quant.moe.DeviceSync
+    quant.w4a8.convert_uint4b8_to_signed_inplace = late_convert
+    if not ordered:
+        quant.moe.DeviceSync = lambda dev: DeviceSync(dev, enabled=False)
+    try:
+        return _convert_expert_rank(rank, tp, gate, up, down, device)
+    finally:
+        quant.w4a8.convert_uint4b8_to_signed_inplace, quant.moe.DeviceSync = saved
+
+
+def _convert_expert_rank(rank: int, tp: int, gate: torch.Tensor, up: torch.Tensor,
+                         down: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    from actors.model.moe import FusedMoE
+    from actors.model.parallel import TPGroup
+    from quant.moe import W4A8MoEMethod
+    from quant.sync import DeviceSync
+
+    experts, inter, hidden = gate.shape[0], gate.shape[1], gate.shape[2]
+    layer = FusedMoE(experts, hidden, inter, dtype=torch.float32, tp=TPGroup(rank, tp),
+                     quant_method=W4A8MoEMethod())
+    layer.restore_device = device
+    for name in ("w13_weight", "w2_weight"):
+        meta = layer._parameters[name]
+        param = torch.nn.Parameter(torch.empty(meta.shape, device=device), requires_grad=False)
+        param.weight_loader = meta.weight_loader
+        layer._parameters[name] = param
+    for e in range(experts):
+        layer.weight_loader(layer.w13_weight, gate[e], (e, "w1"))
+        layer.weight_loader(layer.w13_weight, up[e], (e, "w3"))
+        layer.weight_loader(layer.w2_weight, down[e], (e, "w2"))
+    DeviceSync(device).synchronize()
+    layer.quant_method.process_weights_after_loading(layer)
+    DeviceSync(device).synchronize()
+    return {n: t.cpu() for n, t in layer.named_parameters()}
+
+
+def test_w4a8_moe_convert_and_reorder_streams_at_tp2_on_one_gpu(ray_cluster):
+    """Two TP ranks share one GPU (half a GPU each, at the same time), each converting its
+    slice of every expert with the in-place conversion and the reorder on separate streams.
+    With DeviceSync ordering both ranks equal the CPU reference bit for bit; with the
+    ordering dropped they do not."""
+    import ray
+
+    from tests.quant_reference import rank_experts, reference_expert_kernels
+
+    experts, hidden, inter, tp = 4, 1024, 2048, 2
+    gen = torch.Generator().manual_seed(7)
+    gate, up = (torch.randn(experts, inter, hidden, generator=gen) for _ in range(2))
+    down = torch.randn(experts, hidden, inter, generator=gen)
+    task = ray.remote(num_gpus=0.5, num_cpus=0.5)(_w4a8_expert_rank)
+    tensors = {f"layers.0.mlp.experts.{e}.{p}.weight": w[e]
+               for e in range(experts)
+               for p, w in (("gate_proj", gate), ("up_proj", up), ("down_proj", down))}
+    config = {"moe_intermediate_size": inter}
+    refs = {o: [task.remote(r, tp, gate, up, down, o) for r in range(tp)] for o in (True, False)}
+    for ordered, calls in refs.items():
+        served = ray.get(calls)
+        for rank in range(tp):
+            weights = rank_experts(tensors, config, tp, rank)["layers.0.mlp.experts"]
+            expected = {n: t for proj, w in weights.items()
+                        for n, t in reference_expert_kernels(w, proj, "w4a8").items()}
+            exact = all(torch.equal(served[rank][n], t) for n, t in expected.items())
+            assert exact == ordered, f"rank {rank}, ordered={ordered}"
+
+
+def test_w4a8_moe_engine_on_gpu_reloads_in_place(ray_cluster, tmp_path, prompt):
+    from tests.test_moe import QSHAPE, check_expert_kernels
+
+    a = write_checkpoint(tmp_path / "a", "qwen3_moe", seed=1, **QSHAPE)
+    b = write_checkpoint(tmp_path / "b", "qwen3_moe", seed=2, **QSHAPE)
+    cfg = EngineConfig(model=str(a), tensor_parallel_size=1, device="cuda", dtype="float32",
+                       quantization="w4a8")
+    with ReloadOrchestrator(cfg) as orch:
+        check_expert_kernels(orch, a, "w4a8", 1)
+        before = orch.inspect()
+        orch.reload(str(b))
+        assert orch.inspect() == before
+        check_expert_kernels(orch, b, "w4a8", 1)
+        assert {t["device"] for t in before[0].values()} == {"cuda:0"}
+        logits = orch.forward(prompt)
+    assert logits.isfinite().all()

@@ -1,12 +1,15 @@
-"""Decoder-only causal LM (Llama, Mistral, Qwen2, Qwen3), tensor-parallel, HF parameter names.
+"""Decoder-only causal LM (Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE, Mixtral), tensor-parallel,
+HF parameter names.
 
 Module names mirror the Hugging Face checkpoints (``model.layers.3.self_attn...``) except for
-the fused parameters: q/k/v land in ``self_attn.qkv_proj`` and gate/up in
-``mlp.gate_up_proj`` (``STACKED_PARAMS``).
+the fused parameters: q/k/v land in ``self_attn.qkv_proj``, gate/up in ``mlp.gate_up_proj``
+(``STACKED_PARAMS``) and every expert of a MoE layer in ``<block>.experts.w13_weight`` /
+``w2_weight`` (``EXPERT_NAME``).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -14,6 +17,7 @@ import torch
 from torch import nn
 
 from actors.model.layers import MLP, Attention, KVCache, LayerCache, RMSNorm
+from actors.model.moe import SparseMoeBlock
 from actors.model.parallel import (
     ParallelLMHead,
     TPGroup,
@@ -32,6 +36,8 @@ STACKED_PARAMS: tuple[tuple[str, str, Any], ...] = (
     (".gate_up_proj.", ".gate_proj.", 0),
     (".gate_up_proj.", ".up_proj.", 1),
 )
+# <block>.experts.<id>.<projection>.weight, e.g. mlp.experts.7.gate_proj.weight
+EXPERT_NAME = re.compile(r"\.experts\.(\d+)\.(\w+)\.weight$")
 SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
 # Attention scales: (checkpoint suffix, param suffix on the attention module). q and
 # probability scales are never used (queries and probabilities stay in the engine dtype).
@@ -56,6 +62,13 @@ def map_checkpoint_name(name: str, spec: ModelSpec, kv_scales: bool = False
     for alias, target in KV_SCALE_ALIASES:
         if name.endswith(alias):
             return (name[: -len(alias)] + target, None) if kv_scales else None
+    expert = EXPERT_NAME.search(name) if spec.moe is not None else None
+    if expert is not None:
+        shard = dict(spec.moe.expert_shards).get(expert.group(2))
+        if shard is None:
+            return name, None  # no such projection: reported as unknown
+        param = "w2_weight" if shard == "w2" else "w13_weight"
+        return f"{name[: expert.start()]}.experts.{param}", (int(expert.group(1)), shard)
     for fused, ckpt, shard_id in STACKED_PARAMS:
         if ckpt in name:
             return name.replace(ckpt, fused), shard_id
@@ -66,12 +79,6 @@ class UnknownTensorError(ValueError):
     """A checkpoint tensor name that maps to no parameter of this model."""
 
 
-def required_shards(param_name: str) -> set[Any]:
-    """The shard ids a param needs before it is complete ({None} for unfused params)."""
-    shards = {s for fused, _, s in STACKED_PARAMS if fused in param_name}
-    return shards or {None}
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, spec: ModelSpec, index: int, dtype: torch.dtype, tp: TPGroup,
                  quant: QuantConfig) -> None:
@@ -79,12 +86,17 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
         self.self_attn = Attention(spec, index, dtype, tp, quant)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
-        self.mlp = MLP(spec, dtype, tp, quant)
+        # The feed-forward module keeps its checkpoint name (mlp, or Mixtral's
+        # block_sparse_moe) so parameter names stay those of the checkpoint.
+        sparse = spec.moe is not None and spec.moe.sparse_layers[index]
+        self.ffn_name = spec.moe.block if sparse else "mlp"
+        ffn = SparseMoeBlock(spec, dtype, tp, quant) if sparse else MLP(spec, dtype, tp, quant)
+        self.add_module(self.ffn_name, ffn)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache | None
                 ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), positions, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + getattr(self, self.ffn_name)(self.post_attention_layernorm(x))
 
 
 class DecoderBody(nn.Module):
@@ -149,13 +161,3 @@ class DecoderForCausalLM(nn.Module):
                 raise ValueError(f"checkpoint tensor '{name}': {exc}") from exc
             written.setdefault(param_name, set()).add(shard_id)
         return written
-
-    def missing_params(self, written: dict[str, set[Any]]) -> list[str]:
-        """Param names (with missing shards) not fully written by a load."""
-        missing = []
-        for name, _ in self.named_parameters():
-            lacking = required_shards(name) - written.get(name, set())
-            if lacking:
-                suffix = "" if lacking == {None} else f" (shards {sorted(map(str, lacking))})"
-                missing.append(name + suffix)
-        return missing

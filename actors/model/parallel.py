@@ -82,7 +82,7 @@ def _check_shape(param: torch.Tensor, loaded: Weight, what: str) -> None:
         )
 
 
-def _check_full_extent(loaded: Weight, dim: int, expected: int, what: str) -> None:
+def check_full_extent(loaded: Weight, dim: int, expected: int, what: str) -> None:
     """A loader narrows to its shard; first make sure the whole tensor is the size the model
     was built for, or a larger checkpoint tensor would be silently cut."""
     if loaded.shape[dim] != expected:
@@ -92,7 +92,7 @@ def _check_full_extent(loaded: Weight, dim: int, expected: int, what: str) -> No
         )
 
 
-def _copy_into(dest: torch.Tensor, loaded: Weight, what: str) -> None:
+def copy_into(dest: torch.Tensor, loaded: Weight, what: str) -> None:
     _check_shape(dest, loaded, what)
     dest.copy_(to_tensor(loaded))
 
@@ -103,7 +103,7 @@ def default_weight_loader(param: torch.Tensor, loaded: Weight, shard_id: Any = N
     if param.numel() == 1 and tuple(loaded.shape) in ((), (1,)):
         param.data.fill_(to_tensor(loaded).reshape(()))
         return
-    _copy_into(param.data, loaded, "replicated parameter")
+    copy_into(param.data, loaded, "replicated parameter")
 
 
 def load_sharded(tp: TPGroup, param: torch.Tensor, loaded: Weight, dim_attr: str) -> None:
@@ -111,11 +111,11 @@ def load_sharded(tp: TPGroup, param: torch.Tensor, loaded: Weight, dim_attr: str
     without that attribute (a row-parallel bias) is replicated."""
     dim = getattr(param, dim_attr, None)
     if dim is None or tp.size == 1:
-        _copy_into(param.data, loaded, "parameter")
+        copy_into(param.data, loaded, "parameter")
         return
     size = param.shape[dim]
-    _check_full_extent(loaded, dim, size * tp.size, "sharded parameter")
-    _copy_into(param.data, loaded.narrow(dim, tp.rank * size, size), f"rank {tp.rank} shard")
+    check_full_extent(loaded, dim, size * tp.size, "sharded parameter")
+    copy_into(param.data, loaded.narrow(dim, tp.rank * size, size), f"rank {tp.rank} shard")
 
 
 class ParallelLinear(nn.Module):
@@ -185,10 +185,10 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         dim = param.output_dim
         size = self.output_partition_sizes[shard_id]
         offset = sum(self.output_partition_sizes[:shard_id])
-        _check_full_extent(loaded, dim, self.output_sizes[shard_id], f"shard {shard_id}")
+        check_full_extent(loaded, dim, self.output_sizes[shard_id], f"shard {shard_id}")
         dest = param.data.narrow(dim, offset, size)
         src = loaded.narrow(dim, self.tp.rank * size, size)
-        _copy_into(dest, src, f"shard {shard_id} on rank {self.tp.rank}")
+        copy_into(dest, src, f"shard {shard_id} on rank {self.tp.rank}")
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -220,10 +220,10 @@ class QKVParallelLinear(ColumnParallelLinear):
         dim = param.output_dim
         size = self.output_partition_sizes[index]
         offset = sum(self.output_partition_sizes[:index])
-        _check_full_extent(loaded, dim, self.output_sizes[index], f"{shard_id} shard")
+        check_full_extent(loaded, dim, self.output_sizes[index], f"{shard_id} shard")
         source_rank = self.tp.rank if index == 0 else self.tp.rank // self.kv_replicas
         dest = param.data.narrow(dim, offset, size)
-        _copy_into(dest, loaded.narrow(dim, source_rank * size, size),
+        copy_into(dest, loaded.narrow(dim, source_rank * size, size),
                    f"{shard_id} shard on rank {self.tp.rank}")
 
 
@@ -267,7 +267,7 @@ class VocabParallelEmbedding(nn.Module):
             )
         real_rows = max(0, min(self.rows_per_rank, self.vocab_size - self.vocab_start))
         if real_rows:
-            _copy_into(param.data[:real_rows], loaded.narrow(0, self.vocab_start, real_rows),
+            copy_into(param.data[:real_rows], loaded.narrow(0, self.vocab_start, real_rows),
                        f"vocab rows on rank {self.tp.rank}")
         param.data[real_rows:].zero_()
 

@@ -35,11 +35,33 @@ class RopeSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class MoESpec:
+    """Mixture-of-experts MLPs: which layers are sparse and how tokens are routed."""
+
+    num_experts: int
+    top_k: int
+    """Experts each token is sent to."""
+    intermediate_size: int
+    """Width of one expert's MLP (before TP)."""
+    renormalize: bool
+    """Top-k routing weights divided by their sum (Mixtral always; Qwen3-MoE when
+    ``norm_topk_prob``)."""
+    sparse_layers: tuple[bool, ...]
+    """Per layer: True for a MoE block, False for a dense MLP of ``intermediate_size``."""
+    block: str
+    """Checkpoint module name of the sparse block: ``mlp`` (Qwen3-MoE) or
+    ``block_sparse_moe`` (Mixtral)."""
+    expert_shards: tuple[tuple[str, str], ...]
+    """Checkpoint name of each expert projection -> fused shard: w1 (gate), w3 (up), w2
+    (down)."""
+
+
+@dataclass(frozen=True, slots=True)
 class ModelSpec:
     architecture: str
     """HF architecture name, e.g. ``LlamaForCausalLM``."""
     family: str
-    """Family key in FAMILIES (llama, mistral, qwen2, qwen3)."""
+    """Family key in FAMILIES (llama, mistral, qwen2, qwen3, qwen3_moe, mixtral)."""
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -63,6 +85,8 @@ class ModelSpec:
     """Per layer: attention window in tokens, or None for full causal attention."""
     checkpoint_dtype: str | None
     """dtype named in config.json (``dtype`` or ``torch_dtype``), if any."""
+    moe: MoESpec | None = None
+    """Mixture-of-experts layout; None for dense families."""
 
 
 def _require(cfg: dict[str, Any], key: str, source: str) -> Any:
@@ -127,6 +151,51 @@ class Family:
     o_bias: Callable[[dict[str, Any]], bool]
     qk_norm: bool
     sliding_windows: Callable[[dict[str, Any], int], tuple[int | None, ...]]
+    moe: Callable[[dict[str, Any], int, str], MoESpec] | None = None
+
+
+def _num_experts(cfg: dict[str, Any], source: str) -> int:
+    # Qwen3-MoE configs say num_experts; Mixtral's (and transformers >= 5) num_local_experts.
+    key = "num_experts" if cfg.get("num_experts") is not None else "num_local_experts"
+    return _positive_int(cfg, key, source)
+
+
+def _moe_spec(cfg: dict[str, Any], source: str, *, block: str, renormalize: bool,
+              sparse_layers: tuple[bool, ...], expert_names: tuple[str, str, str]) -> MoESpec:
+    experts = _num_experts(cfg, source)
+    top_k = _positive_int(cfg, "num_experts_per_tok", source)
+    if top_k > experts:
+        raise ValueError(f"{source}: field 'num_experts_per_tok' ({top_k}) exceeds the "
+                         f"number of experts ({experts})")
+    return MoESpec(
+        num_experts=experts, top_k=top_k,
+        intermediate_size=_positive_int(
+            cfg, "moe_intermediate_size" if "moe_intermediate_size" in cfg
+            else "intermediate_size", source),
+        renormalize=renormalize, sparse_layers=sparse_layers, block=block,
+        expert_shards=tuple(zip(expert_names, ("w1", "w3", "w2"), strict=True)),
+    )
+
+
+def _mixtral_moe(cfg: dict[str, Any], num_layers: int, source: str) -> MoESpec:
+    return _moe_spec(cfg, source, block="block_sparse_moe", renormalize=True,
+                     sparse_layers=(True,) * num_layers, expert_names=("w1", "w3", "w2"))
+
+
+def _qwen3_moe(cfg: dict[str, Any], num_layers: int, source: str) -> MoESpec:
+    """Layer i is sparse unless listed in ``mlp_only_layers`` or off the
+    ``decoder_sparse_step`` grid (as transformers' Qwen3MoeDecoderLayer decides)."""
+    step = cfg.get("decoder_sparse_step", 1)
+    if not isinstance(step, int) or step <= 0:
+        raise ValueError(f"{source}: field 'decoder_sparse_step' must be a positive integer, "
+                         f"got {step!r}")
+    dense = set(cfg.get("mlp_only_layers") or [])
+    if not dense <= set(range(num_layers)):
+        raise ValueError(f"{source}: field 'mlp_only_layers' names layers outside "
+                         f"0..{num_layers - 1}: {sorted(dense - set(range(num_layers)))}")
+    sparse = tuple(i not in dense and (i + 1) % step == 0 for i in range(num_layers))
+    return _moe_spec(cfg, source, block="mlp", renormalize=bool(cfg.get("norm_topk_prob")),
+                     sparse_layers=sparse, expert_names=("gate_proj", "up_proj", "down_proj"))
 
 
 def _attention_bias(cfg: dict[str, Any]) -> bool:
@@ -144,6 +213,10 @@ FAMILIES: dict[str, Family] = {
                _windows_by_layer_type),
         Family("qwen3", ("Qwen3ForCausalLM",), _attention_bias, _attention_bias, True,
                _windows_by_layer_type),
+        Family("qwen3_moe", ("Qwen3MoeForCausalLM",), _attention_bias, _attention_bias, True,
+               _windows_by_layer_type, _qwen3_moe),
+        Family("mixtral", ("MixtralForCausalLM",), _attention_bias, _attention_bias, False,
+               _windows_all, _mixtral_moe),
     )
 }
 ARCHITECTURES: dict[str, Family] = {a: f for f in FAMILIES.values() for a in f.architectures}
@@ -200,6 +273,7 @@ def spec_from_dict(cfg: dict[str, Any], source: str = "config.json") -> ModelSpe
         qk_norm=family.qk_norm,
         sliding_windows=windows,
         checkpoint_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
+        moe=family.moe(cfg, num_layers, source) if family.moe else None,
     )
 
 
@@ -234,10 +308,14 @@ def check_tp(spec: ModelSpec, tp: int) -> None:
         raise ValueError(
             f"tensor_parallel_size={tp} does not divide num_key_value_heads={spec.num_kv_heads}"
         )
-    if spec.intermediate_size % tp:
+    dense = spec.moe is None or not all(spec.moe.sparse_layers)
+    if dense and spec.intermediate_size % tp:
         raise ValueError(
             f"tensor_parallel_size={tp} does not divide intermediate_size={spec.intermediate_size}"
         )
+    if spec.moe is not None and spec.moe.intermediate_size % tp:
+        raise ValueError(f"tensor_parallel_size={tp} does not divide the expert width "
+                         f"(moe_intermediate_size) {spec.moe.intermediate_size}")
 
 
 def padded_vocab(vocab_size: int, tp: int) -> int:

@@ -68,6 +68,7 @@ class ReloadEngine:
         self.seconds = dict.fromkeys(STAGES, 0.0)
         self.bytes_read = 0
         self.processed: list[str] = []
+        self.layer_seconds: dict[str, float] = {}
         self._loads = {}
         for record in self.records:
             kernel = record.current() if mode == "reload" else None
@@ -133,6 +134,7 @@ class ReloadEngine:
         load.shards.setdefault(name, []).append(shard)
         self.tracker.add(record.name, buffered.nbytes)
         self.seconds["load"] += time.perf_counter() - begin - read_seconds
+        self._charge(record.name, begin)
         if load.loaded_numel >= record.total_numel and not record.process_last:
             self._process(load)
 
@@ -184,6 +186,11 @@ class ReloadEngine:
         self.processed.append(load.record.name)
         self.tracker.release(load.record.name)
         self.seconds["process"] += time.perf_counter() - begin
+        self._charge(load.record.name, begin)
+
+    def _charge(self, layer: str, begin: float) -> None:
+        self.layer_seconds[layer] = (self.layer_seconds.get(layer, 0.0)
+                                     + time.perf_counter() - begin)
 
     def _replay_into_kernel(self, load: LayerLoad) -> None:
         """Model format is kernel format (no quant method): the buffered calls write the
@@ -292,6 +299,7 @@ class ReloadEngine:
             layers_reloaded=list(self.processed),
             layers_kept=kept, warnings=self.tracker.warnings(),
             buffered_timeline=list(self.tracker.timeline),
+            layer_seconds=dict(self.layer_seconds),
         )
         self._has_kernel = self._has_kernel or self._mode == "first"
         self._end()

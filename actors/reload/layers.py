@@ -33,6 +33,8 @@ class LayerRecord:
     reset_with: str | None
     """process_last layers: the layer whose reload re-processes this one even when the
     source carries none of its (optional) tensors, e.g. attention scales with qkv_proj."""
+    kind: str = "dense"
+    """The module's ``layer_kind`` (``experts`` for fused MoE experts), for reports."""
 
     @property
     def total_numel(self) -> int:
@@ -85,5 +87,6 @@ def record_layers(model: nn.Module, device: torch.device) -> list[LayerRecord]:
             process_last=bool(getattr(module, "process_last", False)),
             reset_with=(f"{name}.{module.reset_with}" if getattr(module, "reset_with", None)
                         else None),
+            kind=getattr(module, "layer_kind", "dense"),
         ))
     return [r for r in records if not r.process_last] + [r for r in records if r.process_last]

@@ -38,6 +38,8 @@ class Routing:
     """Rank 0's view of each kept source tensor: param, elements written, dtype."""
     layer_params: dict[str, dict[str, int]]
     """Layer -> its required params -> elements (rank 0); optional params left out."""
+    layer_kinds: dict[str, str]
+    """Layer -> its kind (``dense``, ``experts``)."""
 
 
 def route_tensors(spec: ModelSpec, tp: int, dtype: torch.dtype, quant: QuantConfig,
@@ -83,4 +85,5 @@ def route_tensors(spec: ModelSpec, tp: int, dtype: torch.dtype, quant: QuantConf
         skipped=tuple(skipped), unknown=tuple(unknown), reads=first,
         layer_params={r.name: {f"{r.name}.{n}": p.numel() for n, p in r.placeholders.items()
                                if not is_optional(p)} for r in records},
+        layer_kinds={r.name: r.kind for r in records},
     )

@@ -47,6 +47,8 @@ class RankReloadStats:
     layers_kept: list[str]
     warnings: list[str]
     buffered_timeline: list[int]
+    layer_seconds: dict[str, float]
+    """Per layer: seconds spent reading, buffering and processing it on this rank."""
 
 
 @dataclass(slots=True)
