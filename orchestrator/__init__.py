@@ -11,6 +11,8 @@ from orchestrator.errors import (
     TPReloadError,
 )
 from orchestrator.report import ReloadReport
+from orchestrator.service import ServiceClient, connect
+from orchestrator.yaml_config import ServiceConfig, load_engine_config
 
 __all__ = [
     "CheckpointError",
@@ -21,5 +23,9 @@ __all__ = [
     "RecoveryError",
     "ReloadInProgressError",
     "ReloadOrchestrator",
+    "ServiceClient",
+    "ServiceConfig",
     "TPReloadError",
+    "connect",
+    "load_engine_config",
 ]

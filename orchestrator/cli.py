@@ -26,6 +26,14 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default=defaults.model, choices=tuple(DEMO_MODELS),
                       help="random model family (default: %(default)s)")
     demo.add_argument("--json", action="store_true", help="print the result as JSON")
+    serve = commands.add_parser("serve", help="run the service: a named coordinator actor "
+                                              "owning the engines (the Ray job entrypoint)")
+    serve.add_argument("--config", required=True, help="YAML config (see configs/)")
+    serve.add_argument("--model", help="first checkpoint; overrides engine.model")
+    serve.add_argument("--watch", help="reload each step_* directory published here once "
+                                       "it holds the marker file; overrides service.watch_dir")
+    serve.add_argument("--name", help="coordinator actor name; overrides service.name")
+    serve.add_argument("--namespace", help="Ray namespace; overrides service.namespace")
     plan = commands.add_parser("plan", help="print the reload schedule of a checkpoint and its "
                                             "predicted buffering (no Ray)")
     plan.add_argument("checkpoint", help="checkpoint directory (config.json + safetensors)")
@@ -49,7 +57,30 @@ def main(argv: list[str] | None = None) -> int:
                                       model=args.model))
         print(json.dumps(result, indent=2) if args.json else format_summary(result))
         return 0 if result["ok"] else 1
+    if args.command == "serve":
+        return run_serve(args)
     return print_plan(args)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from orchestrator.errors import TPReloadError
+    from orchestrator.service import serve
+    from orchestrator.yaml_config import FileConfig, load_file_config
+
+    logging.basicConfig(level=logging.INFO, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_file_config(args.config,
+                                  **({"model": args.model} if args.model else {}))
+        overrides = {k: v for k, v in (("watch_dir", args.watch), ("name", args.name),
+                                       ("namespace", args.namespace)) if v is not None}
+        config = FileConfig(config.engine, replace(config.service, **overrides))
+        return serve(config)
+    except TPReloadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def print_plan(args: argparse.Namespace) -> int:

@@ -89,12 +89,35 @@ def _bundle(cfg: EngineConfig) -> dict[str, float]:
     return bundle
 
 
-def create_engine(index: int, cfg: EngineConfig, dtype: str) -> Engine:
-    """Reserve the engine's bundles, then start one rank actor in each."""
+def _fits(node_resources: Mapping[str, float], bundle: dict[str, float], tp: int) -> bool:
+    return all(node_resources.get(k, 0.0) >= v * tp for k, v in bundle.items())
+
+
+def engine_targets(cfg: EngineConfig) -> list[str | None]:
+    """Per engine, the node id it is aimed at (None: Ray chooses). With SPREAD and a
+    STRICT_PACK engine, engines go round-robin over the alive nodes able to hold a whole
+    engine, largest first, so replicas land on different nodes while there are nodes."""
+    if cfg.engine_placement != "SPREAD" or cfg.placement_strategy != "STRICT_PACK":
+        return [None] * cfg.num_engines
+    bundle = _bundle(cfg)
+    nodes = [n for n in ray.nodes()
+             if n.get("Alive") and _fits(n.get("Resources", {}), bundle,
+                                         cfg.tensor_parallel_size)]
+    if not nodes:
+        return [None] * cfg.num_engines
+    nodes.sort(key=lambda n: (-n["Resources"].get("CPU", 0.0), n["NodeID"]))
+    return [nodes[i % len(nodes)]["NodeID"] for i in range(cfg.num_engines)]
+
+
+def create_engine(index: int, cfg: EngineConfig, dtype: str,
+                  target_node: str | None = None) -> Engine:
+    """Reserve the engine's bundles (on ``target_node`` if it has room), then start one
+    rank actor in each."""
     tp = cfg.tensor_parallel_size
     # Unique per orchestrator: several may share one Ray cluster.
     group = placement_group([_bundle(cfg)] * tp, strategy=cfg.placement_strategy,
-                            name=f"tp-reload-{uuid.uuid4().hex[:8]}-engine-{index}")
+                            name=f"tp-reload-{uuid.uuid4().hex[:8]}-engine-{index}",
+                            _soft_target_node_id=target_node)
     try:
         ray.get(group.ready(), timeout=cfg.timeout_s)
     except GetTimeoutError as exc:

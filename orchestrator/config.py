@@ -16,6 +16,7 @@ DEVICES = ("cpu", "cuda")
 KV_CACHE_DTYPES = tuple(KV_CACHE_METHODS)
 KV_SCALES = ("checkpoint", "calibrate")
 PLACEMENT_STRATEGIES = ("PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD")
+ENGINE_PLACEMENTS = ("SPREAD", "ANY")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -45,8 +46,13 @@ class EngineConfig:
     """Ray CPU request per rank actor; fractional values let TP=4 run on a 2-core machine."""
     bucket_bytes: int = 256 << 20
     """Upper bound of one streamed bucket during a reload."""
-    placement_strategy: str = "PACK"
-    """Ray placement-group strategy for one engine's ranks."""
+    placement_strategy: str = "STRICT_PACK"
+    """Ray placement-group strategy for one engine's ranks: STRICT_PACK keeps an engine's
+    TP group on one node (its collectives then never cross the network)."""
+    engine_placement: str = "SPREAD"
+    """How engines are laid over nodes: 'SPREAD' aims each STRICT_PACK engine at the node
+    holding the fewest of this fleet's engines among those that can fit it (a soft target:
+    Ray falls back to any node with room); 'ANY' lets Ray choose."""
     timeout_s: float = 300.0
     """Longest wait for any rank call or collective before the call fails naming the rank."""
     check_finite: bool = True
@@ -57,6 +63,9 @@ class EngineConfig:
     max_rank_restarts: int = 3
     """How often Ray restarts a dead rank actor; each restart rebuilds it at the last
     committed version."""
+    progress: bool = True
+    """Show progress (bucket, bytes, rate) on stderr for loads that run longer than
+    PROGRESS_AFTER_S seconds."""
     model_spec: ModelSpec = field(init=False, repr=False, compare=False)
     """Parsed from <model>/config.json during validation."""
 
@@ -85,6 +94,7 @@ class EngineConfig:
             "device": (str,), "num_cpus_per_rank": (int, float), "bucket_bytes": (int,),
             "placement_strategy": (str,), "timeout_s": (int, float),
             "check_finite": (bool,), "serve_during_reload": (str,), "max_rank_restarts": (int,),
+            "engine_placement": (str,), "progress": (bool,),
         }
         for f in fields(self):
             if f.name not in expected:
@@ -107,6 +117,7 @@ class EngineConfig:
                 raise ConfigError(f"EngineConfig.{name} must be > 0, got {getattr(self, name)!r}")
         choices = {"dtype": DTYPES, "device": DEVICES, "kv_cache_dtype": KV_CACHE_DTYPES,
                    "kv_scales": KV_SCALES, "placement_strategy": PLACEMENT_STRATEGIES,
+                   "engine_placement": ENGINE_PLACEMENTS,
                    "serve_during_reload": ("wait", "fail")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

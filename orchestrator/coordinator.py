@@ -39,6 +39,7 @@ from orchestrator.cluster import (
     RankKey,
     connect_engines,
     create_engine,
+    engine_targets,
     gather,
     rank_pids,
 )
@@ -47,6 +48,7 @@ from orchestrator.errors import RankError, RecoveryError, ReloadInProgressError
 from orchestrator.inventory import Source, open_source
 from orchestrator.plan import ORDERS, Bucket, Order, Plan
 from orchestrator.planning import CachedRouting, build_plan, resolve_dtype
+from orchestrator.progress import Progress
 from orchestrator.report import STAGES, ReloadReport
 from orchestrator.transaction import CommitLog, committed
 
@@ -78,6 +80,14 @@ class ReloadOrchestrator:
         self._reloading = False
         self._broken: str | None = None
 
+    @classmethod
+    def from_yaml(cls, path: str, **overrides: Any) -> ReloadOrchestrator:
+        """An orchestrator (not yet started) from the ``engine`` section of a YAML config;
+        ``overrides`` replace engine fields (e.g. ``model=``)."""
+        from orchestrator.yaml_config import load_engine_config
+
+        return cls(load_engine_config(path, **overrides))
+
     # ---- lifecycle ----------------------------------------------------------------------
 
     def __enter__(self) -> ReloadOrchestrator:
@@ -98,7 +108,9 @@ class ReloadOrchestrator:
         if not ray.is_initialized():
             ray.init(ignore_reinit_error=True)
         try:
-            self.engines = [create_engine(i, cfg, self.dtype) for i in range(cfg.num_engines)]
+            targets = engine_targets(cfg)
+            self.engines = [create_engine(i, cfg, self.dtype, targets[i])
+                            for i in range(cfg.num_engines)]
             connect_engines(self.engines, cfg.timeout_s)
             self._pids = rank_pids(self.engines, cfg.timeout_s)
             self.load_report, messages = self._stream(first, plan, plan_seconds,
@@ -166,12 +178,17 @@ class ReloadOrchestrator:
         begin = time.perf_counter() - plan_seconds
         # A rank runs its calls in submission order: start, buckets and finish are queued
         # back to back and awaited together, so no round trip waits on another.
+        progress = Progress(f"load v{version}", sum(b.nbytes for b in plan.buckets),
+                            len(plan.buckets), enabled=self.config.progress)
         started = self._submit_all("start_reload", first_load)
-        loading, messages, pack_seconds = self._send(source, plan)
+        loading, messages, pack_seconds = self._send(source, plan, progress)
         finishing = self._submit_all("finish_reload")
-        for calls in (started, *loading):
+        gather(started, self.config.timeout_s)
+        for calls, nbytes in loading:
             gather(calls, self.config.timeout_s)
+            progress.advance(nbytes)
         stats = gather(finishing, self.config.timeout_s)
+        progress.close()
         stage = {name: max(s["stage_seconds"][name] for s in stats.values())
                  for name in STAGES[1:]}
         stage["plan"] = plan_seconds
@@ -210,22 +227,25 @@ class ReloadOrchestrator:
                 seconds[kinds[layer]] = seconds.get(kinds[layer], 0.0) + spent
         return {"bytes_by_kind": nbytes, "seconds_by_kind": seconds}
 
-    def _send(self, source: Source, plan: Plan) -> tuple[
-            deque[dict[RankKey, ray.ObjectRef]], list[FileBucket | PackedBucket], float]:
+    def _send(self, source: Source, plan: Plan, progress: Progress) -> tuple[
+            deque[tuple[dict[RankKey, ray.ObjectRef], int]], list[FileBucket | PackedBucket],
+            float]:
         """Queue the plan's buckets on every rank of every engine. Packed (in-memory)
         buckets hold object-store memory, so at most BUCKETS_IN_FLIGHT of them are pending;
-        a directory bucket is only names. Returns the pending calls, the messages (for the
-        commit log) and the packing seconds."""
-        in_flight: deque[dict[RankKey, ray.ObjectRef]] = deque()
+        a directory bucket is only names. Returns the pending calls with their bucket's
+        bytes, the messages (for the commit log) and the packing seconds."""
+        in_flight: deque[tuple[dict[RankKey, ray.ObjectRef], int]] = deque()
         messages: list[FileBucket | PackedBucket] = []
         pack_seconds = 0.0
         for bucket in plan.buckets:
             start = time.perf_counter()
             messages.append(self._message(source, bucket))
             pack_seconds += time.perf_counter() - start
-            in_flight.append(self._submit_all("load_bucket", messages[-1]))
+            in_flight.append((self._submit_all("load_bucket", messages[-1]), bucket.nbytes))
             if source.kind == "memory" and len(in_flight) >= BUCKETS_IN_FLIGHT:
-                gather(in_flight.popleft(), self.config.timeout_s)
+                calls, nbytes = in_flight.popleft()
+                gather(calls, self.config.timeout_s)
+                progress.advance(nbytes)
         return in_flight, messages, pack_seconds
 
     @staticmethod

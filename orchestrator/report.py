@@ -48,3 +48,25 @@ class ReloadReport:
         total_seconds = sum(self.seconds_by_kind.values())
         return (self.bytes_by_kind.get(kind, 0) / total_bytes if total_bytes else 0.0,
                 self.seconds_by_kind.get(kind, 0.0) / total_seconds if total_seconds else 0.0)
+
+    def table(self) -> str:
+        """The report as an aligned text table (serve logs, the RLHF example)."""
+        mb = 1e6
+        rows = [
+            ("version", str(self.version)),
+            ("source", f"{self.source} ({self.source_bytes / mb:.2f} MB, {self.buckets} "
+                       f"buckets, {self.order} order)"),
+            ("seconds", f"{self.seconds:.3f}  (" + ", ".join(
+                f"{k} {v:.3f}" for k, v in self.stage_seconds.items()) + ")"),
+            ("bytes read", ", ".join(f"e{e}/r{r} {b / mb:.2f} MB"
+                                     for (e, r), b in self.bytes_read.items())),
+            ("peak buffered", f"{self.peak_buffered_bytes / mb:.3f} MB per rank (predicted "
+                              f"{self.predicted_peak_buffered_bytes / mb:.3f} MB)"),
+            ("layers", f"{len(self.layers_reloaded)} reloaded, {len(self.layers_kept)} kept"),
+        ]
+        if self.bytes_by_kind.get("experts"):
+            nbytes, seconds = self.share("experts")
+            rows.append(("expert layers", f"{nbytes:.0%} of bytes, {seconds:.0%} of rank time"))
+        rows += [("warning", w) for w in self.warnings]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,60 @@
+"""Run as a subprocess by test_service.py: an RL driver (its own Ray connection, apart from
+the session's) that plays the trainer and the client of a `tp-reload serve` job. Writes
+step_1 and marks it, writes step_2 and leaves it unmarked for a while, then marks it; records
+the versions the client sees and checks the served logits against transformers. Prints one
+JSON line with what the test asserts."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from orchestrator import connect
+from tests.support import reference_logits, rel_l2, write_checkpoint
+
+MARKER = "COMPLETE"
+
+
+def wait_for_version(client, version: int, timeout_s: float = 120.0) -> float:
+    begin = time.monotonic()
+    while client.version() < version:
+        if time.monotonic() - begin > timeout_s:
+            raise TimeoutError(f"version {version} not served after {timeout_s}s")
+        time.sleep(0.2)
+    return time.monotonic() - begin
+
+
+def main(address: str, name: str, namespace: str, watch: str, unmarked_s: str) -> None:
+    watch_dir = Path(watch)
+    client = connect(name, namespace=namespace, address=address, wait_s=180)
+    prompt = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(8))
+    seen = {"start": client.version()}
+
+    step1 = write_checkpoint(watch_dir / "step_1", "llama", seed=72)
+    (step1 / MARKER).touch()
+    seen["step_1_after_s"] = wait_for_version(client, 1)
+    seen["after_step_1"] = client.version()
+    error_1 = rel_l2(client.forward(prompt), reference_logits(step1, prompt))
+
+    step2 = write_checkpoint(watch_dir / "step_2", "llama", seed=73)  # no marker yet
+    time.sleep(float(unmarked_s))
+    seen["step_2_unmarked"] = client.version()
+    (step2 / MARKER).touch()
+    wait_for_version(client, 2)
+    seen["after_step_2"] = client.version()
+    logits = client.forward(prompt)
+    tokens = client.generate(prompt, max_new_tokens=4)
+    status = client.status()
+    print(json.dumps({
+        "versions": seen, "status": status,
+        "errors": {"step_1": error_1, "step_2": rel_l2(logits, reference_logits(step2, prompt))},
+        "generated_shape": list(tokens.shape),
+    }))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

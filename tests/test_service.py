@@ -1,0 +1,200 @@
+"""Running it for real: a Ray head started with `ray start`, the serve entrypoint submitted
+with `ray job submit`, a trainer publishing step directories, a client on its own driver,
+`ray job stop`; a simulated two-node cluster; the YAML presets; the RLHF example."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from orchestrator import ConfigError, ReloadOrchestrator, load_engine_config
+from tests.support import write_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    if check and result.returncode:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n"
+                             f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def last_json(output: str) -> dict:
+    return json.loads([line for line in output.splitlines() if line.startswith("{")][-1])
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A head node of its own on loopback (`ray start --head --block`, stopped by
+    terminating that process: `ray stop` would also stop the session's Ray)."""
+    port, dashboard = free_port(), free_port()
+    temp_dir = Path(f"/tmp/tpr-{uuid.uuid4().hex[:6]}")  # short: Ray's socket paths
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         "--num-cpus=4", f"--temp-dir={temp_dir}", "--include-dashboard=true",
+         "--disable-usage-stats"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    jobs = f"http://127.0.0.1:{dashboard}"
+    deadline = time.monotonic() + 120
+    while run(str(BIN / "ray"), "job", "list", "--address", jobs, check=False).returncode:
+        assert head.poll() is None, "ray start --head exited"
+        assert time.monotonic() < deadline, "the job server did not come up"
+        time.sleep(1)
+    yield {"gcs": f"127.0.0.1:{port}", "jobs": jobs}
+    # SIGTERM lets `ray start --block` stop its processes, but some take ~30 s to go:
+    # after a grace period the whole process group (all of this head's processes) is killed.
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(head.pid, signal.SIGKILL)
+    head.wait(timeout=30)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ray_job_serves_and_watches_a_trainer(ray_head, tmp_path):
+    initial = write_checkpoint(tmp_path / "initial", "llama", seed=71)
+    watch = tmp_path / "trainer"
+    watch.mkdir()
+    name, namespace = "svc-under-test", "tp-reload-test"
+    config = tmp_path / "service.yaml"
+    config.write_text((REPO / "configs" / "tiny.yaml").read_text()
+                      .replace("poll_s: 1.0", "poll_s: 0.5"))
+    job = f"tp-reload-test-{uuid.uuid4().hex[:6]}"
+    ray = str(BIN / "ray")
+    submit = [ray, "job", "submit", "--address", ray_head["jobs"], "--no-wait",
+              "--submission-id", job, "--", str(BIN / "tp-reload"), "serve", "--config",
+              str(config), "--model", str(initial), "--watch", str(watch), "--name", name,
+              "--namespace", namespace]
+    deadline = time.monotonic() + 60
+    # The job server answers before its agent accepts jobs ("No available agent").
+    while (submitted := run(*submit, check=False)).returncode:
+        assert "No available agent" in submitted.stderr + submitted.stdout, submitted.stderr
+        assert time.monotonic() < deadline, "the job agent never became available"
+        time.sleep(2)
+    try:
+        scenario = run(sys.executable, "-m", "tests.service_scenario", ray_head["gcs"], name,
+                       namespace, str(watch), "3", timeout=400)
+    finally:
+        stop = run(ray, "job", "stop", "--address", ray_head["jobs"], job, check=False,
+                   timeout=120)
+    result = last_json(scenario.stdout)
+    versions = result["versions"]
+    assert versions["start"] == 0 and versions["after_step_1"] == 1
+    assert versions["step_2_unmarked"] == 1, "an unmarked checkpoint was loaded"
+    assert versions["after_step_2"] == 2
+    assert result["errors"]["step_1"] <= 1e-4 and result["errors"]["step_2"] <= 1e-4
+    assert result["status"]["last_step"] == "step_2"
+    assert result["generated_shape"] == [2, 14]
+
+    assert stop.returncode == 0, stop.stderr
+    status = run(ray, "job", "status", "--address", ray_head["jobs"], job).stdout
+    assert "was stopped" in status, status
+    logs = run(ray, "job", "logs", "--address", ray_head["jobs"], job).stdout
+    for line in ("serving", "step_1 -> version 1", "step_2 -> version 2",
+                 "stop requested", "stopped"):
+        assert line in logs, f"job log lacks '{line}':\n{logs[-3000:]}"
+    alive = run(ray, "list", "actors", "--address", ray_head["gcs"], "--filter",
+                "state=ALIVE", "--format", "json").stdout
+    # The state CLI prints a sentence instead of JSON when nothing matches.
+    actors = [] if alive.startswith("No resource") else json.loads(alive)
+    assert not [a for a in actors if a.get("ray_namespace") == namespace], alive
+
+
+def test_two_engines_spread_over_two_simulated_nodes(tmp_path):
+    scenario = run(sys.executable, "-m", "tests.multinode_scenario", str(tmp_path),
+                   str(REPO / "configs" / "multi_node.yaml"), timeout=400)
+    result = last_json(scenario.stdout)
+    engine_nodes = result["engine_nodes"]
+    assert result["strategy"] == ["STRICT_PACK", "SPREAD"]
+    assert all(len(set(ranks)) == 1 for ranks in engine_nodes), "an engine spans nodes"
+    assert sorted(ranks[0] for ranks in engine_nodes) == result["worker_nodes"], \
+        "engines should sit on the two worker nodes, one each"
+    assert result["versions"] == [1, 2]
+    for errors in result["errors"].values():
+        assert max(errors) <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def eight_head_checkpoint(tmp_path_factory) -> Path:
+    """Fits every preset, the TP=8 multi-node one included."""
+    return write_checkpoint(tmp_path_factory.mktemp("presets") / "ckpt", "llama", seed=3,
+                            num_attention_heads=8, num_key_value_heads=2)
+
+
+@pytest.mark.parametrize("preset", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_preset_loads_and_validates(preset, eight_head_checkpoint):
+    from orchestrator.yaml_config import load_file_config
+
+    config = load_file_config(preset, model=str(eight_head_checkpoint))
+    assert config.engine.model_spec.num_heads == 8
+    assert config.service.name
+    assert ReloadOrchestrator.from_yaml(str(preset), model=str(eight_head_checkpoint)).config \
+        == config.engine
+
+
+def test_presets_cover_the_documented_setups():
+    assert {p.stem for p in CONFIGS} >= {"tiny", "tp2_fp8", "two_engines", "multi_node"}
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("engine:\n  model: M\n  tensor_paralel_size: 2\n",
+     "unknown key 'tensor_paralel_size'; did you mean 'tensor_parallel_size'?"),
+    ("engine:\n  model: M\nservise:\n  name: x\n",
+     "unknown key 'servise'; did you mean 'service'?"),
+    ("engine:\n  model: M\nservice:\n  pol_s: 2\n", "did you mean 'poll_s'?"),
+    ("engine:\n  model: M\n  tensor_parallel_size: two\n",
+     "EngineConfig.tensor_parallel_size must be int, got 'two'"),
+    ("engine:\n  model: M\n  check_finite: 1\n", "EngineConfig.check_finite must be bool"),
+    ("engine:\n  model: M\nservice:\n  poll_s: fast\n", "ServiceConfig.poll_s must be a number"),
+    ("engine:\n  model: !!python/object/apply:os.system ['touch /tmp/pwned']\n",
+     "not a plain YAML config"),
+    ("service:\n  name: x\n", "the 'engine' section is missing"),
+    ("engine:\n  tensor_parallel_size: 2\n", "lacks required key(s) ['model']"),
+    ("- engine\n", "expected a mapping"),
+])
+def test_bad_configs_are_refused_by_name(tmp_path, eight_head_checkpoint, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text.replace("model: M", f"model: {eight_head_checkpoint}"))
+    with pytest.raises(ConfigError) as info:
+        load_engine_config(path)
+    assert message in str(info.value)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("args", [["--short"], ["--short", "--mode", "dir", "--quantization",
+                                                "fp8"]])
+def test_rlhf_example_runs_short(ray_cluster, capsys, args):
+    from examples.rlhf_loop import main
+
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [int(r[4]) for r in rows] == [1, 2], out  # versions advance once per step
+    assert "OK: the engine serves what the trainer trained" in out
