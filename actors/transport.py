@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 import warnings
 from contextlib import ExitStack
@@ -90,6 +92,12 @@ class BucketReader:
 
     def _slice(self, name: str, path: str) -> CheckpointSlice:
         if path not in self._handles:
+            if not os.path.isfile(path):
+                # The driver listed the file; this rank may run on another node.
+                raise FileNotFoundError(
+                    f"checkpoint file {path} is not readable on node "
+                    f"{socket.gethostname()}: checkpoint directories must be at the same path "
+                    "on every node (a shared filesystem), or pass the weights in memory")
             self._handles[path] = self._stack.enter_context(safe_open(path, framework="pt"))
         return CheckpointSlice(self._handles[path].get_slice(name), path, name)
 

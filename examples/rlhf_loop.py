@@ -12,7 +12,8 @@ In-memory mode hands the trainer's state dict over through Ray's object store; d
 saves ``step_N`` with ``save_pretrained`` plus a ``COMPLETE`` marker (the layout
 ``tp-reload serve --watch`` consumes) and reloads from the directory. Unquantized engines must
 reproduce the trainer exactly (greedy tokens equal, logits within 1e-4); FP8 engines must stay
-close (logits within 0.25 relative L2 of these random, quantization-unfriendly weights). The exit code says whether they did.
+close (logits within 0.25 relative L2 of these random, quantization-unfriendly weights).
+The exit code says whether they did.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ class Trainer:
     def rollout(self, prompts: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Greedy continuation and the prompt's logits, from the trainer's own model."""
         self.model.eval()
+        self.model.generation_config.eos_token_id = None  # like the engine: no stop at EOS
         tokens = self.model.generate(prompts, attention_mask=torch.ones_like(prompts),
                                      max_new_tokens=new_tokens, do_sample=False,
                                      pad_token_id=0)

@@ -357,7 +357,8 @@ class ReloadOrchestrator:
         return self._on_engine(engine, "forward", as_token_tensor(token_ids))[0]
 
     def generate(self, token_ids: Any, max_new_tokens: int = 8, engine: int = 0) -> torch.Tensor:
-        """Greedy decoding: prompt followed by ``max_new_tokens`` tokens, [B, T + N]."""
+        """Greedy decoding: prompt followed by exactly ``max_new_tokens`` tokens, [B, T + N]
+        (no stop at EOS: every sequence of a batch gets the same number of tokens)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         return self._on_engine(engine, "generate", as_token_tensor(token_ids), max_new_tokens)[0]

@@ -72,6 +72,7 @@ def reference_outputs(path: Path, prompt: torch.Tensor, new_tokens: int
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     with torch.no_grad():
         logits = model(prompt).logits
+        model.generation_config.eos_token_id = None  # like the engine: no stop at EOS
         tokens = model.generate(prompt, attention_mask=torch.ones_like(prompt),
                                 max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     return logits, tokens

@@ -83,8 +83,11 @@ def reference_logits(path: Path, token_ids: torch.Tensor) -> torch.Tensor:
 
 
 def reference_generate(path: Path, token_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy, exactly ``new_tokens`` tokens: EOS does not stop a sequence (nor the engine)."""
+    model = reference_model(path)
+    model.generation_config.eos_token_id = None
     with torch.no_grad():
-        return reference_model(path).generate(
+        return model.generate(
             token_ids, attention_mask=torch.ones_like(token_ids), max_new_tokens=new_tokens,
             do_sample=False, pad_token_id=0,
         )

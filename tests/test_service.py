@@ -50,12 +50,17 @@ def ray_head(tmp_path_factory):
     """A head node of its own on loopback (`ray start --head --block`, stopped by
     terminating that process: `ray stop` would also stop the session's Ray)."""
     port, dashboard = free_port(), free_port()
+    # Every port of its own: the session's Ray already holds the default agent ports.
+    ports = [f"--{flag}={free_port()}" for flag in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+        "metrics-export-port", "ray-client-server-port", "node-manager-port",
+        "object-manager-port")]
     temp_dir = Path(f"/tmp/tpr-{uuid.uuid4().hex[:6]}")  # short: Ray's socket paths
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
          "--num-cpus=4", f"--temp-dir={temp_dir}", "--include-dashboard=true",
-         "--disable-usage-stats"],
+         "--disable-usage-stats", *ports],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     jobs = f"http://127.0.0.1:{dashboard}"
@@ -92,7 +97,7 @@ def test_ray_job_serves_and_watches_a_trainer(ray_head, tmp_path):
               "--submission-id", job, "--", str(BIN / "tp-reload"), "serve", "--config",
               str(config), "--model", str(initial), "--watch", str(watch), "--name", name,
               "--namespace", namespace]
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180
     # The job server answers before its agent accepts jobs ("No available agent").
     while (submitted := run(*submit, check=False)).returncode:
         assert "No available agent" in submitted.stderr + submitted.stdout, submitted.stderr

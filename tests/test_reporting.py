@@ -1,0 +1,90 @@
+"""What the driver shows: progress for long loads, the report table, `tp-reload demo --json`,
+and the error a rank gives when a checkpoint path is not readable on its node."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+import orchestrator.progress as progress_module
+from actors.transport import BucketReader, FileBucket
+from orchestrator.cli import main as cli_main
+from orchestrator.progress import Progress
+from orchestrator.report import ReloadReport
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_silent_for_short_loads():
+    stream = io.StringIO()
+    bar = Progress("load v1", 3_000_000, 3, stream=stream)
+    for _ in range(3):
+        bar.advance(1_000_000)
+    bar.close()
+    assert stream.getvalue() == ""
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_progress_shows_buckets_bytes_and_rate_for_long_loads(monkeypatch, terminal):
+    monkeypatch.setattr(progress_module, "PROGRESS_AFTER_S", 0.0)
+    monkeypatch.setattr(progress_module, "LINE_EVERY_S", 3600.0)
+    stream = FakeTerminal() if terminal else io.StringIO()
+    bar = Progress("load v7", 4_000_000, 4, stream=stream)
+    for _ in range(4):
+        bar.advance(1_000_000)
+    bar.close()
+    out = stream.getvalue()
+    assert "load v7: bucket 4/4, 4.0/4.0 MB" in out and "MB/s" in out
+    if terminal:
+        assert out.count("\r") == 5 and out.endswith("\n"), "redrawn in place, then a newline"
+    else:
+        # Logs get the first line, then (rate-limited) only the final state.
+        assert [line.split(",")[0] for line in out.splitlines()] == ["load v7: bucket 1/4",
+                                                                     "load v7: bucket 4/4"]
+
+
+def test_progress_can_be_turned_off(monkeypatch):
+    monkeypatch.setattr(progress_module, "PROGRESS_AFTER_S", 0.0)
+    stream = io.StringIO()
+    bar = Progress("load v1", 10, 1, enabled=False, stream=stream)
+    bar.advance(10)
+    bar.close()
+    assert stream.getvalue() == ""
+
+
+def test_report_table_names_every_stage_rank_and_the_expert_share():
+    report = ReloadReport(
+        version=3, seconds=1.5, stage_seconds={"plan": 0.1, "transfer": 0.5, "load": 0.1,
+                                              "process": 0.7, "finalize": 0.1},
+        bytes_read={(0, 0): 2_000_000, (0, 1): 2_000_000}, peak_buffered_bytes=500_000,
+        predicted_peak_buffered_bytes=500_000, layers_reloaded=["a", "b"], layers_kept=["c"],
+        warnings=["engine 0 rank 1: two layers buffered"], order="plan", source="ckpt/step_3",
+        source_bytes=4_000_000, buckets=5, bytes_by_kind={"experts": 3_000_000,
+                                                          "dense": 1_000_000},
+        seconds_by_kind={"experts": 2.0, "dense": 2.0})
+    table = report.table()
+    for text in ("version        3", "ckpt/step_3 (4.00 MB, 5 buckets, plan order)",
+                 "process 0.700", "e0/r1 2.00 MB", "0.500 MB per rank (predicted 0.500 MB)",
+                 "2 reloaded, 1 kept", "75% of bytes, 50% of rank time",
+                 "two layers buffered"):
+        assert text in table, table
+    assert report.share("experts") == (0.75, 0.5)
+
+
+def test_rank_names_an_unreadable_checkpoint_path(tmp_path):
+    missing = tmp_path / "elsewhere" / "model.safetensors"
+    with pytest.raises(FileNotFoundError, match="same path on every node"):
+        BucketReader().items(FileBucket((("model.embed_tokens.weight", str(missing)),)))
+
+
+def test_demo_prints_json(ray_cluster, capsys):
+    assert cli_main(["demo", "--json", "--layers", "2", "--model", "mixtral"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["ok"] and result["reload"]["kernel_tensors_unchanged"]
+    assert result["logits_rel_l2_error_vs_transformers"] <= 1e-4
+    assert 0.5 < result["reload"]["expert_layers_share"]["bytes"] < 1
