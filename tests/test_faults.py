@@ -171,26 +171,35 @@ def test_checkpoint_of_a_different_model(engine, steps, prompt, tmp_path):
 # ---- rank failures -----------------------------------------------------------------------
 
 
+def reload_until_paused(orch, source: str, signal: Path, never_paused: str
+                        ) -> tuple[threading.Thread, list[BaseException]]:
+    """Run ``orch.reload(source)`` in a thread until the rank told to pause touches
+    ``signal``; the reload's error, if any, lands in the returned list."""
+    errors: list[BaseException] = []
+
+    def reload() -> None:
+        try:
+            orch.reload(source)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            errors.append(exc)
+
+    worker = threading.Thread(target=reload)
+    worker.start()
+    deadline = time.monotonic() + 60
+    while not signal.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert signal.exists(), never_paused
+    return worker, errors
+
+
 @pytest.mark.parametrize("stage", ["transfer", "process"])
 def test_rank_killed_mid_reload_is_rebuilt(ray_cluster, steps, prompt, tmp_path, stage):
     with start(steps["a"], 2) as orch:
         served = Served(orch, prompt)
         signal = tmp_path / "paused"
         orch.inject_fault(stage, "pause", engine=0, rank=1, signal_path=str(signal))
-        errors: list[BaseException] = []
-
-        def reload() -> None:
-            try:
-                orch.reload(str(steps["b"]))
-            except BaseException as exc:  # noqa: BLE001 - handed to the test thread
-                errors.append(exc)
-
-        worker = threading.Thread(target=reload)
-        worker.start()
-        deadline = time.monotonic() + 60
-        while not signal.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert signal.exists(), f"rank 1 never reached the {stage} stage"
+        worker, errors = reload_until_paused(orch, str(steps["b"]), signal,
+                                             f"rank 1 never reached the {stage} stage")
         ray.kill(orch.engines[0].ranks[1], no_restart=False)
         worker.join(timeout=120)
         assert len(errors) == 1 and isinstance(errors[0], RankError)
@@ -245,19 +254,8 @@ def test_serving_during_a_reload_fails_fast_when_configured(ray_cluster, steps, 
     with start(steps["a"], 1, serve_during_reload="fail") as orch:
         signal = tmp_path / "paused"
         orch.inject_fault("transfer", "pause", signal_path=str(signal))
-        errors: list[BaseException] = []
-
-        def reload() -> None:
-            try:
-                orch.reload(str(steps["b"]))
-            except BaseException as exc:  # noqa: BLE001 - handed to the test thread
-                errors.append(exc)
-
-        worker = threading.Thread(target=reload)
-        worker.start()
-        deadline = time.monotonic() + 60
-        while not signal.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        worker, errors = reload_until_paused(orch, str(steps["b"]), signal,
+                                             "rank 0 never reached the transfer stage")
         with pytest.raises(ReloadInProgressError):
             orch.forward(prompt)
         ray.kill(orch.engines[0].ranks[0], no_restart=False)
