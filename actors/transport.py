@@ -1,7 +1,8 @@
 """How a bucket of source tensors reaches a rank.
 
-* ``FileBucket``: a checkpoint directory every rank can read. The driver sends names only;
-  each rank opens the files itself and its loaders read just the rank's windows.
+* ``FileBucket``: a checkpoint directory every rank can read. The driver sends names, files
+  and shapes, never data; each rank opens the files itself and its loaders read just the
+  rank's windows.
 * ``PackedBucket``: in-memory tensors as raw byte views, ``ray.put`` once (one copy into the
   node's object store, no staging buffer), fetched by every rank zero-copy and sliced locally;
   the reload engine copies out only the windows the rank keeps, and only if it must keep
@@ -23,12 +24,28 @@ import torch
 from safetensors import safe_open
 
 from actors.checkpoint import CheckpointSlice
+from actors.lazy import LazyWindow, TensorWindow
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``'bfloat16'`` (``getattr(torch, name)`` turns it back)."""
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    name: str
+    file: str
+    """Absolute path of the safetensors file holding it."""
+    dtype: str
+    """torch dtype name, e.g. ``bfloat16``."""
+    shape: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class FileBucket:
-    entries: tuple[tuple[str, str], ...]
-    """(tensor name, safetensors file path) in stream order."""
+    entries: tuple[FileEntry, ...]
+    """In stream order. Shapes travel too: a rank that cannot read keeps count with them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +72,7 @@ def pack_tensors(tensors: list[tuple[str, torch.Tensor]]
     entries, arrays = [], []
     for name, tensor in tensors:
         raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        entries.append(PackedEntry(name, str(tensor.dtype).removeprefix("torch."),
-                                   tuple(tensor.shape)))
+        entries.append(PackedEntry(name, dtype_name(tensor.dtype), tuple(tensor.shape)))
         arrays.append(raw.numpy())
     return tuple(entries), arrays
 
@@ -80,15 +96,16 @@ class BucketReader:
         self._handles: dict[str, Any] = {}
         self.fetch_seconds = 0.0
 
-    def items(self, bucket: FileBucket | PackedBucket) -> list[tuple[str, Any]]:
+    def items(self, bucket: FileBucket | PackedBucket) -> list[tuple[str, LazyWindow]]:
         if isinstance(bucket, FileBucket):
-            return [(name, self._slice(name, path)) for name, path in bucket.entries]
+            return [(e.name, self._slice(e.name, e.file)) for e in bucket.entries]
         import ray
 
         begin = time.perf_counter()
         arrays = ray.get(bucket.payload[0])
         self.fetch_seconds += time.perf_counter() - begin
-        return unpack_tensors(bucket.entries, arrays)
+        return [(name, TensorWindow(name, tensor))
+                for name, tensor in unpack_tensors(bucket.entries, arrays)]
 
     def _slice(self, name: str, path: str) -> CheckpointSlice:
         if path not in self._handles:

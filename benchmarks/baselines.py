@@ -31,7 +31,7 @@ from torch import nn
 
 from actors.model import TPGroup, build_model, load_spec
 from actors.rank import process_memory, reset_peak_rss
-from actors.transport import BucketReader, FileBucket
+from actors.transport import BucketReader, FileBucket, FileEntry, dtype_name
 from orchestrator.inventory import checkpoint_inventory
 from quant import QuantConfig
 
@@ -42,7 +42,6 @@ class RankWork:
         self.model = build_model(load_spec(model_dir), tp=TPGroup(rank, tp), dtype=dtype,
                                  device=torch.device("cpu"), quant=QuantConfig(quantization))
         for module in self.model.modules():
-            module.restore_device = torch.device("cpu")
             for name, param in list(module._parameters.items()):
                 if param is not None and param.is_meta:
                     real = nn.Parameter(torch.zeros_like(param, device="cpu"), requires_grad=False)
@@ -75,7 +74,8 @@ class RankWork:
 
 
 def file_entries(model_dir: Path) -> FileBucket:
-    return FileBucket(tuple((i.name, i.file) for i in checkpoint_inventory(model_dir)))
+    return FileBucket(tuple(FileEntry(i.name, i.file, dtype_name(i.torch_dtype), i.shape)
+                            for i in checkpoint_inventory(model_dir)))
 
 
 def _one_rank(work: RankWork, model_dir: Path | None,
@@ -243,3 +243,39 @@ def run_peer(kind: str, model_dir: Path, tp: int, dtype: str, quantization: str 
     repetitions = [max((by_rank[r][i] for r in by_rank), key=lambda s: sum(s.values()))
                    for i in range(repeats)]
     return repetitions, max(peak for _, _, peak in rows)
+
+
+# ---- vLLM's own reload, on the same engines ---------------------------------------------
+
+
+def _vllm_reload_weights(rank: Any, path: str | None, ref: list[Any] | None) -> None:
+    """Runs inside a vLLM rank actor (``__ray_call__``): vLLM's ``reload_weights`` from the
+    directory, or from the in-memory dict the driver put once (each rank gets it from the
+    object store and hands vLLM an iterator). The prefix cache goes, as after our commit."""
+    import ray
+
+    llm = rank.runtime.llm
+    if path is not None:
+        # Engines are built with load_format="dummy": reading a directory takes vLLM's
+        # default (safetensors) loader, the one its own first load would use.
+        llm.llm_engine.vllm_config.load_config.load_format = "auto"
+        llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
+    else:
+        weights = ray.get(ref[0])
+        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights.items())})
+    llm.reset_prefix_cache()
+
+
+def vllm_reload_seconds(engines: list[Any], model_dir: Path | None,
+                        tensors: dict[str, torch.Tensor] | None, timeout_s: float) -> float:
+    """Wall seconds of vLLM's native reload on every rank of ``engines`` (the peer of an
+    ``engine='vllm'`` orchestrator's reload), the driver's object-store put included."""
+    import ray
+
+    begin = time.perf_counter()
+    ref = None if tensors is None else [ray.put(tensors)]
+    path = None if model_dir is None else str(model_dir)
+    calls = [actor.__ray_call__.remote(_vllm_reload_weights, path, ref)
+             for engine in engines for actor in engine.ranks]
+    ray.get(calls, timeout=timeout_s)
+    return time.perf_counter() - begin

@@ -1,11 +1,14 @@
 """Reload time and memory: tp-reload against the machine's floor and real peers, in one run.
 
-    python -m benchmarks.reload_bench [--size 0.5b] [--quick] [--json out.json] [--plot out.png]
+    python -m benchmarks.reload_bench [--engine native|vllm] [--size 0.5b] [--quick]
+                                      [--json out.json] [--plot out.png]
 
-Cases: TP in {1, 2} x quantization in {none, fp8} x source in {dir, dict} x order in
-{plan, source}. For each: ours (``orch.reload`` end to end, stage breakdown), the floor and
-the peers (``benchmarks.baselines``), repeated (min and median), peak buffered bytes and the
-peak RSS of each path's rank processes. Prints a table and whether each target holds.
+Cases: TP in {1, 2} x quantization in {none, fp8} (vLLM: fp8_per_channel) x source in
+{dir, dict} x order in {plan, source}. For each: ours (``orch.reload`` end to end, stage
+breakdown), the floor and the peers (``benchmarks.baselines``), repeated (min and median),
+peak buffered bytes and the peak RSS of each path's rank processes. Peers: DCP and full load
+for the native engine; vLLM's own ``reload_weights`` on the same engines for ``--engine
+vllm``. Prints a table and whether each target holds.
 """
 
 from __future__ import annotations
@@ -25,18 +28,26 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from benchmarks.baselines import RankWork, concurrent_floor_seconds, floor_seconds, run_peer
+from benchmarks.baselines import (
+    RankWork,
+    concurrent_floor_seconds,
+    floor_seconds,
+    run_peer,
+    vllm_reload_seconds,
+)
 from benchmarks.checkpoints import SIZES, ensure_checkpoint, half_depth, parameter_count
 from orchestrator import EngineConfig, ReloadOrchestrator
 from orchestrator.inventory import checkpoint_files
 
 log = logging.getLogger("tp_reload.bench")
 PEERS = ("dcp", "full")
+QUANTIZATIONS = {"native": (None, "fp8"), "vllm": (None, "fp8_per_channel")}
 MB = 1e6
 
 
 @dataclass
 class Case:
+    engine: str
     tp: int
     quantization: str | None
     source: str
@@ -54,12 +65,14 @@ class Case:
 
     @property
     def name(self) -> str:
-        return f"tp{self.tp}-{self.quantization or 'none'}-{self.source}-{self.order}"
+        prefix = "" if self.engine == "native" else f"{self.engine}-"
+        return f"{prefix}tp{self.tp}-{self.quantization or 'none'}-{self.source}-{self.order}"
 
     def summary(self) -> dict[str, Any]:
         best_peer = min((min(v) for v in self.peers.values()), default=None)
         return {
-            "case": self.name, "tp": self.tp, "quantization": self.quantization,
+            "case": self.name, "engine": self.engine, "tp": self.tp,
+            "quantization": self.quantization,
             "source": self.source, "order": self.order,
             "ours_s": min(self.ours), "ours_median_s": statistics.median(self.ours),
             "ours_stage_seconds": median_stages(self.ours_stages),
@@ -93,6 +106,7 @@ class Options:
     workdir: Path
     bucket_bytes: int
     check_finite: bool = True
+    engine: str = "native"
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -103,12 +117,16 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def engine_config(path: Path, tp: int, quantization: str | None, opts: Options) -> EngineConfig:
+def engine_config(path: Path, tp: int, quantization: str | None, opts: Options,
+                  engine: str | None = None) -> EngineConfig:
     cores = os.cpu_count() or 1
-    return EngineConfig(model=str(path), tensor_parallel_size=tp, dtype="bfloat16",
-                        quantization=quantization, num_cpus_per_rank=max(0.5, cores / tp),
-                        bucket_bytes=opts.bucket_bytes, timeout_s=1800,
-                        check_finite=opts.check_finite)
+    engine = engine or opts.engine
+    return EngineConfig(model=str(path), engine=engine, tensor_parallel_size=tp,
+                        dtype="bfloat16", quantization=quantization,
+                        num_cpus_per_rank=max(0.5, cores / tp), bucket_bytes=opts.bucket_bytes,
+                        timeout_s=1800, check_finite=opts.check_finite,
+                        engine_args={"kv_cache_memory_bytes": 256 << 20}
+                        if engine == "vllm" else {})
 
 
 def measure_ours(orch: ReloadOrchestrator, case: Case, source: Any, repeats: int) -> None:
@@ -125,13 +143,32 @@ def measure_ours(orch: ReloadOrchestrator, case: Case, source: Any, repeats: int
 
 def run_engine_cases(path: Path, tp: int, quantization: str | None, tensors: dict,
                      opts: Options) -> list[Case]:
-    cases = [Case(tp, quantization, s, o) for s in ("dir", "dict") for o in ("plan", "source")]
+    cases = [Case(opts.engine, tp, quantization, s, o)
+             for s in ("dir", "dict") for o in ("plan", "source")]
     with ReloadOrchestrator(engine_config(path, tp, quantization, opts)) as orch:
         for case in cases:
             source = str(path) if case.source == "dir" else tensors
             measure_ours(orch, case, source, opts.repeats)
-            log.warning("ours %-24s min %.3fs", case.name, min(case.ours))
+            log.warning("ours %-28s min %.3fs", case.name, min(case.ours))
+        if opts.engine == "vllm":
+            measure_vllm_peer(orch, path, tensors, cases, opts.repeats)
     return cases
+
+
+def measure_vllm_peer(orch: ReloadOrchestrator, path: Path, tensors: dict, cases: list[Case],
+                      repeats: int) -> None:
+    """vLLM's own reload_weights on the same engines, from the same sources; then one of
+    ours, so the engines serve through our records again."""
+    for kind in ("dir", "dict"):
+        seconds = [vllm_reload_seconds(orch.engines, path if kind == "dir" else None,
+                                       tensors if kind == "dict" else None, 1800)
+                   for _ in range(repeats)]
+        log.warning("peer vllm %-4s tp%d %-15s min %.3fs", kind, cases[0].tp,
+                    cases[0].quantization or "none", min(seconds))
+        for case in cases:
+            if case.source == kind:
+                case.peers["vllm"] = seconds
+    orch.reload(str(path))
 
 
 def run_floor(path: Path, tp: int, quantization: str | None, tensors: dict,
@@ -174,7 +211,7 @@ def buffered_timelines(path: Path, tensors: dict, opts: Options) -> dict[str, li
     random.Random(0).shuffle(names)
     shuffled = {n: tensors[n] for n in names}
     timelines = {}
-    with ReloadOrchestrator(engine_config(path, max(opts.tps), None, opts)) as orch:
+    with ReloadOrchestrator(engine_config(path, max(opts.tps), None, opts, "native")) as orch:
         for label, source in (("dir", str(path)), ("shuffled dict", shuffled)):
             for order in ("plan", "source"):
                 report = orch.reload(source, order=order)
@@ -186,7 +223,8 @@ def depth_check(path: Path, opts: Options) -> list[dict[str, Any]]:
     """Plan-order peak buffered bytes at two depths of the same width."""
     rows = []
     for model in (half_depth(path), path):
-        with ReloadOrchestrator(engine_config(model, max(opts.tps), None, opts)) as orch:
+        with ReloadOrchestrator(engine_config(model, max(opts.tps), None, opts,
+                                              "native")) as orch:
             report = orch.reload(str(model), order="plan")
             plan = orch.plan(str(model))
             layers = orch.config.model_spec.num_layers
@@ -205,20 +243,24 @@ def run(opts: Options) -> dict[str, Any]:
              ignore_reinit_error=True)
     cases: list[Case] = []
     for tp in opts.tps:
-        for quantization in (None, "fp8"):
+        for quantization in QUANTIZATIONS[opts.engine]:
             group = run_engine_cases(path, tp, quantization, tensors, opts)
             run_floor(path, tp, quantization, tensors, group, opts.repeats)
-            run_peers(path, tp, quantization, group, opts.repeats)
+            if opts.engine == "native":
+                run_peers(path, tp, quantization, group, opts.repeats)
             cases += group
-    timelines = buffered_timelines(path, tensors, opts)
-    depths = depth_check(path, opts)
+    # Buffering is the planner's and the reload engine's: the same for every engine, so it is
+    # measured on the native one (an --engine vllm run compares against vLLM instead).
+    native = opts.engine == "native"
+    timelines = buffered_timelines(path, tensors, opts) if native else {}
+    depths = depth_check(path, opts) if native else []
     fields, _ = SIZES[opts.size]
     return {
         "machine": machine_description(),
         "model": {"size": opts.size, "parameters": parameter_count(fields), **fields,
                   "dtype": "bfloat16", "checkpoint_bytes": sum(t.nbytes for t in tensors.values()),
                   "files": len(checkpoint_files(path))},
-        "repeats": opts.repeats, "bucket_bytes": opts.bucket_bytes,
+        "engine": opts.engine, "repeats": opts.repeats, "bucket_bytes": opts.bucket_bytes,
         "check_finite": opts.check_finite,
         "cases": [c.summary() for c in cases],
         "buffered_timelines": timelines,
@@ -239,19 +281,23 @@ def machine_description() -> dict[str, Any]:
 
 def targets(result: dict[str, Any]) -> list[tuple[str, bool, str]]:
     cases = {c["case"]: c for c in result["cases"]}
+    engine = result.get("engine", "native")
+    prefix = "" if engine == "native" else f"{engine}-"
     out = []
-    for quant in ("none", "fp8"):
-        case = cases.get(f"tp2-{quant}-dir-plan")
+    for quant in QUANTIZATIONS[engine]:
+        case = cases.get(f"{prefix}tp2-{quant or 'none'}-dir-plan")
         if case:
             ratio = case["ratio_to_floor"]
-            out.append((f"ours/floor <= 1.5, dir source, TP=2, {quant}", ratio <= 1.5,
-                        f"{ratio:.2f}"))
+            out.append((f"ours/floor <= 1.5, dir source, TP=2, {quant or 'none'}",
+                        ratio <= 1.5, f"{ratio:.2f}"))
     for case in result["cases"]:
-        if case["source"] == "dir" and case["order"] == "plan" and case["peers"]:
+        if case["order"] == "plan" and case["peers"]:
             ratio = case["ratio_to_best_peer"]
             out.append((f"ours faster than every peer, {case['case']}", ratio < 1.0,
-                        f"ours/best peer {ratio:.2f}"))
+                        f"ours/best peer ({', '.join(case['peers'])}) {ratio:.2f}"))
     depths = result["depths"]
+    if not depths:
+        return out
     same = len({d["peak_buffered_bytes"] for d in depths}) == 1
     detail = ", ".join(f"{d['layers']} layers: {d['peak_buffered_bytes'] / MB:.1f} MB (largest "
                        f"layer {d['largest_layer_rank_bytes'] / MB:.1f} MB)" for d in depths)
@@ -261,23 +307,18 @@ def targets(result: dict[str, Any]) -> list[tuple[str, bool, str]]:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    header = (f"{'case':<24} {'ours min/med s':>15} {'floor s':>8} {'x floor':>7} "
-              f"{'dcp s':>7} {'full s':>7} {'x peer':>6} {'buf MB (pred)':>14} "
-              f"{'RSS MB ours/dcp/full':>21}")
+    header = (f"{'case':<36} {'ours min/med s':>15} {'floor s':>8} {'x floor':>7} "
+              f"{'peers min s':>22} {'x peer':>6} {'buf MB (pred)':>14} {'RSS MB ours':>11}")
     lines = [header, "-" * len(header)]
     for c in result["cases"]:
-        peers = c["peers"]
-        rss = c["peak_rss_bytes"]
         ratio_peer = f"{c['ratio_to_best_peer']:.2f}" if c["ratio_to_best_peer"] else "-"
-        rss_text = "/".join(f"{rss[k] / MB:.0f}" if k in rss else "-" for k in ("ours", *PEERS))
+        peers = " ".join(f"{k} {v:.3f}" for k, v in c["peers"].items()) or "-"
         lines.append(
-            f"{c['case']:<24} {c['ours_s']:>7.3f}/{c['ours_median_s']:<7.3f} "
-            f"{c['floor_s']:>8.3f} {c['ratio_to_floor']:>7.2f} "
-            f"{peers.get('dcp', float('nan')):>7.3f} {peers.get('full', float('nan')):>7.3f} "
-            f"{ratio_peer:>6} "
+            f"{c['case']:<36} {c['ours_s']:>7.3f}/{c['ours_median_s']:<7.3f} "
+            f"{c['floor_s']:>8.3f} {c['ratio_to_floor']:>7.2f} {peers:>22} {ratio_peer:>6} "
             f"{c['peak_buffered_bytes'] / MB:>6.1f} "
             f"({c['predicted_peak_buffered_bytes'] / MB:>5.1f}) "
-            f"{rss_text:>21}")
+            f"{c['peak_rss_bytes']['ours'] / MB:>11.0f}")
     return "\n".join(lines)
 
 
@@ -312,6 +353,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.reload_bench")
+    parser.add_argument("--engine", choices=list(QUANTIZATIONS), default="native")
     parser.add_argument("--size", choices=list(SIZES), default="0.5b")
     parser.add_argument("--quick", action="store_true", help="small model, 2 repeats (~1 min)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -327,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = Options(size="quick" if args.quick else args.size,
                    repeats=2 if args.quick else args.repeats, tps=tuple(args.tp),
                    workdir=args.workdir, bucket_bytes=args.bucket_bytes,
-                   check_finite=not args.no_check_finite)
+                   check_finite=not args.no_check_finite, engine=args.engine)
     result = run(opts)
     result["targets"] = [{"target": t, "holds": ok, "measured": m} for t, ok, m in targets(result)]
     model = result["model"]

@@ -10,7 +10,7 @@ from orchestrator.errors import (
     ReloadInProgressError,
     TPReloadError,
 )
-from orchestrator.report import ReloadReport
+from orchestrator.report import ReloadReport, Samples
 from orchestrator.service import ServiceClient, connect
 from orchestrator.yaml_config import ServiceConfig, load_engine_config
 
@@ -23,6 +23,7 @@ __all__ = [
     "RecoveryError",
     "ReloadInProgressError",
     "ReloadOrchestrator",
+    "Samples",
     "ServiceClient",
     "ServiceConfig",
     "TPReloadError",

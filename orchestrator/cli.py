@@ -17,11 +17,14 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="serve a small random model with TP, reload it, "
                                             "check both against transformers")
     defaults = DemoOptions()
+    demo.add_argument("--engine", default=defaults.engine, choices=("vllm", "native"),
+                      help="inference engine (default: %(default)s)")
     demo.add_argument("--tp", type=int, default=defaults.tensor_parallel_size)
     demo.add_argument("--layers", type=int, default=defaults.num_layers)
     demo.add_argument("--cpus-per-rank", type=float, default=defaults.num_cpus_per_rank)
     demo.add_argument("--quantization", default=None,
-                      choices=("fp8", "fp8_per_channel", "fp8_block", "w4a8"))
+                      help="online quantization the engine runs (native: fp8, fp8_per_channel, "
+                           "fp8_block, w4a8; vllm on CPU: fp8_per_channel)")
     demo.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"))
     demo.add_argument("--model", default=defaults.model, choices=tuple(DEMO_MODELS),
                       help="random model family (default: %(default)s)")
@@ -50,16 +53,25 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "demo":
-        result = run_demo(DemoOptions(tensor_parallel_size=args.tp, num_layers=args.layers,
-                                      num_cpus_per_rank=args.cpus_per_rank,
-                                      quantization=args.quantization,
-                                      kv_cache_dtype=args.kv_cache_dtype,
-                                      model=args.model))
-        print(json.dumps(result, indent=2) if args.json else format_summary(result))
-        return 0 if result["ok"] else 1
+        return run_demo_command(args)
     if args.command == "serve":
         return run_serve(args)
     return print_plan(args)
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    from orchestrator.errors import TPReloadError
+
+    try:
+        result = run_demo(DemoOptions(
+            engine=args.engine, tensor_parallel_size=args.tp, num_layers=args.layers,
+            num_cpus_per_rank=args.cpus_per_rank, quantization=args.quantization,
+            kv_cache_dtype=args.kv_cache_dtype, model=args.model))
+    except TPReloadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2) if args.json else format_summary(result))
+    return 0 if result["ok"] else 1
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -84,7 +96,12 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def print_plan(args: argparse.Namespace) -> int:
+    import logging
+
+    import torch
+
     from actors.model import check_tp, load_spec
+    from actors.model.reloadable import route_on_meta
     from orchestrator.errors import TPReloadError
     from orchestrator.inventory import open_source
     from orchestrator.planning import build_plan, resolve_dtype
@@ -96,8 +113,12 @@ def print_plan(args: argparse.Namespace) -> int:
         source = open_source(args.checkpoint)
         dtype = resolve_dtype(args.dtype, list(source.tensors))
         quant = QuantConfig(args.quantization, args.kv_cache_dtype)
-        plan, _ = build_plan(source, spec=spec, tp=args.tp, dtype=dtype, quant=quant,
-                             bucket_bytes=args.bucket_bytes, order=args.order)
+        def route(tensors):
+            return route_on_meta(spec, args.tp, getattr(torch, dtype), quant, tensors,
+                                 logging.getLogger("tp_reload.plan"))
+
+        plan, _ = build_plan(source, route=route, bucket_bytes=args.bucket_bytes,
+                             order=args.order)
     except (TPReloadError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -18,7 +18,8 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.rank import RankActor
+from actors.rank import CONTROL_GROUP, RankActor
+from actors.reload import PeerFailedError
 from orchestrator.config import EngineConfig
 from orchestrator.errors import CheckpointError, RankError
 
@@ -29,20 +30,32 @@ ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 def gather(calls: Mapping[RankKey, ray.ObjectRef], timeout_s: float) -> dict[RankKey, Any]:
     """Wait for every call; the first failure raises at once (other ranks may be blocked in
-    a collective that can no longer complete, so waiting for them would hang)."""
+    a collective that can no longer complete, so waiting for them would hang). A rank that
+    only stopped because a peer failed (failure consensus) is not the news: its peers answer
+    the same call, and the one that failed is reported."""
     pending = {ref: key for key, ref in calls.items()}
     results: dict[RankKey, Any] = {}
+    deferred: BaseException | None = None
     deadline = time.monotonic() + timeout_s
     while pending:
         remaining = deadline - time.monotonic()
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, remaining))
         if not ready:
+            if deferred is not None:
+                raise deferred
             engine, rank = sorted(pending.values())[0]
             raise RankError(engine, rank, f"no answer within {timeout_s:.0f}s "
                             f"(still waiting on {sorted(pending.values())})")
         for ref in ready:
             key = pending.pop(ref)
-            results[key] = _result(key, ref)
+            try:
+                results[key] = _result(key, ref)
+            except RankError as exc:
+                if not isinstance(getattr(exc.__cause__, "cause", None), PeerFailedError):
+                    raise
+                deferred = deferred or exc
+    if deferred is not None:
+        raise deferred
     return results
 
 
@@ -126,7 +139,9 @@ def create_engine(index: int, cfg: EngineConfig, dtype: str,
             f"placement group of {tp} x {_bundle(cfg)} not ready after {cfg.timeout_s:.0f}s; "
             f"the cluster has {ray.available_resources()} available (lower num_cpus_per_rank?)"
         )) from exc
-    remote = ray.remote(RankActor)
+    # ping answers even while the rank is busy (or stuck in a collective).
+    remote = ray.remote(concurrency_groups={CONTROL_GROUP: 1})(RankActor)
+    options = cfg.options(dtype)
     ranks = [
         remote.options(
             num_cpus=cfg.num_cpus_per_rank,
@@ -136,8 +151,7 @@ def create_engine(index: int, cfg: EngineConfig, dtype: str,
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=group, placement_group_bundle_index=rank
             ),
-        ).remote(engine=index, rank=rank, world_size=tp, spec=cfg.model_spec, dtype=dtype,
-                 device=cfg.device, quant=cfg.quant, timeout_s=cfg.timeout_s,
+        ).remote(engine=index, rank=rank, options=options, timeout_s=cfg.timeout_s,
                  check_finite=cfg.check_finite)
         for rank in range(tp)
     ]
@@ -166,6 +180,33 @@ def rank_pids(engines: list[Engine], timeout_s: float) -> dict[RankKey, int]:
             raise RankError(engine, rank, f"did not come back within {timeout_s:.0f}s "
                             "(max_rank_restarts exhausted?)")
         time.sleep(0.2)
+
+
+def restart_ranks(engine: Engine, keys: set[RankKey], pids: dict[RankKey, int],
+                  timeout_s: float) -> dict[RankKey, int]:
+    """Kill the ranks ``keys`` of ``engine`` so Ray restarts them, and wait until each one
+    answers from a new process (``ray.kill`` is asynchronous: until then the old process may
+    still answer). Returns their new pids."""
+    for _, rank in keys:
+        ray.kill(engine.ranks[rank], no_restart=False)
+    deadline = time.monotonic() + timeout_s
+    fresh: dict[RankKey, int] = {}
+    while len(fresh) < len(keys):
+        for key in sorted(keys - set(fresh)):
+            ref = engine.ranks[key[1]].ping.remote()
+            try:
+                pid = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+            except (RayActorError, GetTimeoutError):
+                continue
+            if pid != pids[key]:
+                fresh[key] = pid
+        if time.monotonic() >= deadline:
+            missing = sorted(keys - set(fresh))
+            raise RankError(*missing[0], f"not restarted within {timeout_s:.0f}s "
+                            f"(max_rank_restarts exhausted?); waiting on {missing}")
+        if len(fresh) < len(keys):
+            time.sleep(0.1)
+    return fresh
 
 
 def connect_engines(engines: list[Engine], timeout_s: float) -> None:

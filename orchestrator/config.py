@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
-import torch
-
-from actors.model import ModelSpec, TPGroup, build_model, check_tp, load_spec
+from actors.engines import ENGINES, EngineOptions, engine_kind, load_object
+from actors.model import ModelSpec
 from orchestrator.errors import ConfigError
-from quant import KV_CACHE_METHODS, LINEAR_METHODS, QuantConfig
+from quant import QuantConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
-KV_CACHE_DTYPES = tuple(KV_CACHE_METHODS)
+KV_CACHE_DTYPES = ("auto", "fp8")
 KV_SCALES = ("checkpoint", "calibrate")
 PLACEMENT_STRATEGIES = ("PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD")
 ENGINE_PLACEMENTS = ("SPREAD", "ANY")
@@ -23,6 +23,9 @@ ENGINE_PLACEMENTS = ("SPREAD", "ANY")
 class EngineConfig:
     model: str
     """Hugging Face checkpoint directory (config.json + safetensors) of the first load."""
+    engine: str = "native"
+    """Inference engine of every rank: 'native' (tp-reload's reference runtime) or 'vllm'
+    (each rank actor hosts one TP rank of a vLLM engine: the production engine)."""
     tensor_parallel_size: int = 1
     """Ranks per engine; each rank is one Ray actor holding one TP shard."""
     num_engines: int = 1
@@ -30,9 +33,11 @@ class EngineConfig:
     dtype: str = "auto"
     """Engine dtype: 'auto' keeps the checkpoint's dtype; 'float32' for exact comparisons."""
     quantization: str | None = None
-    """Online quantization of linear layers: None (full precision), 'fp8' (per tensor),
-    'fp8_per_channel', 'fp8_block' (128x128) or 'w4a8' (int4 groups of 128, FP8 activations).
-    Every load and reload re-quantizes the new weights on each rank."""
+    """Online quantization, re-applied to the new weights on each rank at every load.
+    native: None (full precision), 'fp8' (per tensor), 'fp8_per_channel', 'fp8_block'
+    (128x128) or 'w4a8' (int4 groups of 128, FP8 activations). vllm: vLLM's own online
+    names (e.g. 'fp8_per_channel'); one this platform cannot run is refused with the list
+    of those it can."""
     kv_cache_dtype: str = "auto"
     """KV-cache storage: 'auto' (engine dtype) or 'fp8' (with per-layer k/v scales)."""
     kv_scales: str = "checkpoint"
@@ -66,25 +71,34 @@ class EngineConfig:
     progress: bool = True
     """Show progress (bucket, bytes, rate) on stderr for loads that run longer than
     PROGRESS_AFTER_S seconds."""
-    model_spec: ModelSpec = field(init=False, repr=False, compare=False)
-    """Parsed from <model>/config.json during validation."""
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments of the engine's constructor (vLLM's ``LLM(...)``, e.g.
+    ``{"kv_cache_memory_bytes": 1 << 28}``); the native engine takes none."""
+    model_spec: ModelSpec | None = field(init=False, repr=False, compare=False)
+    """Native engine: parsed from <model>/config.json during validation (the driver plans
+    on meta copies of the model). None for engines that plan on their ranks."""
 
     def __post_init__(self) -> None:
         self._check_types()
         self._check_values()
         try:
-            self.model_spec = load_spec(self.model)
-            check_tp(self.model_spec, self.tensor_parallel_size)
-            # Quant methods check their own shape constraints while creating weights; a
-            # meta build (no memory) surfaces them here rather than on a rank.
-            build_model(self.model_spec, tp=TPGroup(0, self.tensor_parallel_size),
-                        dtype=torch.float32, device=torch.device("meta"), quant=self.quant)
+            self.model_spec = load_object(engine_kind(self.engine).check)(self.options(
+                self.dtype))
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
 
     @property
     def quant(self) -> QuantConfig:
+        """The native engine's quant config."""
         return QuantConfig(self.quantization, self.kv_cache_dtype)
+
+    def options(self, dtype: str) -> EngineOptions:
+        """What every rank needs to build its part of an engine, with the resolved dtype."""
+        return EngineOptions(
+            engine=self.engine, model=self.model, tensor_parallel_size=self.tensor_parallel_size,
+            dtype=dtype, quantization=self.quantization, kv_cache_dtype=self.kv_cache_dtype,
+            device=self.device, num_cpus=self.num_cpus_per_rank,
+            engine_args=dict(self.engine_args))
 
     def _check_types(self) -> None:
         expected = {
@@ -94,7 +108,8 @@ class EngineConfig:
             "device": (str,), "num_cpus_per_rank": (int, float), "bucket_bytes": (int,),
             "placement_strategy": (str,), "timeout_s": (int, float),
             "check_finite": (bool,), "serve_during_reload": (str,), "max_rank_restarts": (int,),
-            "engine_placement": (str,), "progress": (bool,),
+            "engine_placement": (str,), "progress": (bool,), "engine": (str,),
+            "engine_args": (dict,),
         }
         for f in fields(self):
             if f.name not in expected:
@@ -117,17 +132,14 @@ class EngineConfig:
                 raise ConfigError(f"EngineConfig.{name} must be > 0, got {getattr(self, name)!r}")
         choices = {"dtype": DTYPES, "device": DEVICES, "kv_cache_dtype": KV_CACHE_DTYPES,
                    "kv_scales": KV_SCALES, "placement_strategy": PLACEMENT_STRATEGIES,
-                   "engine_placement": ENGINE_PLACEMENTS,
+                   "engine_placement": ENGINE_PLACEMENTS, "engine": tuple(ENGINES),
                    "serve_during_reload": ("wait", "fail")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(
                     f"EngineConfig.{name}={getattr(self, name)!r} is not one of {allowed}"
                 )
-        if self.quantization not in LINEAR_METHODS:
-            known = [k for k in LINEAR_METHODS if k is not None]
-            raise ConfigError(
-                f"EngineConfig.quantization={self.quantization!r} is unknown (known: None, {known})"
-            )
         if self.kv_scales == "calibrate" and self.kv_cache_dtype != "fp8":
             raise ConfigError("EngineConfig.kv_scales='calibrate' needs kv_cache_dtype='fp8'")
+        if self.kv_scales == "calibrate" and self.engine != "native":
+            raise ConfigError("EngineConfig.kv_scales='calibrate' is a native-engine option")

@@ -3,8 +3,8 @@
 Usage::
 
     with ReloadOrchestrator(EngineConfig(model="ckpt/step0", tensor_parallel_size=2)) as orch:
-        logits = orch.forward([[1, 2, 3]])
         tokens = orch.generate([[1, 2, 3]], max_new_tokens=8)
+        rollout = orch.sample([[1, 2, 3]], max_new_tokens=64, temperature=1.0)
         report = orch.reload("ckpt/step1")          # or a dict / iterable of (name, tensor)
 
 Ordering invariants:
@@ -13,9 +13,10 @@ Ordering invariants:
   * every call reaches all ranks of one engine, because forward passes use collectives; a
     rank that fails raises ``RankError`` naming engine and rank with its traceback text.
   * ``reload`` reaches every rank of every engine: start -> buckets in plan order (at most
-    BUCKETS_IN_FLIGHT at once) -> finish; a layer is processed on each rank the moment its
-    last tensor arrives, so a rank buffers about one layer. The version increments only when
-    every rank finished.
+    BUCKETS_IN_FLIGHT at once) -> finish -> commit; a layer is processed on each rank the
+    moment its last tensor arrives, so a rank buffers about one layer. The version increments
+    only when every rank finished; then every rank drops what it computed with the old
+    weights (vLLM's prefix cache).
   * ``shutdown`` (or leaving the context) kills the rank actors and frees their placement
     groups; the orchestrator cannot be restarted afterwards.
 """
@@ -23,6 +24,7 @@ Ordering invariants:
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections import deque
@@ -33,7 +35,18 @@ from typing import Any
 import ray
 import torch
 
-from actors.transport import FileBucket, PackedBucket, pack_tensors, unpack_tensors
+from actors.engines import engine_kind
+from actors.model.reloadable import route_on_meta
+from actors.reload import Routing, TensorSpec, merge_routes
+from actors.runtime import SamplingRequest
+from actors.transport import (
+    FileBucket,
+    FileEntry,
+    PackedBucket,
+    dtype_name,
+    pack_tensors,
+    unpack_tensors,
+)
 from orchestrator.cluster import (
     Engine,
     RankKey,
@@ -42,14 +55,15 @@ from orchestrator.cluster import (
     engine_targets,
     gather,
     rank_pids,
+    restart_ranks,
 )
 from orchestrator.config import EngineConfig
 from orchestrator.errors import RankError, RecoveryError, ReloadInProgressError
-from orchestrator.inventory import Source, open_source
+from orchestrator.inventory import Source, TensorInfo, open_source
 from orchestrator.plan import ORDERS, Bucket, Order, Plan
 from orchestrator.planning import CachedRouting, build_plan, resolve_dtype
 from orchestrator.progress import Progress
-from orchestrator.report import STAGES, ReloadReport
+from orchestrator.report import STAGES, ReloadReport, Samples
 from orchestrator.transaction import CommitLog, committed
 
 log = logging.getLogger("tp_reload")
@@ -67,6 +81,7 @@ def as_token_tensor(token_ids: Any) -> torch.Tensor:
 class ReloadOrchestrator:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        self.kind = engine_kind(config.engine)
         self.engines: list[Engine] = []
         self.dtype = ""
         self.load_report: ReloadReport | None = None
@@ -102,8 +117,10 @@ class ReloadOrchestrator:
         first = open_source(cfg.model)
         self.dtype = resolve_dtype(cfg.dtype, list(first.tensors))
         begin = time.perf_counter()
-        # Validated against the model before anything is placed.
-        plan = self._plan(first, "plan", require_all=True)
+        # Engines that plan in the driver validate the first source before anything is
+        # placed; the others as soon as their ranks are up, before any byte moves.
+        plan = self._plan(first, "plan", require_all=True) if self.kind.routes_on_driver \
+            else None
         plan_seconds = time.perf_counter() - begin
         if not ray.is_initialized():
             ray.init(ignore_reinit_error=True)
@@ -113,8 +130,13 @@ class ReloadOrchestrator:
                             for i in range(cfg.num_engines)]
             connect_engines(self.engines, cfg.timeout_s)
             self._pids = rank_pids(self.engines, cfg.timeout_s)
+            if plan is None:
+                begin = time.perf_counter()
+                plan = self._plan(first, "plan", require_all=True)
+                plan_seconds = time.perf_counter() - begin
             self.load_report, messages = self._stream(first, plan, plan_seconds,
                                                       first_load=True, version=0)
+            self._commit()
         except BaseException:
             self.shutdown()
             raise
@@ -153,6 +175,7 @@ class ReloadOrchestrator:
             try:
                 report, messages = self._stream(src, plan, plan_seconds, first_load=False,
                                                  version=version)
+                self._commit()
             except BaseException as error:
                 self._recover(error)
                 raise
@@ -162,16 +185,30 @@ class ReloadOrchestrator:
 
     def plan(self, source: Any, order: Order = "plan", strict: bool = True) -> Plan:
         """The schedule a reload of ``source`` would follow (validated; nothing is sent)."""
-        return self._plan(open_source(source), order, strict=strict)
+        with self._exclusive():
+            return self._plan(open_source(source), order, strict=strict)
 
     def _plan(self, source: Source, order: Order, *, strict: bool = True,
               require_all: bool = False) -> Plan:
-        cfg = self.config
         plan, self._route = build_plan(
-            source, spec=cfg.model_spec, tp=cfg.tensor_parallel_size, dtype=self.dtype,
-            quant=cfg.quant, bucket_bytes=cfg.bucket_bytes, order=order,
-            cached=self._route, strict=strict, require_all=require_all)
+            source, route=self._route_tensors, bucket_bytes=self.config.bucket_bytes,
+            order=order, cached=self._route, strict=strict, require_all=require_all)
         return plan
+
+    def _route_tensors(self, tensors: list[TensorSpec]) -> Routing:
+        """Dry-run ``tensors`` through every rank's loaders: on meta copies here, or on the
+        ranks of engine 0 (every engine is the same) for engines that build their models
+        only in a rank."""
+        cfg = self.config
+        if self.kind.routes_on_driver:
+            return route_on_meta(cfg.model_spec, cfg.tensor_parallel_size,
+                                 getattr(torch, self.dtype), cfg.quant, tensors, log)
+        routes = gather(self.engines[0].submit("route", tensors), cfg.timeout_s)
+        return merge_routes([routes[key] for key in sorted(routes)], tensors)
+
+    def _commit(self) -> None:
+        """Every rank finished: each drops what it computed with the old weights."""
+        gather(self._submit_all("commit"), self.config.timeout_s)
 
     def _stream(self, source: Source, plan: Plan, plan_seconds: float, *, first_load: bool,
                 version: int) -> tuple[ReloadReport, list[FileBucket | PackedBucket]]:
@@ -237,9 +274,10 @@ class ReloadOrchestrator:
         in_flight: deque[tuple[dict[RankKey, ray.ObjectRef], int]] = deque()
         messages: list[FileBucket | PackedBucket] = []
         pack_seconds = 0.0
+        infos = {t.name: t for t in source.tensors}
         for bucket in plan.buckets:
             start = time.perf_counter()
-            messages.append(self._message(source, bucket))
+            messages.append(self._message(source, infos, bucket))
             pack_seconds += time.perf_counter() - start
             in_flight.append((self._submit_all("load_bucket", messages[-1]), bucket.nbytes))
             if source.kind == "memory" and len(in_flight) >= BUCKETS_IN_FLIGHT:
@@ -249,28 +287,26 @@ class ReloadOrchestrator:
         return in_flight, messages, pack_seconds
 
     @staticmethod
-    def _message(source: Source, bucket: Bucket) -> FileBucket | PackedBucket:
+    def _message(source: Source, infos: dict[str, TensorInfo], bucket: Bucket
+                 ) -> FileBucket | PackedBucket:
         if source.kind == "dir":
-            return FileBucket(tuple((t.name, t.file) for t in bucket.tensors))
+            return FileBucket(tuple(
+                FileEntry(t.name, t.file, dtype_name(infos[t.name].torch_dtype),
+                          infos[t.name].shape) for t in bucket.tensors))
         entries, arrays = pack_tensors([(t.name, source.data[t.name]) for t in bucket.tensors])
         return PackedBucket(entries, [ray.put(arrays)])
 
     # ---- recovery -----------------------------------------------------------------------
 
     def _recover(self, error: BaseException) -> None:
-        """After a failed reload: restarted ranks rejoin their engine's process group, and
-        every rank replays the commit log back to the last committed version."""
+        """After a failed reload: restarted ranks rejoin their engine, and every rank
+        replays the commit log back to the last committed version."""
         timeout = self.config.timeout_s
         try:
-            pids = rank_pids(self.engines, timeout)
-            restarted = {key for key, pid in pids.items() if pid != self._pids.get(key)}
-            for engine in self.engines:
-                if any(key[0] == engine.index for key in restarted):
-                    gather(engine.submit("reset_distributed"), timeout)
-                    connect_engines([engine], timeout)
-            self._pids = pids
+            restarted = self._rejoin_restarted(timeout)
             gather(self._submit_all("abort_reload"), timeout)
             self._replay(restarted)
+            self._commit()
         except BaseException as exc:
             self._broken = (f"a failed reload ({error}) could not be rolled back ({exc}); "
                             "restart the orchestrator")
@@ -279,6 +315,26 @@ class ReloadOrchestrator:
             error.add_note(f"restarted rank(s) {sorted(restarted)} were rebuilt")
         error.add_note(f"every rank of every engine is back on version {self._version}")
         log.warning("reload failed (%s); restored version %s on every rank", error, self._version)
+
+    def _rejoin_restarted(self, timeout: float) -> set[RankKey]:
+        """Ranks Ray restarted (a new pid) form a new process group with their engine. A
+        native rank joins its live peers; an engine that forms its group once per process
+        (vLLM) is restarted whole, which also frees a peer blocked in a collective with the
+        dead rank. Returns every rank that is now a fresh process."""
+        pids = rank_pids(self.engines, timeout)
+        restarted = {key for key, pid in pids.items() if pid != self._pids.get(key)}
+        for engine in self.engines:
+            ranks = {key for key in pids if key[0] == engine.index}
+            if not ranks & restarted:
+                continue
+            if self.kind.rejoins:
+                gather(engine.submit("reset_distributed"), timeout)
+            else:
+                pids.update(restart_ranks(engine, ranks - restarted, pids, timeout))
+                restarted |= ranks
+            connect_engines([engine], timeout)
+        self._pids = pids
+        return restarted
 
     def _replay(self, restarted: set[RankKey]) -> None:
         timeout = self.config.timeout_s
@@ -353,15 +409,42 @@ class ReloadOrchestrator:
             self._recover(error)
 
     def forward(self, token_ids: Any, engine: int = 0) -> torch.Tensor:
-        """float32 CPU logits [B, T, vocab] from ``engine`` (vocab padding removed)."""
+        """float32 CPU logits [B, T, vocab] from ``engine`` (vocab padding removed). Engines
+        that serve no raw logits (vLLM) say so: use ``sample(..., logprobs=True)``."""
+        if not self.kind.serves_logits:
+            raise NotImplementedError(
+                f"engine={self.config.engine!r} serves tokens and their log-probs, not raw "
+                "logits: use generate() or sample(..., logprobs=True)")
         return self._on_engine(engine, "forward", as_token_tensor(token_ids))[0]
 
     def generate(self, token_ids: Any, max_new_tokens: int = 8, engine: int = 0) -> torch.Tensor:
         """Greedy decoding: prompt followed by exactly ``max_new_tokens`` tokens, [B, T + N]
         (no stop at EOS: every sequence of a batch gets the same number of tokens)."""
+        ids = as_token_tensor(token_ids)
+        samples = self.sample(ids, max_new_tokens, temperature=0.0, seed=0, logprobs=False,
+                              engine=engine)
+        return torch.cat([ids, samples.tokens], dim=1)
+
+    def sample(self, token_ids: Any, max_new_tokens: int, temperature: float = 1.0,
+               top_p: float = 1.0, seed: int | None = None, logprobs: bool = True,
+               engine: int = 0) -> Samples:
+        """Rollouts for RL: exactly ``max_new_tokens`` new tokens per prompt (no stop at
+        EOS), drawn at ``temperature`` (0: greedy) from the ``top_p`` nucleus, reproducible
+        with ``seed`` (row i uses seed + i), with each token's log-prob under the model
+        (log-softmax of the raw logits, vLLM's default) and the version that produced them."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        return self._on_engine(engine, "generate", as_token_tensor(token_ids), max_new_tokens)[0]
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got temperature="
+                             f"{temperature}, top_p={top_p}")
+        # Every rank must draw the same tokens: the seed is chosen here, never on a rank.
+        request = SamplingRequest(max_new_tokens, float(temperature), float(top_p),
+                                  random.getrandbits(31) if seed is None else seed, logprobs)
+        with self._exclusive():
+            sampled = self._on_engine(engine, "sample", as_token_tensor(token_ids), request)[0]
+            version = self.version
+        return Samples(sampled.tokens, sampled.logprobs if logprobs else None, version,
+                       sampled.cached_tokens)
 
     def calibration_tokens(self) -> torch.Tensor:
         """``kv_calibration_tokens``, or a fixed seeded random 4 x 64 batch over the vocab."""

@@ -1,6 +1,8 @@
 """The embedded default job (``tp-reload demo`` / ``make demo``): a small random checkpoint
 written with transformers (Llama by default; Qwen3-MoE or Mixtral with ``--model``), served by
-a TP engine on a local Ray, reloaded in place, checked against transformers."""
+a TP engine on a local Ray (vLLM by default, each TP rank a Ray actor; ``--engine native``
+for the reference runtime), reloaded in place, and checked against transformers: greedy
+tokens, and the log-prob of every served token under transformers' forward."""
 
 from __future__ import annotations
 
@@ -15,10 +17,15 @@ import torch
 
 from orchestrator.config import EngineConfig
 from orchestrator.coordinator import ReloadOrchestrator
+from orchestrator.report import Samples
+
+NEW_TOKENS = 8
 
 
 @dataclass(frozen=True, slots=True)
 class DemoOptions:
+    engine: str = "vllm"
+    """'vllm' (the production engine) or 'native'."""
     tensor_parallel_size: int = 2
     """Ranks of the demo engine."""
     num_layers: int = 4
@@ -28,7 +35,7 @@ class DemoOptions:
     seed: int = 0
     """Seed of the random weights and the prompt."""
     quantization: str | None = None
-    """Online quantization of the engine (None, fp8, fp8_per_channel, fp8_block, w4a8)."""
+    """Online quantization of the engine (a name the engine runs, e.g. fp8_per_channel)."""
     kv_cache_dtype: str = "auto"
     """'auto' or 'fp8'."""
     model: str = "llama"
@@ -65,21 +72,30 @@ def write_demo_checkpoint(path: Path, num_layers: int, seed: int, model: str = "
     getattr(transformers, model_class)(config).save_pretrained(path, max_shard_size="1MB")
 
 
-def reference_outputs(path: Path, prompt: torch.Tensor, new_tokens: int
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def transformers_model(path: Path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    with torch.no_grad():
-        logits = model(prompt).logits
-        model.generation_config.eos_token_id = None  # like the engine: no stop at EOS
-        tokens = model.generate(prompt, attention_mask=torch.ones_like(prompt),
-                                max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    return logits, tokens
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def _rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).norm() / expected.norm()).item()
+@torch.no_grad()
+def transformers_greedy(path: Path, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """transformers' greedy continuation [B, N] (no stop at EOS, like the engines)."""
+    model = transformers_model(path)
+    model.generation_config.eos_token_id = None
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt),
+                         max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    return out[:, prompt.shape[1]:]
+
+
+@torch.no_grad()
+def transformers_logprobs(path: Path, prompt: torch.Tensor, tokens: torch.Tensor
+                          ) -> torch.Tensor:
+    """log p(token) of each of ``tokens`` [B, N] after ``prompt``, under transformers'
+    float32 forward (teacher forcing: the tokens need not be transformers' own)."""
+    logits = transformers_model(path)(torch.cat([prompt, tokens], dim=1)).logits.float()
+    steps = logits[:, prompt.shape[1] - 1:-1]
+    return torch.log_softmax(steps, dim=-1).gather(-1, tokens[..., None])[..., 0]
 
 
 def run_demo(options: DemoOptions) -> dict[str, Any]:
@@ -89,32 +105,37 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         write_demo_checkpoint(step1, options.num_layers, options.seed + 1, options.model)
         generator = torch.Generator().manual_seed(options.seed)
         prompt = torch.randint(0, 1000, (2, 16), generator=generator)
-        ref0_logits, ref0_tokens = reference_outputs(step0, prompt, 8)
-        ref1_logits, ref1_tokens = reference_outputs(step1, prompt, 8)
-        cfg = EngineConfig(model=str(step0), tensor_parallel_size=options.tensor_parallel_size,
-                           dtype="float32", num_cpus_per_rank=options.num_cpus_per_rank,
+        # vLLM quantizes bfloat16 and float16 engines only.
+        quantized_vllm = options.engine == "vllm" and options.quantization is not None
+        cfg = EngineConfig(model=str(step0), engine=options.engine,
+                           tensor_parallel_size=options.tensor_parallel_size,
+                           dtype="bfloat16" if quantized_vllm else "float32",
+                           num_cpus_per_rank=options.num_cpus_per_rank,
                            bucket_bytes=1 << 20, quantization=options.quantization,
-                           kv_cache_dtype=options.kv_cache_dtype)
+                           kv_cache_dtype=options.kv_cache_dtype,
+                           engine_args={"kv_cache_memory_bytes": 256 << 20}
+                           if options.engine == "vllm" else {})
         ray_begin = time.perf_counter()
         ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
         ray_seconds = time.perf_counter() - ray_begin
         begin = time.perf_counter()
         with ReloadOrchestrator(cfg) as orch:
             started = time.perf_counter() - begin
-            logits0, tokens0 = orch.forward(prompt), orch.generate(prompt, max_new_tokens=8)
+            served = [orch.sample(prompt, NEW_TOKENS, temperature=0)]
             first = orch.load_report
             identity_before = orch.inspect()
             reload = orch.reload(str(step1))
             identity_after = orch.inspect()
-            logits1, tokens1 = orch.forward(prompt), orch.generate(prompt, max_new_tokens=8)
-    errors = [_rel_error(logits0, ref0_logits), _rel_error(logits1, ref1_logits)]
-    matches = [bool(torch.equal(tokens0, ref0_tokens)), bool(torch.equal(tokens1, ref1_tokens))]
+            served.append(orch.sample(prompt, NEW_TOKENS, temperature=0))
+        checks = [check(step, prompt, s) for step, s in zip((step0, step1), served, strict=True)]
     same_tensors = identity_before == identity_after
     exact = options.quantization is None and options.kv_cache_dtype == "auto"
     # A quantized engine is compared with the unquantized model: the error is reported, and
-    # only a broken engine (error near 1, NaN) fails the demo.
-    numerics_ok = (max(errors) <= 1e-4 and all(matches)) if exact else max(errors) < 0.9
+    # only a broken engine (log-probs off by nats, NaN) fails the demo.
+    numerics_ok = all(c["tokens_match"] and c["logprob_error"] <= 1e-4 for c in checks) \
+        if exact else all(c["logprob_error"] < 2.0 for c in checks)
     return {
+        "engine": options.engine,
         "model": DEMO_MODELS[options.model][2],
         "quantization": options.quantization,
         "kv_cache_dtype": options.kv_cache_dtype,
@@ -126,8 +147,8 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         "source_bytes": first.source_bytes,
         "bytes_read_per_rank": {f"engine{e}/rank{r}": b for (e, r), b in first.bytes_read.items()},
         "kernel_tensors": sum(len(rank) for rank in identity_before),
-        "logits_rel_l2_error_vs_transformers": errors[0],
-        "greedy_tokens_match_transformers": matches[0],
+        "logprob_max_abs_error_vs_transformers": checks[0]["logprob_error"],
+        "greedy_tokens_match_transformers": checks[0]["tokens_match"],
         "reload": {
             "version": reload.version,
             "seconds": round(reload.seconds, 4),
@@ -139,14 +160,24 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
             "bytes_read_per_rank": {f"engine{e}/rank{r}": b
                                     for (e, r), b in reload.bytes_read.items()},
             "kernel_tensors_unchanged": same_tensors,
-            "logits_rel_l2_error_vs_transformers": errors[1],
-            "greedy_tokens_match_transformers": matches[1],
+            "rollout_version": served[1].version,
+            "logprob_max_abs_error_vs_transformers": checks[1]["logprob_error"],
+            "greedy_tokens_match_transformers": checks[1]["tokens_match"],
             "warnings": reload.warnings,
             "expert_layers_share": dict(zip(("bytes", "seconds"), reload.share("experts"),
                                             strict=True)),
         },
-        "ok": numerics_ok and same_tensors,
+        "ok": numerics_ok and same_tensors and served[1].version == 1,
     }
+
+
+def check(path: Path, prompt: torch.Tensor, served: Samples) -> dict[str, Any]:
+    """Served greedy tokens vs transformers', and their served log-probs vs transformers'
+    log-probs of the same tokens."""
+    expected = transformers_logprobs(path, prompt, served.tokens)
+    return {"tokens_match": bool(torch.equal(served.tokens,
+                                             transformers_greedy(path, prompt, NEW_TOKENS))),
+            "logprob_error": (served.logprobs - expected).abs().max().item()}
 
 
 def format_summary(result: dict[str, Any]) -> str:
@@ -154,15 +185,16 @@ def format_summary(result: dict[str, Any]) -> str:
     reload = result["reload"]
     bound = " (bound 1e-4)" if result["exact"] else " (quantized vs unquantized transformers)"
     lines = [
-        f"tp-reload demo: {result['model']}, {result['layers']} layers, "
-        f"TP={result['tensor_parallel_size']}, quantization={result['quantization']}, "
-        f"kv_cache_dtype={result['kv_cache_dtype']}",
+        f"tp-reload demo: {result['engine']} engine, {result['model']}, {result['layers']} "
+        f"layers, TP={result['tensor_parallel_size']} (one Ray actor per rank), "
+        f"quantization={result['quantization']}, kv_cache_dtype={result['kv_cache_dtype']}",
         f"  local Ray up in {result['ray_start_seconds']:.2f}s; engine up (placement, process "
-        f"group, first load) in {result['start_seconds']:.2f}s, serving version 0",
+        f"group, engine build, first load) in {result['start_seconds']:.2f}s, serving "
+        "version 0",
         f"  step0: {result['source_bytes'] / mb:.2f} MB; bytes read per rank: "
         + ", ".join(f"{r} {b / mb:.2f} MB" for r, b in result["bytes_read_per_rank"].items()),
-        f"  step0 logits vs transformers: rel. L2 error "
-        f"{result['logits_rel_l2_error_vs_transformers']:.2e}{bound}; greedy tokens match: "
+        f"  step0 served log-probs vs transformers: max |error| "
+        f"{result['logprob_max_abs_error_vs_transformers']:.2e}{bound}; greedy tokens match: "
         f"{result['greedy_tokens_match_transformers']}",
         f"  reload(step1) -> version {reload['version']} in {reload['seconds']:.3f}s, "
         f"{reload['buckets']} buckets, {reload['layers_reloaded']} layers",
@@ -175,9 +207,10 @@ def format_summary(result: dict[str, Any]) -> str:
           if reload["expert_layers_share"]["bytes"] else []),
         f"    all {result['kernel_tensors']} kernel tensors kept identity and data_ptr: "
         f"{reload['kernel_tensors_unchanged']}",
-        f"  step1 logits vs transformers: rel. L2 error "
-        f"{reload['logits_rel_l2_error_vs_transformers']:.2e}; greedy tokens match: "
-        f"{reload['greedy_tokens_match_transformers']}",
+        f"  step1 served log-probs vs transformers: max |error| "
+        f"{reload['logprob_max_abs_error_vs_transformers']:.2e}; greedy tokens match: "
+        f"{reload['greedy_tokens_match_transformers']}; rollouts tagged version "
+        f"{reload['rollout_version']}",
     ]
     lines += [f"  warning: {w}" for w in reload["warnings"]]
     lines.append("  OK" if result["ok"] else "  MISMATCH")

@@ -1,17 +1,16 @@
-"""From a listed source to a validated plan: routing through the model's own loaders on
-meta (no Ray), validation, scheduling. Used by the coordinator and by ``tp-reload plan``."""
+"""From a listed source to a validated plan: routing through the engine's own loaders (on
+meta copies in the driver, or on the ranks), validation, scheduling. Used by the
+coordinator and by ``tp-reload plan``."""
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable
 
-from actors.model import ModelSpec
-from actors.reload import Routing, route_tensors
+from actors.reload import Routing, TensorSpec
 from orchestrator.errors import CheckpointError, ConfigError
 from orchestrator.inventory import Source, TensorInfo
 from orchestrator.plan import Order, Plan, PlannedTensor, make_plan
 from orchestrator.validate import validate_source
-from quant import QuantConfig
 
 CHECKPOINT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
@@ -30,13 +29,14 @@ def resolve_dtype(requested: str, infos: list[TensorInfo]) -> str:
 
 
 CachedRouting = tuple[tuple, Routing]
+Router = Callable[[list[TensorSpec]], Routing]
+"""Dry-runs source tensors through every rank's loaders; ValueError names a misfit."""
 
 
-def build_plan(source: Source, *, spec: ModelSpec, tp: int, dtype: str,
-               quant: QuantConfig, bucket_bytes: int, order: Order,
+def build_plan(source: Source, *, route: Router, bucket_bytes: int, order: Order,
                cached: CachedRouting | None = None, strict: bool = True,
                require_all: bool = False) -> tuple[Plan, CachedRouting]:
-    """Route ``source`` through the model (dry run on meta, no Ray), validate it and
+    """Route ``source`` through the model (a dry run of its loaders), validate it and
     schedule it. ``cached`` is reused when the source lists the same names, shapes and
     dtypes, as an RL loop's sources do step after step. CheckpointError names what does not
     fit; ``require_all`` (a first load) also refuses a source that leaves a layer empty."""
@@ -44,9 +44,8 @@ def build_plan(source: Source, *, spec: ModelSpec, tp: int, dtype: str,
         raise CheckpointError(f"{source.description}: the source has no tensors")
     key = tuple((t.name, t.shape, t.dtype) for t in source.tensors)
     if cached is None or cached[0] != key:
-        tensors = [(t.name, t.shape, t.torch_dtype) for t in source.tensors]
         try:
-            routing = route_tensors(spec, tp, getattr(torch, dtype), quant, tensors)
+            routing = route([(t.name, t.shape, t.torch_dtype) for t in source.tensors])
         except ValueError as exc:
             raise CheckpointError(f"{source.description}: {exc}") from exc
         cached = (key, routing)

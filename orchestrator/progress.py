@@ -5,6 +5,7 @@ LINE_EVERY_S seconds, plus the final one."""
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import TextIO
@@ -24,7 +25,8 @@ class Progress:
         self.begin = time.perf_counter()
         self.done_bytes = 0
         self.done_buckets = 0
-        self._last_line = 0.0
+        # No line yet: the first one is always due (perf_counter starts at boot, not 0).
+        self._last_line = -math.inf
         self._shown_buckets: int | None = None
 
     def advance(self, nbytes: int) -> None:

@@ -36,23 +36,24 @@ def validate_source(source: Source, routing: Routing, *, strict: bool,
 def _dtype_problems(source: Source, routing: Routing) -> list[str]:
     problems = []
     for info in source.tensors:
-        read = routing.reads.get(info.name)
-        if read is None or info.dtype in CONVERTIBLE or info.torch_dtype == read.param_dtype:
+        calls = routing.reads.get(info.name)
+        if not calls or info.dtype in CONVERTIBLE or info.torch_dtype == calls[0].param_dtype:
             continue
         where = info.file or "in-memory source"
-        problems.append(f"'{info.name}' ({where}) has dtype {info.dtype}; {read.param} is "
-                        f"{read.param_dtype}: give float32, bfloat16 or float16 weights")
+        problems.append(f"'{info.name}' ({where}) has dtype {info.dtype}; {calls[0].param} is "
+                        f"{calls[0].param_dtype}: give float32, bfloat16 or float16 weights")
     return problems
 
 
 def _completeness_problems(routing: Routing, require_all: bool) -> list[str]:
     written: dict[str, int] = defaultdict(int)
     shards: dict[str, list] = defaultdict(list)
-    for read in routing.reads.values():
+    reads = [read for calls in routing.reads.values() for read in calls]
+    for read in reads:
         written[read.param] += read.written
         if read.shard is not None:
             shards[read.param].append(read.shard)
-    touched = {read.layer for read in routing.reads.values()}
+    touched = {read.layer for read in reads}
     problems = []
     for layer, params in routing.layer_params.items():
         if layer not in touched and not (require_all and params):

@@ -59,11 +59,6 @@ def replace_parameter(layer: nn.Module, name: str, tensor: torch.Tensor) -> None
     layer._parameters[name] = nn.Parameter(tensor, requires_grad=False)
 
 
-def layer_device(layer: nn.Module) -> torch.device:
-    """Where the layer's tensors live: recorded at build time, never the ambient default."""
-    return layer.restore_device
-
-
 class UnquantizedLinearMethod(LinearMethod):
     """Weights kept in the engine dtype; model format equals kernel format."""
 

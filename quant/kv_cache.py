@@ -15,8 +15,9 @@ skipped). Both are optional; a missing one is filled with -1 ("not loaded") and
   * one loaded: it is used for both (a single scale describes the pair);
   * none loaded: 1.0.
 
-The layer is processed last (``process_last``), after every linear layer, and re-resolved
-whenever its ``qkv_proj`` is reloaded (``reset_with``): new projections without new scales
+The method asks for its attention layer to be processed last (``process_last``), after
+every linear layer, and re-resolved whenever its ``qkv_proj`` is reloaded (``reset_with``);
+the model declares both to the reload engine. New projections without new scales
 go back to the defaults rather than keep scales measured for other weights. With
 ``kv_scales='calibrate'`` the coordinator instead measures amax(|k|), amax(|v|) per layer on a
 calibration batch after each load (max over TP ranks) and sets scale = amax / 448.
@@ -48,6 +49,10 @@ class KVCacheMethod:
 
     name = "auto"
     has_scales = False
+    process_last = False
+    """The attention layer owning the scales is processed after every linear layer."""
+    reset_with: str | None = None
+    """Sibling layer whose reload re-resolves the scales (new weights, new defaults)."""
 
     def create_weights(self, layer: nn.Module) -> None:
         """Register the model-format scale parameters on the attention layer."""
@@ -69,6 +74,8 @@ class KVCacheMethod:
 class Fp8KVCacheMethod(KVCacheMethod):
     name = "fp8"
     has_scales = True
+    process_last = True
+    reset_with = "qkv_proj"
 
     def create_weights(self, layer: nn.Module) -> None:
         for name in KV_SCALE_NAMES:
@@ -76,8 +83,6 @@ class Fp8KVCacheMethod(KVCacheMethod):
             param.weight_loader = _scalar_loader
             param.fill_value = NOT_LOADED
             layer.register_parameter(name, param)
-        layer.process_last = True
-        layer.reset_with = "qkv_proj"
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         k, v = layer.k_scale.data, layer.v_scale.data

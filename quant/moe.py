@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant.base import WeightLoader, layer_device, replace_parameter
+from quant.base import WeightLoader, replace_parameter
 from quant.fp8 import FP8, dequantize_weight, quantize_weight
 from quant.sync import DeviceSync
 from quant.w4a8 import NIBBLES, dequantize_w4a8, fake_quantize_fp8_per_token, quantize_w4a8
@@ -119,11 +119,9 @@ class Fp8MoEMethod(MoEMethod):
                        for p in PROJECTIONS)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        device = layer_device(layer)
         for proj in PROJECTIONS:
             weight = getattr(layer, f"{proj}_weight").data
-            assert weight.device == device, "expert weight materialized off restore_device"
-            qweight = torch.empty(weight.shape, dtype=FP8, device=device)
+            qweight = torch.empty(weight.shape, dtype=FP8, device=weight.device)
             scales = []
             for expert in range(weight.shape[0]):
                 qweight[expert], scale = quantize_weight(weight[expert], self.granularity)
@@ -171,11 +169,9 @@ class W4A8MoEMethod(MoEMethod):
                                **kwargs)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        device = layer_device(layer)
-        sync = DeviceSync(device)
         for proj in PROJECTIONS:
             weight = getattr(layer, f"{proj}_weight").data
-            assert weight.device == device, "expert weight materialized off restore_device"
+            sync = DeviceSync(weight.device)
             parts = [quantize_w4a8(weight[chunk], sync) for chunk in expert_chunks(weight)]
             # quantize_w4a8 orders its results before this (the current) stream.
             packed, fp8_scale, chan_scale = (torch.cat(p) for p in zip(*parts, strict=True))

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant.base import UnquantizedLinearMethod, layer_device, replace_parameter
+from quant.base import UnquantizedLinearMethod, replace_parameter
 from quant.fp8 import FP8, FP8_MAX, MIN_AMAX, abs_max, pad_to_multiple
 from quant.sync import DeviceSync
 
@@ -148,8 +148,7 @@ class W4A8LinearMethod(UnquantizedLinearMethod):
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         weight = layer.weight.data
-        assert weight.device == layer_device(layer), "weight materialized off restore_device"
-        packed, fp8_scale, chan_scale = quantize_w4a8(weight, DeviceSync(layer_device(layer)))
+        packed, fp8_scale, chan_scale = quantize_w4a8(weight, DeviceSync(weight.device))
         del layer._parameters["weight"]
         replace_parameter(layer, "weight_packed", packed)
         replace_parameter(layer, "weight_scale", fp8_scale)

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from orchestrator import EngineConfig, ReloadOrchestrator
+from orchestrator.demo import transformers_greedy, transformers_logprobs
 
 BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6)
@@ -93,14 +94,28 @@ def reference_generate(path: Path, token_ids: torch.Tensor, new_tokens: int) -> 
         )
 
 
+def reference_sample(path: Path, token_ids: torch.Tensor, new_tokens: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' greedy tokens [B, N] (no EOS stop) and each token's log-prob under its
+    float32 forward [B, N]: what ``sample(temperature=0)`` must return."""
+    tokens = transformers_greedy(path, token_ids, new_tokens)
+    return tokens, transformers_logprobs(path, token_ids, tokens)
+
+
 def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
+# vLLM engines in tests: a small KV cache (the default is 1 GiB per rank).
+VLLM_ARGS = {"kv_cache_memory_bytes": 64 << 20}
 
 
 def start(path: Path, tp: int, **kwargs: Any) -> ReloadOrchestrator:
     """An orchestrator (not yet started) on the session's Ray; float32 unless told."""
     kwargs.setdefault("dtype", "float32")
     kwargs.setdefault("num_cpus_per_rank", 0.5)
+    if kwargs.get("engine") == "vllm":
+        kwargs.setdefault("engine_args", VLLM_ARGS)
     return ReloadOrchestrator(EngineConfig(model=str(path), tensor_parallel_size=tp, **kwargs))
 
 

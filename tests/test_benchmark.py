@@ -29,3 +29,19 @@ def test_quick_benchmark_measures_every_path(ray_cluster, tmp_path):
     depths = result["depths"]
     assert [d["layers"] for d in depths] == [4, 8] and all(d["holds"] for d in depths)
     assert len(targets(result)) == 5
+
+
+@pytest.mark.vllm
+def test_quick_benchmark_puts_vllms_own_reload_beside_ours(ray_cluster, tmp_path):
+    """--engine vllm: every case is measured against vLLM's reload_weights on the same
+    engines, from the same directory or in-memory weights."""
+    result = run(Options(size="quick", repeats=1, tps=(2,), workdir=tmp_path,
+                         bucket_bytes=8 << 20, engine="vllm"))
+    cases = {c["case"]: c for c in result["cases"]}
+    assert set(cases) == {f"vllm-tp2-{q}-{s}-{o}" for q in ("none", "fp8_per_channel")
+                          for s in ("dir", "dict") for o in ("plan", "source")}
+    for case in cases.values():
+        assert set(case["peers"]) == {"vllm"}
+        assert case["ratio_to_best_peer"] == case["ours_s"] / case["peers"]["vllm"]
+    compared = [t for t, _, _ in targets(result) if "ours faster than every peer" in t]
+    assert len(compared) == 4, "dir and dict, unquantized and fp8_per_channel"

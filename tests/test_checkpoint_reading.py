@@ -9,7 +9,14 @@ import torch
 from safetensors.torch import save_file
 
 from actors.reload.meta import read_window
-from actors.transport import BucketReader, FileBucket, pack_tensors, unpack_tensors
+from actors.transport import (
+    BucketReader,
+    FileBucket,
+    FileEntry,
+    dtype_name,
+    pack_tensors,
+    unpack_tensors,
+)
 from orchestrator import CheckpointError
 from orchestrator.inventory import checkpoint_files, checkpoint_inventory, open_source
 
@@ -34,7 +41,8 @@ def reader():
 
 def lazy_slices(path, reader):
     infos = checkpoint_inventory(path)
-    return dict(reader.items(FileBucket(tuple((i.name, i.file) for i in infos))))
+    return dict(reader.items(FileBucket(tuple(
+        FileEntry(i.name, i.file, dtype_name(i.torch_dtype), i.shape) for i in infos))))
 
 
 def test_narrowed_slice_reads_its_window(weights, reader):

@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from orchestrator import CheckpointError
+from orchestrator.demo import transformers_logprobs
 from tests.support import (
     FAMILIES,
     expected_rank_bytes,
     reference_generate,
     reference_logits,
+    reference_sample,
     rel_l2,
     start,
     write_checkpoint,
@@ -93,3 +95,24 @@ def test_mismatched_checkpoint_is_refused_before_anything_is_placed(ray_cluster,
     assert re.search(r"checkpoint tensor 'model\.layers\.\d+\.mlp\.\w+_proj\.weight': shape "
                      r"mismatch .* model expects 96 along dim \d before sharding", str(err.value))
     assert len(ray.util.placement_group_table()) == groups_before
+
+
+def test_native_sample_matches_transformers_and_is_seeded(ray_cluster, checkpoints, prompt):
+    """sample(temperature=0) is transformers' greedy path with its log-probs; a seed makes a
+    sampled rollout reproducible; top_p near 0 keeps only the most likely token."""
+    path = checkpoints["qwen3"]
+    with start(path, 2) as orch:
+        greedy = orch.sample(prompt, 8, temperature=0)
+        drawn = [orch.sample(prompt, 8, temperature=1.5, seed=3) for _ in range(2)]
+        other = orch.sample(prompt, 8, temperature=1.5, seed=4)
+        nucleus = orch.sample(prompt, 8, temperature=1.0, top_p=1e-6, seed=5)
+    tokens, logprobs = reference_sample(path, prompt, 8)
+    assert torch.equal(greedy.tokens, tokens) and greedy.version == 0
+    assert (greedy.logprobs - logprobs).abs().max().item() <= 1e-4
+    assert torch.equal(drawn[0].tokens, drawn[1].tokens)
+    assert not torch.equal(drawn[0].tokens, other.tokens)
+    assert not torch.equal(drawn[0].tokens, tokens), "temperature 1.5 never left the greedy path"
+    # Log-probs are the model's (before temperature): transformers scores the drawn tokens.
+    scored = transformers_logprobs(path, prompt, drawn[0].tokens)
+    assert (drawn[0].logprobs - scored).abs().max().item() <= 1e-4
+    assert torch.equal(nucleus.tokens, tokens)

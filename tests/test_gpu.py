@@ -140,7 +140,6 @@ def _convert_expert_rank(rank: int, tp: int, gate: torch.Tensor, up: torch.Tenso
     experts, inter, hidden = gate.shape[0], gate.shape[1], gate.shape[2]
     layer = FusedMoE(experts, hidden, inter, dtype=torch.float32, tp=TPGroup(rank, tp),
                      quant_method=W4A8MoEMethod())
-    layer.restore_device = device
     for name in ("w13_weight", "w2_weight"):
         meta = layer._parameters[name]
         param = torch.nn.Parameter(torch.empty(meta.shape, device=device), requires_grad=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from actors.model import load_spec
-from actors.reload import route_tensors
+from actors.model.reloadable import route_on_meta
 from orchestrator.plan import (
     PlannedTensor,
     cut_buckets,
@@ -20,6 +21,8 @@ from orchestrator.plan import (
 )
 from quant import QuantConfig
 from tests.support import expected_rank_bytes, parent_layer, write_checkpoint
+
+LOG = logging.getLogger("test")
 
 
 def t(name: str, layer: str, nbytes: int = 10, ranks: tuple[int, ...] | None = None
@@ -110,7 +113,7 @@ def routed(path, tp):
     from orchestrator.inventory import open_source
 
     tensors = [(i.name, i.shape, i.torch_dtype) for i in open_source(str(path)).tensors]
-    return route_tensors(load_spec(path), tp, torch.float32, QuantConfig(), tensors)
+    return route_on_meta(load_spec(path), tp, torch.float32, QuantConfig(), tensors, LOG)
 
 
 def test_routing_maps_every_tensor_to_its_parent(deep_llama):
@@ -138,7 +141,7 @@ def test_routing_skips_tied_head_and_rotary_cache(tmp_path):
     tensors = [(i.name, i.shape, i.torch_dtype) for i in open_source(str(path)).tensors]
     tensors += [("lm_head.weight", (130, 64), torch.float32),
                 ("model.layers.0.self_attn.rotary_emb.inv_freq", (8,), torch.float32)]
-    routing = route_tensors(load_spec(path), 2, torch.float32, QuantConfig(), tensors)
+    routing = route_on_meta(load_spec(path), 2, torch.float32, QuantConfig(), tensors, LOG)
     assert set(routing.skipped) == {"lm_head.weight",
                                     "model.layers.0.self_attn.rotary_emb.inv_freq"}
     assert "lm_head" not in routing.layer_order

@@ -10,7 +10,13 @@ import torch
 from torch import nn
 
 from actors.model.parallel import default_weight_loader, to_tensor
-from actors.reload import ReloadEngine, ReloadError
+from actors.reload import (
+    LayerRecord,
+    ReloadableModel,
+    ReloadEngine,
+    ReloadError,
+    in_processing_order,
+)
 from actors.reload.meta import WriteCounter
 
 log = logging.getLogger("test")
@@ -70,11 +76,35 @@ class Toy(nn.Module):
             params[name].weight_loader(params[name], weight)
 
 
+class ToyReloadable(ReloadableModel):
+    """The toy behind the reload interface: three layers, ``scales`` processed last,
+    nothing converted."""
+
+    def __init__(self, toy: Toy) -> None:
+        self.toy = toy
+        layers = (("first", toy.first), ("second", toy.second), ("scales", toy.scales))
+        self._records = in_processing_order([
+            LayerRecord(name, module,
+                        {n: p for n, p in module._parameters.items() if p is not None},
+                        owners={}, restore_device=torch.device("cpu"),
+                        process_last=name == "scales")
+            for name, module in layers])
+
+    def records(self):
+        return self._records
+
+    def load_weights(self, weights):
+        self.toy.load_weights(weights)
+
+    def process(self, record):
+        pass
+
+
 def build() -> tuple[Toy, ReloadEngine, list[str]]:
     with torch.device("meta"):
         toy = Toy()
     order: list[str] = []
-    engine = ReloadEngine(toy, torch.device("cpu"), log)
+    engine = ReloadEngine(ToyReloadable(toy), torch.device("cpu"), log)
     original = engine._process
 
     def spy(load):
@@ -159,15 +189,17 @@ def test_first_load_with_a_missing_layer_fails():
 def test_processing_never_uses_the_ambient_default_device(tmp_path, method):
     """Scales and temporaries must land on the layer's recorded device: with the ambient
     default device set to meta, anything created without an explicit device would be on meta."""
-    from actors.model import TPGroup, build_model, load_spec
+    from actors.model import TPGroup, load_spec
+    from actors.model.reloadable import build_reloadable
     from quant import QuantConfig
     from tests.support import load_tensors, reference_logits, rel_l2, write_checkpoint
 
     path = write_checkpoint(tmp_path / "m", "llama", hidden_size=256, intermediate_size=512,
                             head_dim=64)
-    model = build_model(load_spec(path), tp=TPGroup(0, 1), dtype=torch.float32,
-                        device=torch.device("cpu"), quant=QuantConfig(method, "fp8"))
-    engine = ReloadEngine(model, torch.device("cpu"), log)
+    model, reloadable = build_reloadable(load_spec(path), tp=TPGroup(0, 1), dtype=torch.float32,
+                                         device=torch.device("cpu"),
+                                         quant=QuantConfig(method, "fp8"))
+    engine = ReloadEngine(reloadable, torch.device("cpu"), log)
     with torch.device("meta"):
         engine.start("first")
         engine.load(load_tensors(path).items())

@@ -9,7 +9,7 @@ import json
 import pytest
 
 import orchestrator.progress as progress_module
-from actors.transport import BucketReader, FileBucket
+from actors.transport import BucketReader, FileBucket, FileEntry
 from orchestrator.cli import main as cli_main
 from orchestrator.progress import Progress
 from orchestrator.report import ReloadReport
@@ -79,12 +79,20 @@ def test_report_table_names_every_stage_rank_and_the_expert_share():
 def test_rank_names_an_unreadable_checkpoint_path(tmp_path):
     missing = tmp_path / "elsewhere" / "model.safetensors"
     with pytest.raises(FileNotFoundError, match="same path on every node"):
-        BucketReader().items(FileBucket((("model.embed_tokens.weight", str(missing)),)))
+        BucketReader().items(FileBucket((
+            FileEntry("model.embed_tokens.weight", str(missing), "float32", (8, 4)),)))
 
 
-def test_demo_prints_json(ray_cluster, capsys):
-    assert cli_main(["demo", "--json", "--layers", "2", "--model", "mixtral"]) == 0
+@pytest.mark.parametrize(("engine", "model"), [
+    ("native", "mixtral"), pytest.param("vllm", "llama", marks=pytest.mark.vllm)])
+def test_demo_prints_json(ray_cluster, capsys, engine, model):
+    assert cli_main(["demo", "--json", "--layers", "2", "--engine", engine,
+                     "--model", model]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["ok"] and result["reload"]["kernel_tensors_unchanged"]
-    assert result["logits_rel_l2_error_vs_transformers"] <= 1e-4
-    assert 0.5 < result["reload"]["expert_layers_share"]["bytes"] < 1
+    assert result["engine"] == engine and result["reload"]["rollout_version"] == 1
+    for stage in (result, result["reload"]):
+        assert stage["greedy_tokens_match_transformers"]
+        assert stage["logprob_max_abs_error_vs_transformers"] <= 1e-4
+    if model == "mixtral":
+        assert 0.5 < result["reload"]["expert_layers_share"]["bytes"] < 1

@@ -1,10 +1,11 @@
-"""The TP shard runtime: model specs from config.json, parallel layers, decoder families."""
+"""The native engine: model specs from config.json, parallel layers, decoder families, its
+side of the reload interface (``reloadable``) and its rank runtime (``runtime``)."""
 
 from __future__ import annotations
 
 import torch
 
-from actors.model.decoder import DecoderForCausalLM, UnknownTensorError, map_checkpoint_name
+from actors.model.decoder import DecoderForCausalLM, map_checkpoint_name
 from actors.model.layers import KVCache
 from actors.model.parallel import TPGroup, place_buffers
 from actors.model.spec import FAMILIES, ModelSpec, check_tp, load_spec, padded_vocab
@@ -28,7 +29,6 @@ __all__ = [
     "KVCache",
     "ModelSpec",
     "TPGroup",
-    "UnknownTensorError",
     "build_model",
     "check_tp",
     "load_spec",

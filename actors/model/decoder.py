@@ -26,6 +26,7 @@ from actors.model.parallel import (
     default_weight_loader,
 )
 from actors.model.spec import ModelSpec, padded_vocab
+from actors.reload.model import UnknownTensorError
 from quant import QuantConfig
 
 # (fused param suffix, checkpoint suffix, shard id)
@@ -75,10 +76,6 @@ def map_checkpoint_name(name: str, spec: ModelSpec, kv_scales: bool = False
     return name, None
 
 
-class UnknownTensorError(ValueError):
-    """A checkpoint tensor name that maps to no parameter of this model."""
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, spec: ModelSpec, index: int, dtype: torch.dtype, tp: TPGroup,
                  quant: QuantConfig) -> None:
@@ -113,8 +110,8 @@ class DecoderBody(nn.Module):
 
 
 class DecoderForCausalLM(nn.Module):
-    """One TP rank's shard of the model. Build under ``torch.device('meta')`` and
-    materialize with ``parallel.materialize_module``."""
+    """One TP rank's shard of the model. Built on meta (``actors.model.build_model``); the
+    reload engine materializes it layer by layer as the first load fills it."""
 
     def __init__(self, spec: ModelSpec, *, dtype: torch.dtype, tp: TPGroup,
                  quant: QuantConfig | None = None) -> None:

@@ -1,34 +1,49 @@
-"""The layerwise reload engine of one rank.
+"""The layerwise reload engine of one rank, driving any ``ReloadableModel``.
 
 ``start`` arms every layer: its live kernel tensors are set aside and meta placeholders put
 back, each with a wrapped ``weight_loader``. A wrapped call is dry-run on meta (counting the
-elements it writes and the source windows it reads), the windows are read into rank memory,
-and the call is buffered. When a layer's count reaches its total it is processed at once:
-placeholders materialized on ``restore_device``, calls replayed, the quant method's
-``process_weights_after_loading`` run, results copied into the original kernel tensors, and
-those original objects re-registered, so every ``data_ptr`` the engine serves from survives.
-``finish`` processes ``process_last`` (attention) layers, keeps the old tensors of layers that
-received nothing and rejects partly loaded ones.
+elements it writes and the source boxes it reads), the boxes are read into rank memory, and
+the call is buffered. When a layer's count reaches its total it is processed at once:
+placeholders materialized on ``restore_device``, calls replayed, the model's ``process``
+run, results copied into the original kernel tensors, and those original objects
+re-registered, so every ``data_ptr`` the engine serves from survives. ``finish`` processes
+``process_last`` (attention) layers, keeps the old tensors of layers that received nothing
+and rejects partly loaded ones.
+
+Failure consensus: a layer whose processing communicates with the engine's other ranks
+(``collective``, e.g. vLLM's online FP8 reduces amax over the TP group) is processed only
+after every rank agreed it is healthy (``consensus``, one tiny all-reduce). A rank that
+fails keeps going through the stream without reading or processing (dry accounting only), so
+it reaches the same agreement points as its peers; every rank then raises at the end of the
+same call, and no rank waits in a collective for a peer that gave up.
 
 The first load is the same path with no kernel tensors yet: the processed tensors become the
-kernel tensors. ``mode="plan"`` only dry-runs, to tell the planner which layer each source
-tensor feeds and how many bytes each rank keeps of it.
+kernel tensors. ``mode="plan"`` only dry-runs (``actors.reload.routes``), to tell the planner
+which layer each source tensor feeds and how many bytes each rank keeps of it; it leaves the
+model as it found it.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from actors.reload.layers import LayerRecord, is_optional, record_layers
-from actors.reload.meta import Bounds, PrefetchedWeight, ProbeWeight, WriteCounter, read_window
+from actors.lazy import Bounds, LazyWindow, box_numel
+from actors.reload.meta import PrefetchedWeight, ProbeWeight, WriteCounter, read_window
+from actors.reload.model import LayerRecord, ReloadableModel, is_optional
 from actors.reload.tracker import BufferTracker
-from actors.reload.types import BufferedCall, LayerLoad, PlannedRead, RankReloadStats, ReloadError
+from actors.reload.types import (
+    BufferedCall,
+    LayerLoad,
+    PeerFailedError,
+    PlannedRead,
+    RankReloadStats,
+    ReloadError,
+)
 from quant.sync import DeviceSync
 
 Mode = Literal["first", "reload", "plan"]
@@ -36,18 +51,18 @@ STAGES = ("transfer", "load", "process", "finalize")
 
 
 class ReloadEngine:
-    def __init__(self, model: nn.Module, device: torch.device, log: Any,
+    def __init__(self, model: ReloadableModel, device: torch.device, log: Any,
                  check_finite: bool = True) -> None:
         self.model = model
         self.log = log
-        self.records = record_layers(model, device)
+        self.records = model.records()
         self.layer_names = [r.name for r in self.records]
         self.sync = DeviceSync(device)
         self.check_finite = check_finite
         # Called with a stage name ('process', 'quantize') before that work: fault injection.
         self.stage_hook: Any = None
         # A loader's dry run depends only on the call's shape: run it once, reuse it after.
-        self._dry_runs: dict[tuple, tuple[int, list[Bounds]]] = {}
+        self._dry_runs: dict[tuple, tuple[int, list[Bounds], Any]] = {}
         # Model-format buffers of converting layers, reused from layer to layer and reload
         # to reload: one per (param name, shape, dtype), so the params of one layer never
         # share storage and the pool holds about one layer of each kind.
@@ -55,6 +70,20 @@ class ReloadEngine:
         self._loads: dict[str, LayerLoad] = {}
         self._mode: Mode | None = None
         self._has_kernel = False
+        self._planned: list[PlannedRead] = []
+        # Agreement of the engine's ranks before collective processing: ok -> all ok.
+        self.consensus: Callable[[bool], bool] | None = None
+        self._failed: BaseException | None = None
+
+    @property
+    def has_kernel(self) -> bool:
+        """Whether the layers hold kernel tensors (after a first load, or built loaded)."""
+        return self._has_kernel
+
+    def adopt_kernel(self) -> None:
+        """The model was built holding kernel tensors (an engine that initializes its own
+        weights): every load, the first included, copies into them."""
+        self._has_kernel = True
 
     # ---- arming ---------------------------------------------------------------------------
 
@@ -64,6 +93,7 @@ class ReloadEngine:
         if mode == "reload" and not self._has_kernel:
             raise RuntimeError("reload before the first load")
         self._mode = mode
+        self._failed = None
         self.tracker = BufferTracker(self.log)
         self.seconds = dict.fromkeys(STAGES, 0.0)
         self.bytes_read = 0
@@ -71,20 +101,22 @@ class ReloadEngine:
         self.layer_seconds: dict[str, float] = {}
         self._loads = {}
         for record in self.records:
-            kernel = record.current() if mode == "reload" else None
-            if kernel is not None:
-                record.unregister(list(kernel))
+            # Plan mode sets the live tensors aside too: abort() puts them back.
+            kernel = record.current() if mode != "first" else None
+            # Only the placeholders' names are swapped: other kernel tensors (scales,
+            # buffers) stay registered for processing that reads them.
+            record.unregister(list(record.placeholders))
             load = LayerLoad(record, kernel)
             record.register({n: self._armed(load, n, p) for n, p in record.placeholders.items()})
             self._loads[record.name] = load
 
     def _armed(self, load: LayerLoad, name: str, placeholder: nn.Parameter) -> nn.Parameter:
-        armed = nn.Parameter(torch.empty_like(placeholder, device="meta"), requires_grad=False)
-        armed.__dict__.update(placeholder.__dict__)
+        armed = _param_like(placeholder, torch.empty_like(placeholder, device="meta"))
 
-        def weight_loader(_param: torch.Tensor, loaded_weight: Any, *args: Any, **kwargs: Any
-                          ) -> None:
-            self._on_load(load, name, loaded_weight, args, kwargs)
+        # The parameter names are the loader convention's: engines pass them by keyword.
+        def weight_loader(param: torch.Tensor, loaded_weight: Any, *args: Any, **kwargs: Any
+                          ) -> Any:
+            return self._on_load(load, name, loaded_weight, args, kwargs)
 
         armed.weight_loader = weight_loader
         return armed
@@ -92,64 +124,106 @@ class ReloadEngine:
     # ---- loading --------------------------------------------------------------------------
 
     def load(self, weights: Iterable[tuple[str, Any]]) -> None:
-        """Feed checkpoint-format ``(name, weight)`` pairs through the model's own mapping."""
+        """Feed checkpoint-format ``(name, weight)`` pairs through the model's own mapping.
+        Raises this rank's first error (or its peers') once every pair went through."""
         self._require_started()
         with torch.no_grad():
-            self.model.load_weights(self._named(weights))
+            self.model.load_weights(weights)
+        self._raise_if_failed()
 
-    def _named(self, weights: Iterable[tuple[str, Any]]) -> Iterable[tuple[str, Any]]:
-        """Remember which checkpoint tensor is being loaded, for error messages."""
-        for name, weight in weights:
-            self._current_name = name
-            yield name, weight
+    def _raise_if_failed(self) -> None:
+        if self._failed is not None:
+            raise self._failed
+
+    @property
+    def failed(self) -> bool:
+        return self._failed is not None
+
+    def fail(self, error: BaseException) -> None:
+        """Record a failure: from now on this reload only keeps count (see the module doc)."""
+        if self._failed is None:
+            self._failed = error
 
     def _on_load(self, load: LayerLoad, name: str, weight: Any, args: tuple, kwargs: dict
-                 ) -> None:
+                 ) -> Any:
+        if self._mode == "plan":
+            return self._plan_call(load, name, weight, args, kwargs)
+        if self._failed is None:
+            try:
+                return self._load_call(load, name, weight, args, kwargs)
+            except Exception as exc:  # noqa: BLE001 - raised by load() once peers caught up
+                self.fail(exc)  # _load_call fails only before it counts the call
+        return self._count_only(load, name, weight, args, kwargs)
+
+    def _count_only(self, load: LayerLoad, name: str, weight: Any, args: tuple, kwargs: dict
+                    ) -> Any:
+        """After a failure: keep the layer counts without reading, so collective layers
+        complete at the same points as on the healthy ranks."""
+        try:
+            written, _, result = self._dry_run(load.record, name, weight, args, kwargs)
+        except Exception:  # noqa: BLE001 - this rank already failed; nothing more to learn
+            return None
+        load.loaded_numel += written
+        self._complete_if_ready(load)
+        return result
+
+    def _plan_call(self, load: LayerLoad, name: str, weight: Any, args: tuple, kwargs: dict
+                   ) -> Any:
+        record = load.record
+        written, reads, result = self._dry_run(record, name, weight, args, kwargs)
+        self._planned.append(PlannedRead(
+            record.name, f"{record.name}.{name}", record.placeholders[name].dtype, written,
+            _shard_of(args, kwargs), _read_bytes(weight.dtype, reads),
+            tuple(dict.fromkeys(reads))))
+        return result
+
+    def _load_call(self, load: LayerLoad, name: str, weight: Any, args: tuple, kwargs: dict
+                   ) -> Any:
         begin = time.perf_counter()
         record = load.record
-        if load.processed:
+        if load.settled:
             raise ReloadError(f"layer {record.name} received '{name}' after it was complete "
                               "(a tensor was sent twice?)")
-        shard = args[0] if args else kwargs.get("shard_id")
+        shard = _shard_of(args, kwargs)
         if shard in load.shards.get(name, []):
             raise ReloadError(f"{record.name}.{name} received shard {shard!r} twice "
                               "(the same tensor appears twice in the source?)")
-        written, reads = self._dry_run(record, name, weight, args, kwargs)
-        if self._mode == "plan":
-            placeholder = record.placeholders[name]
-            self._planned_last = PlannedRead(
-                record.name, f"{record.name}.{name}", placeholder.dtype, written, shard,
-                _read_bytes(weight, reads))
-            return
+        written, reads, result = self._dry_run(record, name, weight, args, kwargs)
         read_begin = time.perf_counter()
         windows = {b: read_window(weight, b) for b in dict.fromkeys(reads)}
         read_seconds = time.perf_counter() - read_begin
-        buffered = PrefetchedWeight(tuple(weight.shape), weight.dtype, windows,
-                                    borrowed=isinstance(weight, torch.Tensor))
+        # Plain tensors reaching a loader are views of the source or the transfer buffer.
+        borrowed = getattr(weight, "borrowed", isinstance(weight, torch.Tensor))
+        buffered = _mirror(PrefetchedWeight, weight, windows, borrowed=borrowed)
         self.bytes_read += buffered.nbytes
         self.seconds["transfer"] += read_seconds
-        load.calls.append(BufferedCall(name, args, kwargs, buffered, self._current_name))
+        load.calls.append(BufferedCall(name, args, kwargs, buffered,
+                                       getattr(weight, "name", "") or "?"))
         load.loaded_numel += written
         load.per_param[name] = load.per_param.get(name, 0) + written
         load.shards.setdefault(name, []).append(shard)
         self.tracker.add(record.name, buffered.nbytes)
         self.seconds["load"] += time.perf_counter() - begin - read_seconds
         self._charge(record.name, begin)
-        if load.loaded_numel >= record.total_numel and not record.process_last:
+        self._complete_if_ready(load)
+        return result
+
+    def _complete_if_ready(self, load: LayerLoad) -> None:
+        if _complete(load) and not load.settled and not load.record.process_last:
             self._process(load)
 
     def _dry_run(self, record: LayerRecord, name: str, weight: Any, args: tuple,
-                 kwargs: dict) -> tuple[int, list[Bounds]]:
-        """Elements the call writes into the param (capped at its size) and the source
-        windows it reads, from a run on meta; memoized by the call's shape."""
-        key = (record.name, name, args, tuple(sorted(kwargs.items())), tuple(weight.shape),
+                 kwargs: dict) -> tuple[int, list[Bounds], Any]:
+        """Elements the call writes into the param (capped at its size), the source boxes it
+        reads and what the loader returns, from a run on meta; memoized by the call's shape."""
+        key = (record.name, name, args, tuple(sorted(kwargs.items())), _geometry(weight),
                weight.dtype)
         if key not in self._dry_runs:
             placeholder = record.placeholders[name]
-            probe = ProbeWeight(tuple(weight.shape), weight.dtype)
+            probe = _mirror(ProbeWeight, weight)
             with WriteCounter(placeholder) as counter:
-                placeholder.weight_loader(placeholder, probe, *args, **kwargs)
-            self._dry_runs[key] = (min(counter.numel, placeholder.numel()), probe.reads)
+                result = placeholder.weight_loader(placeholder, probe, *args, **kwargs)
+            self._dry_runs[key] = (min(counter.numel, placeholder.numel()), probe.reads, result)
         return self._dry_runs[key]
 
     def own_buffers(self) -> None:
@@ -162,11 +236,11 @@ class ReloadEngine:
         self.seconds["transfer"] += time.perf_counter() - begin
 
     def plan_tensor(self, name: str, shape: tuple[int, ...], dtype: torch.dtype
-                    ) -> PlannedRead | None:
-        """Plan mode: the layer ``name`` feeds and this rank's bytes of it (None: not kept)."""
-        self._planned_last: PlannedRead | None = None
-        self.load([(name, ProbeWeight(shape, dtype))])
-        return self._planned_last
+                    ) -> list[PlannedRead]:
+        """Plan mode: every loader call ``name`` makes on this rank (none: not kept)."""
+        self._planned = []
+        self.load([(name, ProbeWeight(shape, dtype, name))])
+        return self._planned
 
     def add_seconds(self, stage: str, seconds: float) -> None:
         self.seconds[stage] += seconds
@@ -174,62 +248,94 @@ class ReloadEngine:
     # ---- processing -----------------------------------------------------------------------
 
     def _process(self, load: LayerLoad) -> None:
+        """Process a complete layer; never raises (the error is recorded, see ``fail``)."""
         begin = time.perf_counter()
+        error = self._failed
+        if error is None:
+            try:
+                self._prepare(load)
+            except Exception as exc:  # noqa: BLE001 - agreed on below, raised by load()
+                error = exc
+        if load.record.collective and self.consensus is not None:
+            everyone_ok = self.consensus(error is None)
+            if error is None and not everyone_ok:
+                error = PeerFailedError("another rank of this engine failed; this rank "
+                                        "stops too")
+        if error is None:
+            try:
+                self._convert(load)
+            except Exception as exc:  # noqa: BLE001 - raised by load()
+                error = exc
+        if error is not None:
+            self.fail(error)  # abort() puts the layer back (it is not ``processed``)
+        else:
+            load.processed = True
+            self.processed.append(load.record.name)
+        load.calls.clear()
+        load.settled = True
+        self.tracker.release(load.record.name)
+        self.seconds["process"] += time.perf_counter() - begin
+        self._charge(load.record.name, begin)
+
+    def _prepare(self, load: LayerLoad) -> None:
+        """The rank-local part of processing: materialize and replay, checked."""
         if self.stage_hook is not None:
             self.stage_hook("process")
         if _writes_kernel_directly(load):
             self._replay_into_kernel(load)
-        else:
-            self._materialize_and_process(load)
-        load.calls.clear()
-        load.processed = True
-        self.processed.append(load.record.name)
-        self.tracker.release(load.record.name)
-        self.seconds["process"] += time.perf_counter() - begin
-        self._charge(load.record.name, begin)
+            return
+        fresh = self._materialize(load)
+        self._check(load, fresh, skip=load.record.screened)
+        if load.record.converts and self.stage_hook is not None:
+            self.stage_hook("quantize")
+
+    def _convert(self, load: LayerLoad) -> None:
+        """The model's processing (may communicate), then the copy into the kernel tensors."""
+        if _writes_kernel_directly(load):
+            return
+        record = load.record
+        current, side = self.sync.current(), self._side
+        with self.sync.on(side):
+            self.model.process(record)
+            if self.check_finite and record.screened and self.model.has_nonfinite(record):
+                raise _nonfinite_error(load, record.screened[0], "NaN or Inf")
+        self.sync.order(side, current, *record.current().values())
+        if load.kernel is not None:
+            self._copy_into_kernel(record, load.kernel)
 
     def _charge(self, layer: str, begin: float) -> None:
         self.layer_seconds[layer] = (self.layer_seconds.get(layer, 0.0)
                                      + time.perf_counter() - begin)
 
+    def _replay(self, load: LayerLoad, targets: dict[str, torch.Tensor]) -> None:
+        for call in load.calls:
+            loader = load.record.placeholders[call.param].weight_loader
+            loader(targets[call.param], call.weight, *call.args, **call.kwargs)
+
     def _replay_into_kernel(self, load: LayerLoad) -> None:
-        """Model format is kernel format (no quant method): the buffered calls write the
+        """Model format is kernel format (nothing converts): the buffered calls write the
         kernel tensors themselves, with no intermediate copy."""
         record = load.record
-        for call in load.calls:
-            record.placeholders[call.param].weight_loader(load.kernel[call.param], call.weight,
-                                                          *call.args, **call.kwargs)
+        self._replay(load, load.kernel)
         self._check(load, load.kernel)
         record.unregister(list(record.placeholders))
         record.register(load.kernel)
 
-    def _materialize_and_process(self, load: LayerLoad) -> None:
-        """Materialize, replay and quantize on a side stream; the kernel copy runs on the
-        current stream, ordered after the side stream's results (no-ops on CPU)."""
+    def _materialize(self, load: LayerLoad) -> dict[str, nn.Parameter]:
+        """Materialize and replay on a side stream, ordered after the current stream; the
+        processing that follows runs there too, and the kernel copy on the current stream
+        after it (``_convert``). No-ops on CPU."""
         record = load.record
-        current, side = self.sync.current(), self.sync.new_stream()
-        self.sync.order(current, side)
-        with self.sync.on(side):
+        self._side = self.sync.new_stream()
+        self.sync.order(self.sync.current(), self._side)
+        with self.sync.on(self._side):
             # On the first load the fresh tensors become the kernel tensors: never pooled.
             materialize = _materialize if load.kernel is None else self._from_scratch
             fresh = {n: materialize(n, p, record.restore_device)
                      for n, p in record.placeholders.items()}
             record.register(fresh)
-            for call in load.calls:
-                record.placeholders[call.param].weight_loader(fresh[call.param], call.weight,
-                                                              *call.args, **call.kwargs)
-            method = getattr(record.module, "quant_method", None)
-            screened = getattr(method, "screened_params", ())
-            self._check(load, fresh, skip=screened)
-            if method is not None:
-                if self.stage_hook is not None:
-                    self.stage_hook("quantize")
-                method.process_weights_after_loading(record.module)
-                if self.check_finite and screened and method.has_nonfinite(record.module):
-                    raise _nonfinite_error(load, screened[0], "NaN or Inf")
-        self.sync.order(side, current, *record.current().values())
-        if load.kernel is not None:
-            self._copy_into_kernel(record, load.kernel)
+            self._replay(load, fresh)
+        return fresh
 
     def _check(self, load: LayerLoad, written: dict[str, torch.Tensor],
                skip: tuple[str, ...] = ()) -> None:
@@ -240,7 +346,7 @@ class ReloadEngine:
             return
         for name in dict.fromkeys(call.param for call in load.calls):
             if name in skip:
-                continue  # the quant method's scales reveal it (has_nonfinite)
+                continue  # the model's processing reveals it (has_nonfinite)
             tensor = written[name]
             if tensor.is_floating_point() and tensor.numel():
                 # min and max are finite exactly when every element is: one fast reduction
@@ -270,7 +376,8 @@ class ReloadEngine:
                 raise ReloadError(f"layer {record.name}: '{name}' processed to "
                                   f"{tuple(new.shape)} {new.dtype}, kernel tensor is "
                                   f"{tuple(target.shape)} {target.dtype}")
-            target.data.copy_(new)
+            if new is not target:
+                target.data.copy_(new)
         record.unregister(list(result))
         record.register(kernel)
 
@@ -284,7 +391,8 @@ class ReloadEngine:
             for load in self._loads.values():
                 if load.record.process_last and self._finalize_now(load):
                     self._process(load)
-            incomplete = [load for load in self._loads.values() if not load.processed]
+            self._raise_if_failed()
+            incomplete = [load for load in self._loads.values() if not load.settled]
             self._check_incomplete(incomplete)
         except BaseException:
             self.abort()
@@ -360,27 +468,51 @@ class ReloadEngine:
             raise RuntimeError("no reload in progress: call start() first")
 
 
-def _read_bytes(weight: Any, reads: list[Bounds]) -> int:
-    itemsize = torch.empty(0, dtype=weight.dtype).element_size()
-    return sum(_numel(b) * itemsize for b in dict.fromkeys(reads))
+def _shard_of(args: tuple, kwargs: dict) -> Any:
+    """What tells two calls into one param apart: the shard id (``'q'``, ``0``, an expert's
+    ``(3, 'w1')``), or the whole call when a loader takes several arguments by keyword."""
+    if not kwargs:
+        return args[0] if len(args) == 1 else (args or None)
+    return (*args, *(f"{k}={v!r}" for k, v in sorted(kwargs.items())))
+
+
+def _geometry(weight: Any) -> tuple:
+    if isinstance(weight, LazyWindow):
+        return weight.full_shape, weight.bounds, weight._dims
+    return tuple(weight.shape)
+
+
+def _mirror(cls: type, weight: Any, *args: Any, **kwargs: Any) -> Any:
+    """A ``cls`` window over the same source box as ``weight`` (a window or a tensor), so
+    boxes read through it are in the coordinates ``read_window(weight, ...)`` expects."""
+    if isinstance(weight, LazyWindow):
+        mirror = cls(weight.full_shape, weight.dtype, *args, **kwargs)
+        mirror.bounds, mirror._dims = weight.bounds, weight._dims
+    else:
+        mirror = cls(tuple(weight.shape), weight.dtype, *args, **kwargs)
+    mirror.name = getattr(weight, "name", "")
+    return mirror
+
+
+def _read_bytes(dtype: torch.dtype, reads: list[Bounds]) -> int:
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    return sum(box_numel(b) * itemsize for b in dict.fromkeys(reads))
 
 
 def _nonfinite_error(load: LayerLoad, param: str, kind: str) -> ReloadError:
     """The error naming the checkpoint tensors that fed ``param``."""
-    names = ", ".join(f"'{c.source_name}'" for c in load.calls if c.param == param)
+    names = ", ".join(dict.fromkeys(f"'{c.source_name}'" for c in load.calls
+                                    if c.param == param))
     return ReloadError(f"tensor {names} contains {kind} values (a diverged step?), found in "
                        f"{load.record.name}.{param}; the reload is refused and the engines "
                        "keep their weights")
 
 
 def _writes_kernel_directly(load: LayerLoad) -> bool:
-    """True when the layer has kernel tensors of exactly its model format (no quant method,
-    same names, shapes and dtypes) and every param is rewritten or optional-free."""
+    """True when nothing converts the layer and its kernel tensors are exactly its model
+    format (same names, shapes and dtypes, no optional params)."""
     record, kernel = load.record, load.kernel
-    method = getattr(record.module, "quant_method", None)
-    if kernel is None or getattr(method, "converts_weights", False):
-        return False
-    if set(kernel) != set(record.placeholders):
+    if kernel is None or record.converts or set(kernel) != set(record.placeholders):
         return False
     return all(kernel[n].shape == p.shape and kernel[n].dtype == p.dtype
                and not is_optional(p) for n, p in record.placeholders.items())
@@ -390,18 +522,17 @@ def _complete(load: LayerLoad) -> bool:
     return load.loaded_numel >= load.record.total_numel
 
 
-def _numel(bounds: Bounds) -> int:
-    return math.prod(hi - lo for lo, hi in bounds)
-
-
 def _materialize(_name: str, placeholder: nn.Parameter, device: torch.device) -> nn.Parameter:
     return _param_like(placeholder, torch.empty_like(placeholder, device=device))
 
 
 def _param_like(placeholder: nn.Parameter, storage: torch.Tensor) -> nn.Parameter:
-    """``storage`` as a param with the placeholder's attributes (weight_loader, dims),
-    optional params filled with their ``fill_value``."""
+    """``storage`` as a param of the placeholder's class (engines give params methods their
+    loaders call) with its attributes (weight_loader, dims), optional params filled with
+    their ``fill_value``."""
     param = nn.Parameter(storage, requires_grad=False)
+    if type(placeholder) is not nn.Parameter and isinstance(placeholder, nn.Parameter):
+        param.__class__ = type(placeholder)
     param.__dict__.update(placeholder.__dict__)
     if is_optional(placeholder):
         param.data.fill_(placeholder.fill_value)

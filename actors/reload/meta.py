@@ -1,13 +1,15 @@
 """Dry-running weight loaders on the meta device.
 
-A loader is called with a ``ProbeWeight`` (shape and dtype of the checkpoint tensor, no data)
-and the layer's meta placeholder. ``WriteCounter`` counts the elements the call writes into
-the placeholder's storage; the probe records which windows of the source the loader reads.
-Only those windows are then read (``read_window``) and buffered as a ``PrefetchedWeight``,
-which serves exactly those windows when the call is replayed on real tensors.
+A loader is called with a ``ProbeWeight`` (a lazy window with the shape and dtype of the
+checkpoint tensor, no data) and the layer's meta placeholder. ``WriteCounter`` counts the
+elements the call writes into the placeholder's storage; the probe records which boxes of the
+source the loader reads. Only those boxes are then read (``read_window``) and buffered as a
+``PrefetchedWeight``, which serves exactly those boxes when the call is replayed on real
+tensors.
 
-Loader contract this relies on: a loader touches ``loaded_weight`` only through ``shape``,
-``dtype``, ``narrow`` and ``actors.model.parallel.to_tensor``.
+Loader contract this relies on: a loader finds its shard with the free window algebra of
+``actors.lazy.LazyWindow`` (narrow, chunk, unsqueeze, select, ...) and reads it the same way
+on every call with the same shapes (it may not branch on the values it reads).
 """
 
 from __future__ import annotations
@@ -16,60 +18,37 @@ import math
 from typing import Any
 
 import torch
+
+# Private torch API, kept on purpose: TorchDispatchMode is how one sees every in-place write
+# a loader makes, whatever view it writes through.
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from actors.checkpoint import Bounds, narrow_bounds
+from actors.lazy import Bounds, LazyWindow
 
 aten = torch.ops.aten
 
 
-class _Window:
-    """Shared narrowing logic of probe and prefetched weights: a box inside the source."""
+class ProbeWeight(LazyWindow):
+    """Stands in for a source tensor during the dry run; remembers every box read."""
 
-    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, bounds: Bounds | None) -> None:
-        self.dtype = dtype
-        self.full_shape = tuple(shape)
-        self.bounds: Bounds = bounds if bounds is not None else tuple((0, n) for n in shape)
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, name: str = "") -> None:
+        super().__init__(shape, dtype, name)
+        self.reads: list[Bounds] = []
 
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size(hi - lo for lo, hi in self.bounds)
-
-    def _narrowed(self, dim: int, start: int, length: int) -> Bounds:
-        return narrow_bounds(self.bounds, dim, start, length)
+    def _read(self, bounds: Bounds) -> torch.Tensor:
+        self.reads.append(bounds)
+        return torch.empty([hi - lo for lo, hi in bounds], dtype=self.dtype, device="meta")
 
 
-class ProbeWeight(_Window):
-    """Stands in for a source tensor during the dry run; remembers every window read."""
-
-    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, bounds: Bounds | None = None,
-                 reads: list[Bounds] | None = None) -> None:
-        super().__init__(shape, dtype, bounds)
-        self.reads: list[Bounds] = reads if reads is not None else []
-
-    def narrow(self, dim: int, start: int, length: int) -> ProbeWeight:
-        return ProbeWeight(self.full_shape, self.dtype, self._narrowed(dim, start, length),
-                           self.reads)
-
-    def materialize(self) -> torch.Tensor:
-        self.reads.append(self.bounds)
-        return torch.empty(self.shape, dtype=self.dtype, device="meta")
-
-
-class PrefetchedWeight(_Window):
-    """The windows a loader reads, already in this rank's memory, or ``borrowed``: views
-    into a transfer buffer that must be copied (``own``) before the buffer is released."""
+class PrefetchedWeight(LazyWindow):
+    """The boxes a loader reads, already in this rank's memory, or ``borrowed``: views into
+    a transfer buffer that must be copied (``own``) before the buffer is released."""
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype,
-                 windows: dict[Bounds, torch.Tensor], bounds: Bounds | None = None,
-                 borrowed: bool = False) -> None:
-        super().__init__(shape, dtype, bounds)
+                 windows: dict[Bounds, torch.Tensor], borrowed: bool = False) -> None:
+        super().__init__(shape, dtype)
         self.windows = windows
         self.borrowed = borrowed
-
-    def narrow(self, dim: int, start: int, length: int) -> PrefetchedWeight:
-        return PrefetchedWeight(self.full_shape, self.dtype, self.windows,
-                                self._narrowed(dim, start, length))
 
     def own(self) -> None:
         """Copy borrowed windows into memory of their own."""
@@ -78,10 +57,10 @@ class PrefetchedWeight(_Window):
                 self.windows[bounds] = window.clone()
             self.borrowed = False
 
-    def materialize(self) -> torch.Tensor:
+    def _read(self, bounds: Bounds) -> torch.Tensor:
         # A loader that reads differently on replay than in its dry run breaks the contract.
-        assert self.bounds in self.windows, f"window {self.bounds} was not prefetched"
-        return self.windows[self.bounds]
+        assert bounds in self.windows, f"window {bounds} was not prefetched"
+        return self.windows[bounds]
 
     @property
     def nbytes(self) -> int:
@@ -89,13 +68,11 @@ class PrefetchedWeight(_Window):
 
 
 def read_window(source: Any, bounds: Bounds) -> torch.Tensor:
-    """One window of a source weight: a view for an in-memory tensor (see
-    ``PrefetchedWeight.own``), the bytes read from the file for a checkpoint slice."""
-    if isinstance(source, torch.Tensor):
-        return source[tuple(slice(lo, hi) for lo, hi in bounds)]
-    for dim, (lo, hi) in enumerate(bounds):
-        source = source.narrow(dim, lo, hi - lo)
-    return source.materialize()
+    """One box of a source weight: a view for an in-memory tensor (see
+    ``PrefetchedWeight.own``), the bytes read from the file for a lazy checkpoint slice."""
+    if isinstance(source, LazyWindow):
+        return source._read(bounds)
+    return source[tuple(slice(lo, hi) for lo, hi in bounds)]
 
 
 def _index_put_numel(dest: torch.Tensor, indices: list[torch.Tensor | None]) -> int:
@@ -112,6 +89,8 @@ class WriteCounter(TorchDispatchMode):
 
     def __init__(self, target: torch.Tensor) -> None:
         super().__init__()
+        # Private: the storage's C++ identity, the one key that is the same for every view of
+        # a meta tensor (meta storages have no data pointer to compare).
         self._storage = target.untyped_storage()._cdata
         self.numel = 0
 

@@ -1,21 +1,75 @@
-"""Routing of source tensors, computed by dry-running each rank's loaders on meta models:
-which layer every tensor feeds and how many bytes each rank keeps of it. The planner uses
-this instead of restating the shard rules, so prediction and execution cannot disagree."""
+"""Routing of source tensors, found by dry-running each rank's own loaders: which layer every
+tensor feeds and how many bytes each rank keeps of it. The planner uses this instead of
+restating the shard rules, so prediction and execution cannot disagree.
+
+``route_rank`` runs where a rank's model is: on meta copies in the driver (native engine) or
+on the live model inside the rank (vLLM), which it leaves as it found it. ``merge_routes``
+combines the ranks' answers into the ``Routing`` the planner reads.
+"""
 
 from __future__ import annotations
 
-import logging
+import itertools
 from dataclasses import dataclass
 
 import torch
 
-from actors.model import ModelSpec, TPGroup, UnknownTensorError, build_model
+from actors.lazy import Bounds
 from actors.reload.engine import ReloadEngine
-from actors.reload.layers import is_optional
+from actors.reload.model import UnknownTensorError, is_optional
 from actors.reload.types import PlannedRead
-from quant import QuantConfig
 
-log = logging.getLogger("tp_reload.plan")
+TensorSpec = tuple[str, tuple[int, ...], torch.dtype]
+"""(name, shape, dtype) of one source tensor."""
+
+
+@dataclass(frozen=True, slots=True)
+class LayerSummary:
+    name: str
+    process_last: bool
+    kind: str
+    params: dict[str, int]
+    """Full name of each required (non-optional) param -> its elements on this rank."""
+
+
+@dataclass(frozen=True, slots=True)
+class RankRoute:
+    """One rank's answer: the loader calls each source tensor makes there."""
+
+    reads: dict[str, tuple[PlannedRead, ...]]
+    """Kept tensors -> the calls they make (a tensor may feed several shards)."""
+    skipped: tuple[str, ...]
+    unknown: tuple[str, ...]
+    layers: tuple[LayerSummary, ...]
+    """Every layer of the model in processing order."""
+
+
+def route_rank(engine: ReloadEngine, tensors: list[TensorSpec]) -> RankRoute:
+    """Dry-run every tensor through the rank's model in plan mode; ValueError naming the
+    tensor when its shape does not fit."""
+    reads: dict[str, tuple[PlannedRead, ...]] = {}
+    skipped: list[str] = []
+    unknown: list[str] = []
+    engine.start("plan")
+    try:
+        for name, shape, dtype in tensors:
+            try:
+                calls = engine.plan_tensor(name, shape, dtype)
+            except UnknownTensorError:
+                unknown.append(name)
+                continue
+            if calls:
+                reads[name] = tuple(calls)
+            else:
+                skipped.append(name)
+    finally:
+        engine.abort()
+    layers = tuple(
+        LayerSummary(r.name, r.process_last, r.kind,
+                     {f"{r.name}.{n}": p.numel() for n, p in r.placeholders.items()
+                      if not is_optional(p)})
+        for r in engine.records)
+    return RankRoute(reads, tuple(skipped), tuple(unknown), layers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,62 +82,57 @@ class Routing:
     """Source tensor name -> layer it feeds."""
     rank_bytes: dict[str, tuple[int, ...]]
     """Source tensor name -> bytes of it that each rank reads and buffers."""
-    layer_rank_bytes: dict[str, tuple[int, ...]]
-    """Layer -> bytes each rank buffers for it when the source carries all of it."""
     skipped: tuple[str, ...]
     """Source tensors the engine does not keep (rotary caches, a tied LM head)."""
     unknown: tuple[str, ...]
     """Source tensors matching no parameter (refused unless strict=False)."""
-    reads: dict[str, PlannedRead]
-    """Rank 0's view of each kept source tensor: param, elements written, dtype."""
+    reads: dict[str, tuple[PlannedRead, ...]]
+    """Rank 0's view of each kept source tensor: params, elements written, dtypes."""
     layer_params: dict[str, dict[str, int]]
     """Layer -> its required params -> elements (rank 0); optional params left out."""
     layer_kinds: dict[str, str]
     """Layer -> its kind (``dense``, ``experts``)."""
 
 
-def route_tensors(spec: ModelSpec, tp: int, dtype: torch.dtype, quant: QuantConfig,
-                  tensors: list[tuple[str, tuple[int, ...], torch.dtype]]) -> Routing:
-    """ValueError naming the tensor when a shape does not fit the model; names that match
-    nothing are collected in ``unknown`` (the caller decides whether to refuse them)."""
-    meta = torch.device("meta")
-    engines = []
-    for rank in range(tp):
-        model = build_model(spec, tp=TPGroup(rank, tp), dtype=dtype, device=meta,
-                            quant=quant)
-        engine = ReloadEngine(model, meta, log)
-        engine.start("plan")
-        engines.append(engine)
+def covers(shape: tuple[int, ...], boxes: list[Bounds]) -> bool:
+    """Whether the union of ``boxes`` is the whole tensor (checked cell by cell on the grid
+    their edges cut: a handful of cells for TP slabs)."""
+    edges = [sorted({0, n, *(b[d][0] for b in boxes), *(b[d][1] for b in boxes)})
+             for d, n in enumerate(shape)]
+    cells = itertools.product(*(zip(e[:-1], e[1:], strict=True) for e in edges))
+    return bool(boxes) and all(
+        any(all(lo <= c_lo and c_hi <= hi for (lo, hi), (c_lo, c_hi) in zip(box, cell,
+                                                                           strict=True))
+            for box in boxes)
+        for cell in cells)
+
+
+def merge_routes(routes: list[RankRoute], tensors: list[TensorSpec]) -> Routing:
+    """One routing from every rank's route (rank order). Layers come from rank 0: every
+    rank of an engine has the same layers, only the bytes differ. ValueError when the ranks
+    together leave part of a tensor unread: it is larger than the model's (a loader that
+    narrows without checking the full extent would silently cut it)."""
+    first = routes[0]
+    for name, shape, _ in tensors:
+        boxes = [box for route in routes for call in route.reads.get(name, ())
+                 for box in call.boxes]
+        if name in first.reads and not covers(shape, boxes):
+            raise ValueError(f"checkpoint tensor '{name}' has shape {shape}, larger than the "
+                             "model reads of it on any rank (shape mismatch)")
     layer_of: dict[str, str] = {}
-    rank_bytes: dict[str, tuple[int, ...]] = {}
-    skipped: list[str] = []
-    unknown: list[str] = []
-    first: dict[str, PlannedRead] = {}
-    for name, shape, tensor_dtype in tensors:
-        try:
-            reads = [engine.plan_tensor(name, shape, tensor_dtype) for engine in engines]
-        except UnknownTensorError:
-            unknown.append(name)
-            continue
-        if reads[0] is None:
-            skipped.append(name)
-            continue
-        first[name] = reads[0]
-        layer_of[name] = reads[0].layer
-        rank_bytes[name] = tuple(r.rank_bytes for r in reads)
-    records = engines[0].records
-    layer_bytes: dict[str, list[int]] = {}
-    for name, layer in layer_of.items():
-        totals = layer_bytes.setdefault(layer, [0] * tp)
-        for rank, nbytes in enumerate(rank_bytes[name]):
-            totals[rank] += nbytes
+    for name, calls in first.reads.items():
+        layers = {c.layer for c in calls}
+        if len(layers) != 1:
+            raise ValueError(f"checkpoint tensor '{name}' feeds several layers {sorted(layers)}")
+        layer_of[name] = calls[0].layer
+    rank_bytes = {name: tuple(sum(c.rank_bytes for c in route.reads.get(name, ()))
+                              for route in routes)
+                  for name in layer_of}
     return Routing(
-        layer_order=tuple(r.name for r in records),
-        process_last=frozenset(r.name for r in records if r.process_last),
-        layer_of=layer_of, rank_bytes=rank_bytes,
-        layer_rank_bytes={k: tuple(v) for k, v in layer_bytes.items()},
-        skipped=tuple(skipped), unknown=tuple(unknown), reads=first,
-        layer_params={r.name: {f"{r.name}.{n}": p.numel() for n, p in r.placeholders.items()
-                               if not is_optional(p)} for r in records},
-        layer_kinds={r.name: r.kind for r in records},
+        layer_order=tuple(s.name for s in first.layers),
+        process_last=frozenset(s.name for s in first.layers if s.process_last),
+        layer_of=layer_of, rank_bytes=rank_bytes, skipped=first.skipped,
+        unknown=first.unknown, reads=first.reads,
+        layer_params={s.name: s.params for s in first.layers},
+        layer_kinds={s.name: s.kind for s in first.layers},
     )

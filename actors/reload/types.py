@@ -7,12 +7,17 @@ from typing import Any
 
 import torch
 
-from actors.reload.layers import LayerRecord
 from actors.reload.meta import PrefetchedWeight
+from actors.reload.model import LayerRecord
 
 
 class ReloadError(ValueError):
     """The source does not fit the model; the message names the layer or tensor."""
+
+
+class PeerFailedError(RuntimeError):
+    """This rank was fine, but another rank of its engine failed (failure consensus): the
+    other rank's own error is the one to report."""
 
 
 @dataclass(slots=True)
@@ -35,7 +40,10 @@ class LayerLoad:
     loaded_numel: int = 0
     per_param: dict[str, int] = field(default_factory=dict)
     shards: dict[str, list[Any]] = field(default_factory=dict)
+    settled: bool = False
+    """No more work this reload: processed, or skipped after a failure."""
     processed: bool = False
+    """Its new weights are in the kernel tensors."""
 
 
 @dataclass(slots=True)
@@ -63,3 +71,5 @@ class PlannedRead:
     """Elements of the param it writes."""
     shard: Any
     rank_bytes: int
+    boxes: tuple[tuple[tuple[int, int], ...], ...] = ()
+    """The boxes of the source tensor it reads (source coordinates)."""

@@ -1,0 +1,183 @@
+"""Source weights as lazy, tensor-like windows: weight loaders see a tensor, bytes are read late.
+
+A ``LazyWindow`` is a box inside one source tensor (a checkpoint tensor on disk, a dry-run
+probe, a prefetched slice). Weight loaders, ours and vLLM's alike, receive it where they
+expect a ``torch.Tensor``:
+
+  * shape queries (``shape``, ``size()``, ``dim()``, ``ndim``, ``numel()``, ``dtype``) and the
+    window algebra a loader uses to find its shard (``narrow``, ``chunk``, ``unsqueeze``,
+    ``squeeze``, ``select``, ``unbind``, integer indexing) are free;
+  * anything else (passing it to ``copy_`` or any torch op, or calling another tensor method)
+    reads the box once (``materialize``) and acts on that tensor (``__torch_function__``).
+
+So a loader that narrows to its shard before copying reads only its shard. Subclasses say
+how a box is read (``_read``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+
+Bounds = tuple[tuple[int, int], ...]
+"""A box inside a tensor: per dim, [start, stop) in the full tensor's coordinates."""
+
+
+def narrow_bounds(bounds: Bounds, dim: int, start: int, length: int) -> Bounds:
+    """``Tensor.narrow`` on a box; ValueError when the result would leave it."""
+    lo, hi = bounds[dim]
+    if start < 0 or length < 0 or lo + start + length > hi:
+        raise ValueError(f"has {hi - lo} entries along dim {dim}, cannot take "
+                         f"[{start}, {start + length})")
+    narrowed = list(bounds)
+    narrowed[dim] = (lo + start, lo + start + length)
+    return tuple(narrowed)
+
+
+def box_numel(bounds: Bounds) -> int:
+    return math.prod(hi - lo for lo, hi in bounds)
+
+
+def _materialized(value: Any) -> Any:
+    if isinstance(value, LazyWindow):
+        return value.materialize()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_materialized(v) for v in value)
+    return value
+
+
+class LazyWindow:
+    """A box of a source tensor with the tensor surface loaders use; see the module doc."""
+
+    borrowed = False
+    """Whether windows read from it are views of a transfer buffer (copy before release)."""
+
+    def __init__(self, full_shape: tuple[int, ...], dtype: torch.dtype, name: str = "") -> None:
+        self.full_shape = tuple(full_shape)
+        self.dtype = dtype
+        # The source tensor's checkpoint name (every derived window keeps it), for errors.
+        self.name = name
+        self.bounds: Bounds = tuple((0, n) for n in full_shape)
+        # Output dims: the source dim each one shows, or None for an inserted unit dim.
+        # Source dims left out have extent 1 (squeezed away); order is never permuted.
+        self._dims: tuple[int | None, ...] = tuple(range(len(self.full_shape)))
+
+    # ---- subclasses ------------------------------------------------------------------------
+
+    def _read(self, bounds: Bounds) -> torch.Tensor:
+        """The box ``bounds`` (source coordinates) as a tensor of the box's shape."""
+        raise NotImplementedError
+
+    # ---- shape surface ---------------------------------------------------------------------
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(1 if d is None else self.bounds[d][1] - self.bounds[d][0]
+                          for d in self._dims)
+
+    @property
+    def ndim(self) -> int:
+        return len(self._dims)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def dim(self) -> int:
+        return self.ndim
+
+    def size(self, dim: int | None = None) -> torch.Size | int:
+        return self.shape if dim is None else self.shape[dim]
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    # ---- window algebra (free) -------------------------------------------------------------
+
+    def _derive(self, bounds: Bounds, dims: tuple[int | None, ...]) -> LazyWindow:
+        view = copy.copy(self)
+        view.bounds, view._dims = bounds, dims
+        return view
+
+    def narrow(self, dim: int, start: int, length: int) -> LazyWindow:
+        dim %= self.ndim
+        source = self._dims[dim]
+        if source is None:
+            if (start, length) != (0, 1):
+                raise ValueError(f"has 1 entry along dim {dim}, cannot take "
+                                 f"[{start}, {start + length})")
+            return self._derive(self.bounds, self._dims)
+        return self._derive(narrow_bounds(self.bounds, source, start, length), self._dims)
+
+    def unsqueeze(self, dim: int) -> LazyWindow:
+        dim = dim % (self.ndim + 1)
+        return self._derive(self.bounds, self._dims[:dim] + (None,) + self._dims[dim:])
+
+    def squeeze(self, dim: int) -> LazyWindow:
+        dim %= self.ndim
+        if self.shape[dim] != 1:
+            return self._derive(self.bounds, self._dims)
+        return self._derive(self.bounds, self._dims[:dim] + self._dims[dim + 1:])
+
+    def select(self, dim: int, index: int) -> LazyWindow:
+        size = self.shape[dim]
+        return self.narrow(dim, index % size if index < 0 else index, 1).squeeze(dim)
+
+    def unbind(self, dim: int = 0) -> tuple[LazyWindow, ...]:
+        return tuple(self.select(dim, i) for i in range(self.shape[dim]))
+
+    def chunk(self, chunks: int, dim: int = 0) -> tuple[LazyWindow, ...]:
+        size = self.shape[dim]
+        step = math.ceil(size / chunks)
+        return tuple(self.narrow(dim, start, min(step, size - start))
+                     for start in range(0, size, step))
+
+    def detach(self) -> LazyWindow:
+        return self._derive(self.bounds, self._dims)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, int):
+            return self.select(0, index)
+        return self.materialize()[index]
+
+    # ---- reading -----------------------------------------------------------------------------
+
+    def materialize(self) -> torch.Tensor:
+        """Read the window (once per call) as a tensor of ``shape``."""
+        tensor = self._read(self.bounds)
+        return tensor if tensor.shape == self.shape else tensor.reshape(self.shape)
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: Any = None
+                           ) -> Any:
+        return func(*_materialized(args), **{k: _materialized(v)
+                                             for k, v in (kwargs or {}).items()})
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names this class lacks: any other tensor method reads the window.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.materialize(), name)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(shape={tuple(self.shape)}, dtype={self.dtype})"
+
+
+class TensorWindow(LazyWindow):
+    """An in-memory source tensor (a trainer's, or a transfer buffer's view): boxes are views,
+    so nothing is copied until a buffered call must outlive the buffer."""
+
+    borrowed = True
+
+    def __init__(self, name: str, tensor: torch.Tensor) -> None:
+        super().__init__(tuple(tensor.shape), tensor.dtype, name)
+        self._tensor = tensor
+
+    def _read(self, bounds: Bounds) -> torch.Tensor:
+        return self._tensor[tuple(slice(lo, hi) for lo, hi in bounds)]

@@ -1,0 +1,57 @@
+"""The independent oracle for the vLLM engine: a fresh vLLM engine that vLLM itself builds
+from a checkpoint with its own loader, one plain Ray actor per TP rank (no tp-reload code),
+asked for greedy tokens and their log-probs."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from tests.support import VLLM_ARGS
+
+
+@ray.remote(num_cpus=0.5)
+class OracleRank:
+    def __init__(self, rank: int, world_size: int, port: int, path: str, kwargs: dict) -> None:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                          VLLM_ENABLE_V1_MULTIPROCESSING="0")
+        from vllm import LLM
+
+        self.llm = LLM(model=path, tensor_parallel_size=world_size,
+                       distributed_executor_backend="external_launcher",
+                       skip_tokenizer_init=True, enforce_eager=True, seed=0, **kwargs)
+
+    def greedy(self, prompts: list[list[int]], new_tokens: int) -> tuple[list, list]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(temperature=0, max_tokens=new_tokens, logprobs=0,
+                                ignore_eos=True, detokenize=False)
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                    use_tqdm=False)
+        return ([list(o.outputs[0].token_ids) for o in outputs],
+                [[step[t].logprob for t, step in zip(o.outputs[0].token_ids,
+                                                     o.outputs[0].logprobs, strict=True)]
+                 for o in outputs])
+
+
+def vllm_greedy(path: Path, tp: int, prompts: torch.Tensor, new_tokens: int, **kwargs: Any
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy tokens [B, N] and log-probs [B, N] of vLLM's own engine on ``path``."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ranks = [OracleRank.remote(r, tp, port, str(path), {**VLLM_ARGS, **kwargs})
+             for r in range(tp)]
+    try:
+        tokens, logprobs = ray.get([r.greedy.remote(prompts.tolist(), new_tokens)
+                                    for r in ranks])[0]
+    finally:
+        for rank in ranks:
+            ray.kill(rank)
+    return torch.tensor(tokens), torch.tensor(logprobs)
