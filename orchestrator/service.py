@@ -25,7 +25,7 @@ import ray
 from orchestrator.config import EngineConfig
 from orchestrator.coordinator import ReloadOrchestrator
 from orchestrator.errors import ConfigError, TPReloadError
-from orchestrator.report import ReloadReport
+from orchestrator.report import ReloadReport, Samples
 from orchestrator.yaml_config import FileConfig, ServiceConfig
 
 log = logging.getLogger("tp_reload.serve")
@@ -64,6 +64,9 @@ class Coordinator:
     def generate(self, token_ids: Any, max_new_tokens: int = 8, engine: int = 0):
         return self.orch.generate(token_ids, max_new_tokens=max_new_tokens, engine=engine)
 
+    def sample(self, token_ids: Any, max_new_tokens: int, **kwargs: Any) -> Samples:
+        return self.orch.sample(token_ids, max_new_tokens, **kwargs)
+
     def version(self) -> int:
         return self.orch.version
 
@@ -77,7 +80,7 @@ class Coordinator:
             "name": self.service.name, "namespace": self.service.namespace,
             "version": self.orch.version, "model": cfg.model,
             "tensor_parallel_size": cfg.tensor_parallel_size, "num_engines": cfg.num_engines,
-            "quantization": cfg.quantization, "dtype": self.orch.dtype,
+            "engine": cfg.engine, "quantization": cfg.quantization, "dtype": self.orch.dtype,
             "watch_dir": self.service.watch_dir, "last_step": self.last_step,
             "uptime_s": round(time.time() - self.started_at, 1),
             "last_reload": None if report is None else {
@@ -111,6 +114,14 @@ class ServiceClient:
 
     def generate(self, token_ids: Any, max_new_tokens: int = 8, engine: int = 0):
         return self._call("generate", token_ids, max_new_tokens, engine)
+
+    def sample(self, token_ids: Any, max_new_tokens: int, temperature: float = 1.0,
+               top_p: float = 1.0, seed: int | None = None, logprobs: bool = True,
+               engine: int = 0) -> Samples:
+        """Rollouts with their log-probs and the version that produced them (as
+        ``ReloadOrchestrator.sample``)."""
+        return self._call("sample", token_ids, max_new_tokens, temperature=temperature,
+                          top_p=top_p, seed=seed, logprobs=logprobs, engine=engine)
 
     def version(self) -> int:
         return self._call("version")

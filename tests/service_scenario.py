@@ -48,11 +48,14 @@ def main(address: str, name: str, namespace: str, watch: str, unmarked_s: str) -
     seen["after_step_2"] = client.version()
     logits = client.forward(prompt)
     tokens = client.generate(prompt, max_new_tokens=4)
+    rollout = client.sample(prompt, 4, temperature=0)
     status = client.status()
     print(json.dumps({
         "versions": seen, "status": status,
         "errors": {"step_1": error_1, "step_2": rel_l2(logits, reference_logits(step2, prompt))},
         "generated_shape": list(tokens.shape),
+        "rollout": {"version": rollout.version,
+                    "greedy_as_generate": bool((rollout.tokens == tokens[:, 10:]).all())},
     }))
 
 

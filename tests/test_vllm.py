@@ -38,13 +38,14 @@ def vsteps(tmp_path_factory) -> dict[str, Path]:
     return steps
 
 
-def assert_serves(orch, path: Path, prompt: torch.Tensor):
+def assert_serves(orch, path: Path, prompt: torch.Tensor, engine: int = 0):
     """Greedy tokens equal transformers', their log-probs within LOGPROB_BOUND."""
-    samples = orch.sample(prompt, NEW_TOKENS, temperature=0)
+    samples = orch.sample(prompt, NEW_TOKENS, temperature=0, engine=engine)
     tokens, logprobs = reference_sample(path, prompt, NEW_TOKENS)
     assert torch.equal(samples.tokens, tokens)
     assert (samples.logprobs - logprobs).abs().max().item() <= LOGPROB_BOUND
-    assert torch.equal(orch.generate(prompt, NEW_TOKENS), torch.cat([prompt, tokens], dim=1))
+    assert torch.equal(orch.generate(prompt, NEW_TOKENS, engine=engine),
+                       torch.cat([prompt, tokens], dim=1))
     return samples
 
 
@@ -69,6 +70,17 @@ def test_vllm_engine_serves_and_reloads_like_transformers(ray_cluster, vsteps, p
                   for _ in range(2)]
     assert torch.equal(seeded[0].tokens, seeded[1].tokens)
     assert bool((seeded[0].logprobs <= 0).all())
+
+
+def test_two_vllm_engines_reload_together(ray_cluster, vsteps, prompt):
+    """num_engines replicas: each its own placement group and vLLM group; a reload reaches
+    both before it commits."""
+    with start(vsteps["a"], 1, engine="vllm", num_engines=2) as orch:
+        report = orch.reload(load_tensors(vsteps["b"]))
+        for engine in (0, 1):
+            assert assert_serves(orch, vsteps["b"], prompt, engine=engine).version == 1
+        pids = {rank["pid"] for ranks in orch.placements() for rank in ranks}
+    assert set(report.bytes_read) == {(0, 0), (1, 0)} and len(pids) == 2
 
 
 @pytest.mark.parametrize("method", ["fp8_per_channel", "int8_per_channel_weight_only"])

@@ -33,6 +33,9 @@ from quant import QuantConfig
 
 
 class NativeReloadable(ReloadableModel):
+    # quant/ methods build new kernel tensors and keep nothing of the model format.
+    reuses_scratch = True
+
     def __init__(self, model: DecoderForCausalLM, device: torch.device) -> None:
         self.model = model
         self._records = record_layers(model, device)

@@ -278,28 +278,29 @@ class ReloadEngine:
         self._charge(load.record.name, begin)
 
     def _prepare(self, load: LayerLoad) -> None:
-        """The rank-local part of processing: materialize and replay, checked."""
+        """The rank-local part of processing: replay (into the kernel tensors when they
+        have the model format, else into materialized ones), checked."""
         if self.stage_hook is not None:
             self.stage_hook("process")
-        if _writes_kernel_directly(load):
+        if _kernel_has_model_format(load):
             self._replay_into_kernel(load)
-            return
-        fresh = self._materialize(load)
-        self._check(load, fresh, skip=load.record.screened)
+        else:
+            self._check(load, self._materialize(load), skip=load.record.screened)
         if load.record.converts and self.stage_hook is not None:
             self.stage_hook("quantize")
 
     def _convert(self, load: LayerLoad) -> None:
-        """The model's processing (may communicate), then the copy into the kernel tensors."""
-        if _writes_kernel_directly(load):
-            return
+        """The model's processing (may communicate), then the copy into the kernel tensors
+        of whatever processing replaced."""
         record = load.record
         current, side = self.sync.current(), self._side
-        with self.sync.on(side):
-            self.model.process(record)
-            if self.check_finite and record.screened and self.model.has_nonfinite(record):
-                raise _nonfinite_error(load, record.screened[0], "NaN or Inf")
-        self.sync.order(side, current, *record.current().values())
+        if record.converts:
+            with self.sync.on(side):
+                self.model.process(record)
+                if self.check_finite and record.screened and self.model.has_nonfinite(record):
+                    raise _nonfinite_error(load, record.screened[0], "NaN or Inf")
+        if side is not None:
+            self.sync.order(side, current, *record.current().values())
         if load.kernel is not None:
             self._copy_into_kernel(record, load.kernel)
 
@@ -313,13 +314,18 @@ class ReloadEngine:
             loader(targets[call.param], call.weight, *call.args, **call.kwargs)
 
     def _replay_into_kernel(self, load: LayerLoad) -> None:
-        """Model format is kernel format (nothing converts): the buffered calls write the
-        kernel tensors themselves, with no intermediate copy."""
+        """The kernel tensors have the model format: the buffered calls write them
+        directly, through params of the placeholders' class and attributes (loaders read
+        both off the param they write), with no intermediate copy. Processing, if any, then
+        runs on the kernel tensors in place (``_convert``)."""
         record = load.record
-        self._replay(load, load.kernel)
-        self._check(load, load.kernel)
+        targets = {n: _param_like(p, load.kernel[n].data)
+                   for n, p in record.placeholders.items()}
+        self._replay(load, targets)
+        self._check(load, targets)
         record.unregister(list(record.placeholders))
         record.register(load.kernel)
+        self._side = None  # nothing ran on a side stream
 
     def _materialize(self, load: LayerLoad) -> dict[str, nn.Parameter]:
         """Materialize and replay on a side stream, ordered after the current stream; the
@@ -330,7 +336,8 @@ class ReloadEngine:
         self.sync.order(self.sync.current(), self._side)
         with self.sync.on(self._side):
             # On the first load the fresh tensors become the kernel tensors: never pooled.
-            materialize = _materialize if load.kernel is None else self._from_scratch
+            pooled = load.kernel is not None and self.model.reuses_scratch
+            materialize = self._from_scratch if pooled else _materialize
             fresh = {n: materialize(n, p, record.restore_device)
                      for n, p in record.placeholders.items()}
             record.register(fresh)
@@ -508,11 +515,11 @@ def _nonfinite_error(load: LayerLoad, param: str, kind: str) -> ReloadError:
                        "keep their weights")
 
 
-def _writes_kernel_directly(load: LayerLoad) -> bool:
-    """True when nothing converts the layer and its kernel tensors are exactly its model
-    format (same names, shapes and dtypes, no optional params)."""
+def _kernel_has_model_format(load: LayerLoad) -> bool:
+    """True when the layer's kernel tensors are exactly its model format (the same names,
+    shapes and dtypes, no optional params): loads can be replayed into them."""
     record, kernel = load.record, load.kernel
-    if kernel is None or record.converts or set(kernel) != set(record.placeholders):
+    if kernel is None or set(kernel) != set(record.placeholders):
         return False
     return all(kernel[n].shape == p.shape and kernel[n].dtype == p.dtype
                and not is_optional(p) for n, p in record.placeholders.items())

@@ -117,6 +117,11 @@ def in_processing_order(records: list[LayerRecord]) -> list[LayerRecord]:
 class ReloadableModel(ABC):
     """What the reload engine needs from a model (see the module docstring)."""
 
+    reuses_scratch: bool = False
+    """``process`` keeps no reference to the model-format tensors it is handed, so the
+    reload engine may reuse their storage for the next layer of the same shape. False when
+    processing may capture them (vLLM's CPU kernels capture weights in closures)."""
+
     @abstractmethod
     def records(self) -> list[LayerRecord]:
         """Every reloadable layer in processing order (``in_processing_order``)."""
