@@ -33,27 +33,23 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class FileEntry:
+class PackedEntry:
     name: str
-    file: str
-    """Absolute path of the safetensors file holding it."""
     dtype: str
     """torch dtype name, e.g. ``bfloat16``."""
     shape: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry(PackedEntry):
+    file: str
+    """Absolute path of the safetensors file holding it."""
 
 
 @dataclass(frozen=True, slots=True)
 class FileBucket:
     entries: tuple[FileEntry, ...]
     """In stream order. Shapes travel too: a rank that cannot read keeps count with them."""
-
-
-@dataclass(frozen=True, slots=True)
-class PackedEntry:
-    name: str
-    dtype: str
-    """torch dtype name, e.g. ``bfloat16``."""
-    shape: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)

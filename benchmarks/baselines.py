@@ -74,7 +74,7 @@ class RankWork:
 
 
 def file_entries(model_dir: Path) -> FileBucket:
-    return FileBucket(tuple(FileEntry(i.name, i.file, dtype_name(i.torch_dtype), i.shape)
+    return FileBucket(tuple(FileEntry(i.name, dtype_name(i.torch_dtype), i.shape, i.file)
                             for i in checkpoint_inventory(model_dir)))
 
 

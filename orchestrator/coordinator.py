@@ -291,8 +291,8 @@ class ReloadOrchestrator:
                  ) -> FileBucket | PackedBucket:
         if source.kind == "dir":
             return FileBucket(tuple(
-                FileEntry(t.name, t.file, dtype_name(infos[t.name].torch_dtype),
-                          infos[t.name].shape) for t in bucket.tensors))
+                FileEntry(t.name, dtype_name(infos[t.name].torch_dtype), infos[t.name].shape,
+                          t.file) for t in bucket.tensors))
         entries, arrays = pack_tensors([(t.name, source.data[t.name]) for t in bucket.tensors])
         return PackedBucket(entries, [ray.put(arrays)])
 

@@ -42,7 +42,7 @@ def reader():
 def lazy_slices(path, reader):
     infos = checkpoint_inventory(path)
     return dict(reader.items(FileBucket(tuple(
-        FileEntry(i.name, i.file, dtype_name(i.torch_dtype), i.shape) for i in infos))))
+        FileEntry(i.name, dtype_name(i.torch_dtype), i.shape, i.file) for i in infos))))
 
 
 def test_narrowed_slice_reads_its_window(weights, reader):

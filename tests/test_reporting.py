@@ -80,7 +80,7 @@ def test_rank_names_an_unreadable_checkpoint_path(tmp_path):
     missing = tmp_path / "elsewhere" / "model.safetensors"
     with pytest.raises(FileNotFoundError, match="same path on every node"):
         BucketReader().items(FileBucket((
-            FileEntry("model.embed_tokens.weight", str(missing), "float32", (8, 4)),)))
+            FileEntry("model.embed_tokens.weight", "float32", (8, 4), str(missing)),)))
 
 
 @pytest.mark.parametrize(("engine", "model"), [

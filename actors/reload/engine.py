@@ -71,6 +71,8 @@ class ReloadEngine:
         self._mode: Mode | None = None
         self._has_kernel = False
         self._planned: list[PlannedRead] = []
+        # The stream the layer being processed was materialized on (None: the current one).
+        self._side: Any = None
         # Agreement of the engine's ranks before collective processing: ok -> all ok.
         self.consensus: Callable[[bool], bool] | None = None
         self._failed: BaseException | None = None
@@ -285,7 +287,7 @@ class ReloadEngine:
         if _kernel_has_model_format(load):
             self._replay_into_kernel(load)
         else:
-            self._check(load, self._materialize(load), skip=load.record.screened)
+            self._materialize(load)
         if load.record.converts and self.stage_hook is not None:
             self.stage_hook("quantize")
 
@@ -327,10 +329,10 @@ class ReloadEngine:
         record.register(load.kernel)
         self._side = None  # nothing ran on a side stream
 
-    def _materialize(self, load: LayerLoad) -> dict[str, nn.Parameter]:
-        """Materialize and replay on a side stream, ordered after the current stream; the
-        processing that follows runs there too, and the kernel copy on the current stream
-        after it (``_convert``). No-ops on CPU."""
+    def _materialize(self, load: LayerLoad) -> None:
+        """Materialize, replay and check on a side stream, ordered after the current
+        stream; the processing that follows runs there too, and the kernel copy on the
+        current stream after it (``_convert``). No-ops on CPU."""
         record = load.record
         self._side = self.sync.new_stream()
         self.sync.order(self.sync.current(), self._side)
@@ -342,7 +344,7 @@ class ReloadEngine:
                      for n, p in record.placeholders.items()}
             record.register(fresh)
             self._replay(load, fresh)
-        return fresh
+            self._check(load, fresh, skip=record.screened)
 
     def _check(self, load: LayerLoad, written: dict[str, torch.Tensor],
                skip: tuple[str, ...] = ()) -> None:
