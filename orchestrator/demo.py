@@ -17,7 +17,7 @@ import torch
 
 from orchestrator.config import EngineConfig
 from orchestrator.coordinator import ReloadOrchestrator
-from orchestrator.report import Samples
+from orchestrator.report import ReloadReport, Samples
 
 NEW_TOKENS = 8
 
@@ -98,6 +98,19 @@ def transformers_logprobs(path: Path, prompt: torch.Tensor, tokens: torch.Tensor
     return torch.log_softmax(steps, dim=-1).gather(-1, tokens[..., None])[..., 0]
 
 
+def demo_config(options: DemoOptions, model: Path) -> EngineConfig:
+    # vLLM quantizes bfloat16 and float16 engines only.
+    quantized_vllm = options.engine == "vllm" and options.quantization is not None
+    return EngineConfig(model=str(model), engine=options.engine,
+                        tensor_parallel_size=options.tensor_parallel_size,
+                        dtype="bfloat16" if quantized_vllm else "float32",
+                        num_cpus_per_rank=options.num_cpus_per_rank,
+                        bucket_bytes=1 << 20, quantization=options.quantization,
+                        kv_cache_dtype=options.kv_cache_dtype,
+                        engine_args={"kv_cache_memory_bytes": 256 << 20}
+                        if options.engine == "vllm" else {})
+
+
 def run_demo(options: DemoOptions) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="tp-reload-demo-") as tmp:
         step0, step1 = Path(tmp) / "step0", Path(tmp) / "step1"
@@ -105,30 +118,28 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         write_demo_checkpoint(step1, options.num_layers, options.seed + 1, options.model)
         generator = torch.Generator().manual_seed(options.seed)
         prompt = torch.randint(0, 1000, (2, 16), generator=generator)
-        # vLLM quantizes bfloat16 and float16 engines only.
-        quantized_vllm = options.engine == "vllm" and options.quantization is not None
-        cfg = EngineConfig(model=str(step0), engine=options.engine,
-                           tensor_parallel_size=options.tensor_parallel_size,
-                           dtype="bfloat16" if quantized_vllm else "float32",
-                           num_cpus_per_rank=options.num_cpus_per_rank,
-                           bucket_bytes=1 << 20, quantization=options.quantization,
-                           kv_cache_dtype=options.kv_cache_dtype,
-                           engine_args={"kv_cache_memory_bytes": 256 << 20}
-                           if options.engine == "vllm" else {})
         ray_begin = time.perf_counter()
         ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
-        ray_seconds = time.perf_counter() - ray_begin
+        timings = {"ray_start_seconds": round(time.perf_counter() - ray_begin, 3)}
         begin = time.perf_counter()
-        with ReloadOrchestrator(cfg) as orch:
-            started = time.perf_counter() - begin
+        with ReloadOrchestrator(demo_config(options, step0)) as orch:
+            timings["start_seconds"] = round(time.perf_counter() - begin, 3)
             served = [orch.sample(prompt, NEW_TOKENS, temperature=0)]
-            first = orch.load_report
-            identity_before = orch.inspect()
+            identity = [orch.inspect()]
             reload = orch.reload(str(step1))
-            identity_after = orch.inspect()
+            identity.append(orch.inspect())
             served.append(orch.sample(prompt, NEW_TOKENS, temperature=0))
+            first = orch.load_report
         checks = [check(step, prompt, s) for step, s in zip((step0, step1), served, strict=True)]
-    same_tensors = identity_before == identity_after
+    return summary(options, timings, first, reload, checks, identity, served[1].version)
+
+
+def summary(options: DemoOptions, timings: dict[str, float], first: ReloadReport,
+            reload: ReloadReport, checks: list[dict[str, Any]],
+            identity: list[Any], rollout_version: int) -> dict[str, Any]:
+    """The demo's result: what was served before and after the reload, and whether it
+    matches transformers."""
+    same_tensors = identity[0] == identity[1]
     exact = options.quantization is None and options.kv_cache_dtype == "auto"
     # A quantized engine is compared with the unquantized model: the error is reported, and
     # only a broken engine (log-probs off by nats, NaN) fails the demo.
@@ -142,11 +153,10 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         "exact": exact,
         "layers": options.num_layers,
         "tensor_parallel_size": options.tensor_parallel_size,
-        "ray_start_seconds": round(ray_seconds, 3),
-        "start_seconds": round(started, 3),
+        **timings,
         "source_bytes": first.source_bytes,
         "bytes_read_per_rank": {f"engine{e}/rank{r}": b for (e, r), b in first.bytes_read.items()},
-        "kernel_tensors": sum(len(rank) for rank in identity_before),
+        "kernel_tensors": sum(len(rank) for rank in identity[0]),
         "logprob_max_abs_error_vs_transformers": checks[0]["logprob_error"],
         "greedy_tokens_match_transformers": checks[0]["tokens_match"],
         "reload": {
@@ -160,14 +170,14 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
             "bytes_read_per_rank": {f"engine{e}/rank{r}": b
                                     for (e, r), b in reload.bytes_read.items()},
             "kernel_tensors_unchanged": same_tensors,
-            "rollout_version": served[1].version,
+            "rollout_version": rollout_version,
             "logprob_max_abs_error_vs_transformers": checks[1]["logprob_error"],
             "greedy_tokens_match_transformers": checks[1]["tokens_match"],
             "warnings": reload.warnings,
             "expert_layers_share": dict(zip(("bytes", "seconds"), reload.share("experts"),
                                             strict=True)),
         },
-        "ok": numerics_ok and same_tensors and served[1].version == 1,
+        "ok": numerics_ok and same_tensors and rollout_version == 1,
     }
 
 

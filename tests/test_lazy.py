@@ -64,7 +64,7 @@ def test_coverage_of_a_tensor_by_every_ranks_reads(shape, boxes, expected):
     assert covers(shape, boxes) is expected
 
 
-def test_the_core_imports_and_plans_without_vllm(tmp_path):
+def test_the_core_imports_without_vllm():
     """Only rank actors hosting a vLLM engine import vLLM."""
     # A None entry makes any import of vllm fail.
     code = ("import sys; sys.modules['vllm'] = None\n"

@@ -32,9 +32,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from actors.lazy import Bounds, LazyWindow, box_numel
+from actors.lazy import Bounds
+from actors.reload.finite import check_written, nonfinite_error
 from actors.reload.meta import PrefetchedWeight, ProbeWeight, WriteCounter, read_window
 from actors.reload.model import LayerRecord, ReloadableModel, is_optional
+from actors.reload.params import geometry, materialize, mirror, param_like, read_bytes
 from actors.reload.tracker import BufferTracker
 from actors.reload.types import (
     BufferedCall,
@@ -113,7 +115,7 @@ class ReloadEngine:
             self._loads[record.name] = load
 
     def _armed(self, load: LayerLoad, name: str, placeholder: nn.Parameter) -> nn.Parameter:
-        armed = _param_like(placeholder, torch.empty_like(placeholder, device="meta"))
+        armed = param_like(placeholder, torch.empty_like(placeholder, device="meta"))
 
         # The parameter names are the loader convention's: engines pass them by keyword.
         def weight_loader(param: torch.Tensor, loaded_weight: Any, *args: Any, **kwargs: Any
@@ -175,7 +177,7 @@ class ReloadEngine:
         written, reads, result = self._dry_run(record, name, weight, args, kwargs)
         self._planned.append(PlannedRead(
             record.name, f"{record.name}.{name}", record.placeholders[name].dtype, written,
-            _shard_of(args, kwargs), _read_bytes(weight.dtype, reads),
+            _shard_of(args, kwargs), read_bytes(weight.dtype, reads),
             tuple(dict.fromkeys(reads))))
         return result
 
@@ -196,7 +198,7 @@ class ReloadEngine:
         read_seconds = time.perf_counter() - read_begin
         # Plain tensors reaching a loader are views of the source or the transfer buffer.
         borrowed = getattr(weight, "borrowed", isinstance(weight, torch.Tensor))
-        buffered = _mirror(PrefetchedWeight, weight, windows, borrowed=borrowed)
+        buffered = mirror(PrefetchedWeight, weight, windows, borrowed=borrowed)
         self.bytes_read += buffered.nbytes
         self.seconds["transfer"] += read_seconds
         load.calls.append(BufferedCall(name, args, kwargs, buffered,
@@ -218,11 +220,11 @@ class ReloadEngine:
                  kwargs: dict) -> tuple[int, list[Bounds], Any]:
         """Elements the call writes into the param (capped at its size), the source boxes it
         reads and what the loader returns, from a run on meta; memoized by the call's shape."""
-        key = (record.name, name, args, tuple(sorted(kwargs.items())), _geometry(weight),
+        key = (record.name, name, args, tuple(sorted(kwargs.items())), geometry(weight),
                weight.dtype)
         if key not in self._dry_runs:
             placeholder = record.placeholders[name]
-            probe = _mirror(ProbeWeight, weight)
+            probe = mirror(ProbeWeight, weight)
             with WriteCounter(placeholder) as counter:
                 result = placeholder.weight_loader(placeholder, probe, *args, **kwargs)
             self._dry_runs[key] = (min(counter.numel, placeholder.numel()), probe.reads, result)
@@ -300,7 +302,7 @@ class ReloadEngine:
             with self.sync.on(side):
                 self.model.process(record)
                 if self.check_finite and record.screened and self.model.has_nonfinite(record):
-                    raise _nonfinite_error(load, record.screened[0], "NaN or Inf")
+                    raise nonfinite_error(load, record.screened[0], "NaN or Inf")
         if side is not None:
             self.sync.order(side, current, *record.current().values())
         if load.kernel is not None:
@@ -321,10 +323,11 @@ class ReloadEngine:
         both off the param they write), with no intermediate copy. Processing, if any, then
         runs on the kernel tensors in place (``_convert``)."""
         record = load.record
-        targets = {n: _param_like(p, load.kernel[n].data)
+        targets = {n: param_like(p, load.kernel[n].data)
                    for n, p in record.placeholders.items()}
         self._replay(load, targets)
-        self._check(load, targets)
+        if self.check_finite:
+            check_written(load, targets)
         record.unregister(list(record.placeholders))
         record.register(load.kernel)
         self._side = None  # nothing ran on a side stream
@@ -339,31 +342,13 @@ class ReloadEngine:
         with self.sync.on(self._side):
             # On the first load the fresh tensors become the kernel tensors: never pooled.
             pooled = load.kernel is not None and self.model.reuses_scratch
-            materialize = self._from_scratch if pooled else _materialize
-            fresh = {n: materialize(n, p, record.restore_device)
+            make = self._from_scratch if pooled else materialize
+            fresh = {n: make(n, p, record.restore_device)
                      for n, p in record.placeholders.items()}
             record.register(fresh)
             self._replay(load, fresh)
-            self._check(load, fresh, skip=record.screened)
-
-    def _check(self, load: LayerLoad, written: dict[str, torch.Tensor],
-               skip: tuple[str, ...] = ()) -> None:
-        """NaN/Inf check of what the replay just wrote, before any conversion: the bytes
-        are resident and hot, where checking the source windows would fault their pages in
-        a second time. A failure is rolled back like any other failure before commit."""
-        if not self.check_finite:
-            return
-        for name in dict.fromkeys(call.param for call in load.calls):
-            if name in skip:
-                continue  # the model's processing reveals it (has_nonfinite)
-            tensor = written[name]
-            if tensor.is_floating_point() and tensor.numel():
-                # min and max are finite exactly when every element is: one fast reduction
-                # instead of a full isfinite mask (~20x slower on CPU bf16).
-                low, high = torch.aminmax(tensor)
-                if not bool(torch.isfinite(low) & torch.isfinite(high)):
-                    kind = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
-                    raise _nonfinite_error(load, name, kind)
+            if self.check_finite:
+                check_written(load, fresh, skip=record.screened)
 
     def _from_scratch(self, name: str, placeholder: nn.Parameter, device: torch.device
                       ) -> nn.Parameter:
@@ -371,7 +356,7 @@ class ReloadEngine:
         if key not in self._scratch:
             self._scratch[key] = torch.empty(placeholder.shape, dtype=placeholder.dtype,
                                              device=device)
-        return _param_like(placeholder, self._scratch[key])
+        return param_like(placeholder, self._scratch[key])
 
     @staticmethod
     def _copy_into_kernel(record: LayerRecord, kernel: dict[str, torch.Tensor]) -> None:
@@ -485,38 +470,6 @@ def _shard_of(args: tuple, kwargs: dict) -> Any:
     return (*args, *(f"{k}={v!r}" for k, v in sorted(kwargs.items())))
 
 
-def _geometry(weight: Any) -> tuple:
-    if isinstance(weight, LazyWindow):
-        return weight.full_shape, weight.bounds, weight._dims
-    return tuple(weight.shape)
-
-
-def _mirror(cls: type, weight: Any, *args: Any, **kwargs: Any) -> Any:
-    """A ``cls`` window over the same source box as ``weight`` (a window or a tensor), so
-    boxes read through it are in the coordinates ``read_window(weight, ...)`` expects."""
-    if isinstance(weight, LazyWindow):
-        mirror = cls(weight.full_shape, weight.dtype, *args, **kwargs)
-        mirror.bounds, mirror._dims = weight.bounds, weight._dims
-    else:
-        mirror = cls(tuple(weight.shape), weight.dtype, *args, **kwargs)
-    mirror.name = getattr(weight, "name", "")
-    return mirror
-
-
-def _read_bytes(dtype: torch.dtype, reads: list[Bounds]) -> int:
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    return sum(box_numel(b) * itemsize for b in dict.fromkeys(reads))
-
-
-def _nonfinite_error(load: LayerLoad, param: str, kind: str) -> ReloadError:
-    """The error naming the checkpoint tensors that fed ``param``."""
-    names = ", ".join(dict.fromkeys(f"'{c.source_name}'" for c in load.calls
-                                    if c.param == param))
-    return ReloadError(f"tensor {names} contains {kind} values (a diverged step?), found in "
-                       f"{load.record.name}.{param}; the reload is refused and the engines "
-                       "keep their weights")
-
-
 def _kernel_has_model_format(load: LayerLoad) -> bool:
     """True when the layer's kernel tensors are exactly its model format (the same names,
     shapes and dtypes, no optional params): loads can be replayed into them."""
@@ -529,20 +482,3 @@ def _kernel_has_model_format(load: LayerLoad) -> bool:
 
 def _complete(load: LayerLoad) -> bool:
     return load.loaded_numel >= load.record.total_numel
-
-
-def _materialize(_name: str, placeholder: nn.Parameter, device: torch.device) -> nn.Parameter:
-    return _param_like(placeholder, torch.empty_like(placeholder, device=device))
-
-
-def _param_like(placeholder: nn.Parameter, storage: torch.Tensor) -> nn.Parameter:
-    """``storage`` as a param of the placeholder's class (engines give params methods their
-    loaders call) with its attributes (weight_loader, dims), optional params filled with
-    their ``fill_value``."""
-    param = nn.Parameter(storage, requires_grad=False)
-    if type(placeholder) is not nn.Parameter and isinstance(placeholder, nn.Parameter):
-        param.__class__ = type(placeholder)
-    param.__dict__.update(placeholder.__dict__)
-    if is_optional(placeholder):
-        param.data.fill_(placeholder.fill_value)
-    return param
