@@ -93,9 +93,10 @@ class RankRuntime(ABC):
 
     # ---- serving -----------------------------------------------------------------------
 
-    @abstractmethod
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor | None:
-        """float32 CPU logits [B, T, vocab] on rank 0."""
+        """float32 CPU logits [B, T, vocab] on rank 0, for engines that serve raw logits
+        (``EngineKind.serves_logits``: the driver refuses the others before calling)."""
+        raise NotImplementedError(f"the {self.options.engine} engine serves no raw logits")
 
     @abstractmethod
     def sample(self, token_ids: torch.Tensor, request: SamplingRequest) -> Sampled | None:

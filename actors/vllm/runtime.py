@@ -15,6 +15,7 @@ is reset: nothing computed with old weights is served again.
 from __future__ import annotations
 
 import os
+import random
 import socket
 from typing import Any
 
@@ -27,6 +28,24 @@ from actors.runtime import RankContext, RankRuntime, Sampled, SamplingRequest
 # vLLM's CPU build compiles every model with torch.compile unless told otherwise (~40 s per
 # engine on a 2-core machine); eager mode builds in seconds.
 CPU_DEFAULTS: dict[str, Any] = {"enforce_eager": True, "kv_cache_memory_bytes": 1 << 30}
+# Rendezvous ports are drawn from here up to the start of the OS's ephemeral range.
+PORTS_FROM = 20000
+
+
+def free_port_below_ephemeral(host: str) -> int:
+    """A port of ``host`` that binds now, drawn at random below the ephemeral range."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral_low = int(f.read().split()[0])
+    candidates = random.sample(range(PORTS_FROM, max(PORTS_FROM + 1, ephemeral_low)),
+                               k=min(64, max(1, ephemeral_low - PORTS_FROM)))
+    for port in candidates:
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port on {host} between {PORTS_FROM} and {ephemeral_low}")
 
 
 class VllmRuntime(RankRuntime):
@@ -41,13 +60,14 @@ class VllmRuntime(RankRuntime):
     # ---- group and model ---------------------------------------------------------------
 
     def rendezvous(self) -> tuple[str, int]:
-        """A free port on this node; vLLM's torch.distributed store binds it on rank 0."""
+        """A free port on this node for vLLM's torch.distributed store, which rank 0 binds
+        later (vLLM takes only ``MASTER_PORT``, not a bound socket). Chosen below the
+        ephemeral range: the OS hands ephemeral ports to outgoing connections (Ray's among
+        them), which took a probed port before vLLM bound it in a rebuild."""
         import ray
 
         host = ray.util.get_node_ip_address()
-        with socket.socket() as probe:
-            probe.bind((host, 0))
-            return host, probe.getsockname()[1]
+        return host, free_port_below_ephemeral(host)
 
     def join(self, host: str, port: int) -> None:
         if self.llm is not None:
@@ -103,10 +123,6 @@ class VllmRuntime(RankRuntime):
             raise RuntimeError("vLLM refused to reset its prefix cache (requests running?)")
 
     # ---- serving -----------------------------------------------------------------------
-
-    def forward(self, token_ids: torch.Tensor) -> torch.Tensor | None:
-        raise NotImplementedError("engine='vllm' serves tokens and their log-probs, not raw "
-                                  "logits: use generate() or sample(..., logprobs=True)")
 
     def sample(self, token_ids: torch.Tensor, request: SamplingRequest) -> Sampled | None:
         from vllm import SamplingParams
