@@ -3,10 +3,12 @@
 An engine is one folder under ``actors/`` with
   * a rank runtime (``actors.runtime.RankRuntime``): builds one TP rank, serves it and hands
     the reload engine its model through ``actors.reload.ReloadableModel``;
-  * a ``check(options)`` function, run by the driver before anything is placed: it refuses
-    what the engine cannot run on this platform (naming what it can) and returns the parsed
-    model spec when the driver routes sources itself.
-Both are named here as import paths, so the driver never imports an engine it does not use.
+  * ``check_options(options)``, run when a config is built: refuses option values the
+    engine never takes. Pure: it reads no file and imports no engine;
+  * ``check_model(options)``, run by ``start()``/``plan()`` before anything is placed: reads
+    the checkpoint's config.json, refuses what the engine cannot run with it on this platform
+    (naming what it can) and returns the parsed model spec when the driver routes sources.
+All are named here as import paths, so the driver never imports an engine it does not use.
 Adding an engine is its folder plus one entry in ``ENGINES``.
 """
 
@@ -44,8 +46,12 @@ class EngineKind:
     name: str
     runtime: str
     """``module:Class`` of the rank runtime."""
-    check: str
-    """``module:function`` validating ``EngineOptions`` before anything is placed."""
+    check_options: str
+    """``module:function(options) -> None``: ValueError for an option value the engine
+    never takes (no I/O)."""
+    check_model: str
+    """``module:function(options) -> ModelSpec | None``: ValueError naming what the engine
+    cannot run with ``options.model`` here; the spec when ``routes_on_driver``."""
     routes_on_driver: bool
     """The driver can route sources on meta copies of every rank (native). Otherwise the
     ranks route them on their live models (vLLM builds its models only inside a rank)."""
@@ -58,10 +64,12 @@ class EngineKind:
 
 ENGINES: dict[str, EngineKind] = {
     "native": EngineKind("native", "actors.model.runtime:NativeRuntime",
-                         "actors.model.runtime:check_options", routes_on_driver=True,
+                         "actors.model.runtime:check_options",
+                         "actors.model.runtime:check_model", routes_on_driver=True,
                          rejoins=True, serves_logits=True),
     "vllm": EngineKind("vllm", "actors.vllm.runtime:VllmRuntime",
-                       "actors.vllm.platform:check_options", routes_on_driver=False,
+                       "actors.vllm.platform:check_options",
+                       "actors.vllm.platform:check_model", routes_on_driver=False,
                        rejoins=False, serves_logits=False),
 }
 

@@ -24,12 +24,8 @@ import torch
 from safetensors import safe_open
 
 from actors.checkpoint import CheckpointSlice
+from actors.dtypes import dtype_name
 from actors.lazy import LazyWindow, TensorWindow
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``'bfloat16'`` (``getattr(torch, name)`` turns it back)."""
-    return str(dtype).removeprefix("torch.")
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,7 @@ from torch import nn
 
 from actors.model import TPGroup, build_model, load_spec
 from actors.rank import process_memory, reset_peak_rss
-from actors.transport import BucketReader, FileBucket, FileEntry, dtype_name
+from actors.transport import BucketReader, FileBucket
 from orchestrator.inventory import checkpoint_inventory
 from quant import QuantConfig
 
@@ -74,8 +74,7 @@ class RankWork:
 
 
 def file_entries(model_dir: Path) -> FileBucket:
-    return FileBucket(tuple(FileEntry(i.name, dtype_name(i.torch_dtype), i.shape, i.file)
-                            for i in checkpoint_inventory(model_dir)))
+    return FileBucket(tuple(i.file_entry() for i in checkpoint_inventory(model_dir)))
 
 
 def _one_rank(work: RankWork, model_dir: Path | None,
@@ -275,6 +274,7 @@ def vllm_reload_seconds(engines: list[Any], model_dir: Path | None,
     begin = time.perf_counter()
     ref = None if tensors is None else [ray.put(tensors)]
     path = None if model_dir is None else str(model_dir)
+    # __ray_call__: Ray's documented way to run a function inside an existing actor.
     calls = [actor.__ray_call__.remote(_vllm_reload_weights, path, ref)
              for engine in engines for actor in engine.ranks]
     ray.get(calls, timeout=timeout_s)

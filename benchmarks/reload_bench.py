@@ -227,7 +227,7 @@ def depth_check(path: Path, opts: Options) -> list[dict[str, Any]]:
                                               "native")) as orch:
             report = orch.reload(str(model), order="plan")
             plan = orch.plan(str(model))
-            layers = orch.config.model_spec.num_layers
+            layers = orch.model_spec.num_layers
         bound = plan.largest_layer_rank_bytes + opts.bucket_bytes
         peak = report.peak_buffered_bytes
         rows.append({"layers": layers, "peak_buffered_bytes": peak,

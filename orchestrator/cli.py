@@ -8,7 +8,17 @@ import logging
 import sys
 from pathlib import Path
 
-from orchestrator.demo import DEMO_MODELS, DemoOptions, format_summary, run_demo
+from actors.engines import ENGINES
+from orchestrator.config import DTYPES, KV_CACHE_DTYPES, EngineConfig
+from orchestrator.demo import (
+    DEMO_MODELS,
+    DemoOptions,
+    format_summary,
+    missing_requirements,
+    run_demo,
+)
+from orchestrator.fields import default
+from orchestrator.plan import ORDERS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -17,15 +27,16 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="serve a small random model with TP, reload it, "
                                             "check both against transformers")
     defaults = DemoOptions()
-    demo.add_argument("--engine", default=defaults.engine, choices=("vllm", "native"),
+    demo.add_argument("--engine", default=defaults.engine, choices=tuple(ENGINES),
                       help="inference engine (default: %(default)s)")
     demo.add_argument("--tp", type=int, default=defaults.tensor_parallel_size)
     demo.add_argument("--layers", type=int, default=defaults.num_layers)
     demo.add_argument("--cpus-per-rank", type=float, default=defaults.num_cpus_per_rank)
-    demo.add_argument("--quantization", default=None,
+    demo.add_argument("--quantization", default=defaults.quantization,
                       help="online quantization the engine runs (native: fp8, fp8_per_channel, "
                            "fp8_block, w4a8; vllm on CPU: fp8_per_channel)")
-    demo.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"))
+    demo.add_argument("--kv-cache-dtype", default=defaults.kv_cache_dtype,
+                      choices=KV_CACHE_DTYPES)
     demo.add_argument("--model", default=defaults.model, choices=tuple(DEMO_MODELS),
                       help="random model family (default: %(default)s)")
     demo.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -40,12 +51,17 @@ def _parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="print the reload schedule of a checkpoint and its "
                                             "predicted buffering (no Ray)")
     plan.add_argument("checkpoint", help="checkpoint directory (config.json + safetensors)")
-    plan.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-    plan.add_argument("--bucket-bytes", type=int, default=256 << 20)
-    plan.add_argument("--dtype", default="auto", help="engine dtype (default: the checkpoint's)")
-    plan.add_argument("--order", choices=("plan", "source"), default="plan")
-    plan.add_argument("--quantization", default=None, help="online quantization method")
-    plan.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"))
+    plan.add_argument("--tp", type=int, default=default(EngineConfig, "tensor_parallel_size"),
+                      help="tensor-parallel size (default: %(default)s)")
+    plan.add_argument("--bucket-bytes", type=int, default=default(EngineConfig, "bucket_bytes"),
+                      help="streamed bucket bound (default: %(default)s)")
+    plan.add_argument("--dtype", default=default(EngineConfig, "dtype"), choices=DTYPES,
+                      help="engine dtype (default: %(default)s, the checkpoint's)")
+    plan.add_argument("--order", choices=ORDERS, default=ORDERS[0])
+    plan.add_argument("--quantization", default=default(EngineConfig, "quantization"),
+                      help="online quantization method of the native engine")
+    plan.add_argument("--kv-cache-dtype", default=default(EngineConfig, "kv_cache_dtype"),
+                      choices=KV_CACHE_DTYPES)
     return parser
 
 
@@ -62,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
 def run_demo_command(args: argparse.Namespace) -> int:
     from orchestrator.errors import TPReloadError
 
+    missing = missing_requirements(args.engine)
+    if missing:
+        print("error: tp-reload demo needs\n  " + "\n  ".join(missing), file=sys.stderr)
+        return 2
     try:
         result = run_demo(DemoOptions(
             engine=args.engine, tensor_parallel_size=args.tp, num_layers=args.layers,
@@ -96,30 +116,17 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def print_plan(args: argparse.Namespace) -> int:
-    import logging
-
-    import torch
-
-    from actors.model import check_tp, load_spec
-    from actors.model.reloadable import route_on_meta
+    """The native engine's schedule, planned in this process on meta copies of its ranks."""
+    from orchestrator.coordinator import ReloadOrchestrator
     from orchestrator.errors import TPReloadError
-    from orchestrator.inventory import open_source
-    from orchestrator.planning import build_plan, resolve_dtype
-    from quant import QuantConfig
 
     try:
-        spec = load_spec(args.checkpoint)
-        check_tp(spec, args.tp)
-        source = open_source(args.checkpoint)
-        dtype = resolve_dtype(args.dtype, list(source.tensors))
-        quant = QuantConfig(args.quantization, args.kv_cache_dtype)
-        def route(tensors):
-            return route_on_meta(spec, args.tp, getattr(torch, dtype), quant, tensors,
-                                 logging.getLogger("tp_reload.plan"))
-
-        plan, _ = build_plan(source, route=route, bucket_bytes=args.bucket_bytes,
-                             order=args.order)
-    except (TPReloadError, ValueError) as exc:
+        config = EngineConfig(model=args.checkpoint, tensor_parallel_size=args.tp,
+                              bucket_bytes=args.bucket_bytes, dtype=args.dtype,
+                              quantization=args.quantization,
+                              kv_cache_dtype=args.kv_cache_dtype, progress=False)
+        plan = ReloadOrchestrator(config).plan(args.checkpoint, order=args.order)
+    except TPReloadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_plan(plan, args.checkpoint, args.tp, args.bucket_bytes))

@@ -19,12 +19,16 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.rank import CONTROL_GROUP, RankActor
-from actors.reload import PeerFailedError
+from actors.reload import PeerFailedError, ReloadError
 from orchestrator.config import EngineConfig
 from orchestrator.errors import CheckpointError, RankError
 
 log = logging.getLogger("tp_reload")
 RankKey = tuple[int, int]  # (engine, rank)
+# Ray labels every node with its id; a placement group's bundle_label_selector can require it.
+NODE_LABEL = "ray.io/node-id"
+# How long an engine waits for its target node before Ray may place it elsewhere.
+TARGET_GRACE_S = 10.0
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -63,9 +67,9 @@ def _result(key: RankKey, ref: ray.ObjectRef) -> Any:
     try:
         return ray.get(ref)
     except RayTaskError as exc:
-        if isinstance(exc.cause, ValueError):
+        if isinstance(exc.cause, ReloadError):
             # Bad data found on a rank (NaN, Inf, a tensor that does not fit): the source's
-            # fault, not the rank's (loaders and the reload engine raise ValueError for it).
+            # fault. Any other exception is the rank's, reported with its traceback.
             raise CheckpointError(f"engine {key[0]} rank {key[1]}: {exc.cause}") from exc
         # Ray colours the remote traceback; keep the text plain for logs and messages.
         raise RankError(*key, ANSI_ESCAPE.sub("", str(exc))) from exc
@@ -122,15 +126,24 @@ def engine_targets(cfg: EngineConfig) -> list[str | None]:
     return [nodes[i % len(nodes)]["NodeID"] for i in range(cfg.num_engines)]
 
 
-def create_engine(index: int, cfg: EngineConfig, dtype: str,
-                  target_node: str | None = None) -> Engine:
-    """Reserve the engine's bundles (on ``target_node`` if it has room), then start one
-    rank actor in each."""
+def _reserve(index: int, cfg: EngineConfig, target_node: str | None) -> PlacementGroup:
+    """The engine's placement group, on ``target_node`` when it has room in time: a hard
+    label selector (public API) tried for TARGET_GRACE_S, then anywhere Ray finds room."""
     tp = cfg.tensor_parallel_size
     # Unique per orchestrator: several may share one Ray cluster.
-    group = placement_group([_bundle(cfg)] * tp, strategy=cfg.placement_strategy,
-                            name=f"tp-reload-{uuid.uuid4().hex[:8]}-engine-{index}",
-                            _soft_target_node_id=target_node)
+    name = f"tp-reload-{uuid.uuid4().hex[:8]}-engine-{index}"
+    if target_node is not None:
+        group = placement_group([_bundle(cfg)] * tp, strategy=cfg.placement_strategy,
+                                name=name, bundle_label_selector=[{NODE_LABEL: target_node}] * tp)
+        try:
+            ray.get(group.ready(), timeout=min(TARGET_GRACE_S, cfg.timeout_s))
+        except GetTimeoutError:
+            remove_placement_group(group)
+            log.info("engine %d: node %s has no room for it now; letting Ray place it", index,
+                     target_node)
+        else:
+            return group
+    group = placement_group([_bundle(cfg)] * tp, strategy=cfg.placement_strategy, name=name)
     try:
         ray.get(group.ready(), timeout=cfg.timeout_s)
     except GetTimeoutError as exc:
@@ -139,6 +152,15 @@ def create_engine(index: int, cfg: EngineConfig, dtype: str,
             f"placement group of {tp} x {_bundle(cfg)} not ready after {cfg.timeout_s:.0f}s; "
             f"the cluster has {ray.available_resources()} available (lower num_cpus_per_rank?)"
         )) from exc
+    return group
+
+
+def create_engine(index: int, cfg: EngineConfig, dtype: str,
+                  target_node: str | None = None) -> Engine:
+    """Reserve the engine's bundles (on ``target_node`` if it has room), then start one
+    rank actor in each."""
+    tp = cfg.tensor_parallel_size
+    group = _reserve(index, cfg, target_node)
     # ping answers even while the rank is busy (or stuck in a collective).
     remote = ray.remote(concurrency_groups={CONTROL_GROUP: 1})(RankActor)
     options = cfg.options(dtype)

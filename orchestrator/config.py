@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from actors.dtypes import ENGINE_DTYPE_NAMES
 from actors.engines import ENGINES, EngineOptions, engine_kind, load_object
-from actors.model import ModelSpec
 from orchestrator.errors import ConfigError
+from orchestrator.fields import check_types
 from quant import QuantConfig
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", *ENGINE_DTYPE_NAMES)
 DEVICES = ("cpu", "cuda")
 KV_CACHE_DTYPES = ("auto", "fp8")
 KV_SCALES = ("checkpoint", "calibrate")
@@ -21,8 +22,9 @@ ENGINE_PLACEMENTS = ("SPREAD", "ANY")
 
 @dataclass(kw_only=True, slots=True)
 class EngineConfig:
-    model: str
-    """Hugging Face checkpoint directory (config.json + safetensors) of the first load."""
+    model: str | Path
+    """Hugging Face checkpoint directory (config.json + safetensors) of the first load
+    (kept as a str). Read by ``start()``, not here."""
     engine: str = "native"
     """Inference engine of every rank: 'native' (tp-reload's reference runtime) or 'vllm'
     (each rank actor hosts one TP rank of a vLLM engine: the production engine)."""
@@ -57,7 +59,8 @@ class EngineConfig:
     engine_placement: str = "SPREAD"
     """How engines are laid over nodes: 'SPREAD' aims each STRICT_PACK engine at the node
     holding the fewest of this fleet's engines among those that can fit it (a soft target:
-    Ray falls back to any node with room); 'ANY' lets Ray choose."""
+    if that node has no room within 10 s, Ray places the engine on any node with room);
+    'ANY' lets Ray choose."""
     timeout_s: float = 300.0
     """Longest wait for any rank call or collective before the call fails naming the rank."""
     check_finite: bool = True
@@ -74,18 +77,17 @@ class EngineConfig:
     engine_args: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments of the engine's constructor (vLLM's ``LLM(...)``, e.g.
     ``{"kv_cache_memory_bytes": 1 << 28}``); the native engine takes none."""
-    model_spec: ModelSpec | None = field(init=False, repr=False, compare=False)
-    """Native engine: parsed from <model>/config.json during validation (the driver plans
-    on meta copies of the model). None for engines that plan on their ranks."""
 
     def __post_init__(self) -> None:
-        self._check_types()
+        """Checks the fields alone: a config is a value, built anywhere. The checkpoint is
+        read by ``ReloadOrchestrator.start()`` / ``plan()``."""
+        check_types(self)
+        self.model = str(self.model)
         self._check_values()
         try:
-            self.model_spec = load_object(engine_kind(self.engine).check)(self.options(
-                self.dtype))
+            load_object(engine_kind(self.engine).check_options)(self.options(self.dtype))
         except ValueError as exc:
-            raise ConfigError(str(exc)) from exc
+            raise ConfigError(f"EngineConfig: {exc}") from exc
 
     @property
     def quant(self) -> QuantConfig:
@@ -99,27 +101,6 @@ class EngineConfig:
             dtype=dtype, quantization=self.quantization, kv_cache_dtype=self.kv_cache_dtype,
             device=self.device, num_cpus=self.num_cpus_per_rank,
             engine_args=dict(self.engine_args))
-
-    def _check_types(self) -> None:
-        expected = {
-            "model": (str, Path), "tensor_parallel_size": (int,), "num_engines": (int,),
-            "dtype": (str,), "quantization": (str, type(None)), "kv_cache_dtype": (str,),
-            "kv_scales": (str,), "kv_calibration_tokens": (list, type(None)),
-            "device": (str,), "num_cpus_per_rank": (int, float), "bucket_bytes": (int,),
-            "placement_strategy": (str,), "timeout_s": (int, float),
-            "check_finite": (bool,), "serve_during_reload": (str,), "max_rank_restarts": (int,),
-            "engine_placement": (str,), "progress": (bool,), "engine": (str,),
-            "engine_args": (dict,),
-        }
-        for f in fields(self):
-            if f.name not in expected:
-                continue
-            value = getattr(self, f.name)
-            allowed = expected[f.name]
-            if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
-                names = " or ".join(t.__name__ for t in allowed)
-                raise ConfigError(f"EngineConfig.{f.name} must be {names}, got {value!r}")
-        self.model = str(self.model)
 
     def _check_values(self) -> None:
         positive = ("tensor_parallel_size", "num_engines", "num_cpus_per_rank", "bucket_bytes",

@@ -35,15 +35,14 @@ from typing import Any
 import ray
 import torch
 
-from actors.engines import engine_kind
+from actors.engines import engine_kind, load_object
+from actors.model import ModelSpec
 from actors.model.reloadable import route_on_meta
-from actors.reload import Routing, TensorSpec, merge_routes
+from actors.reload import RANK_STAGES, Routing, TensorSpec, merge_routes
 from actors.runtime import SamplingRequest
 from actors.transport import (
     FileBucket,
-    FileEntry,
     PackedBucket,
-    dtype_name,
     pack_tensors,
     unpack_tensors,
 )
@@ -58,7 +57,7 @@ from orchestrator.cluster import (
     restart_ranks,
 )
 from orchestrator.config import EngineConfig
-from orchestrator.errors import RankError, RecoveryError, ReloadInProgressError
+from orchestrator.errors import ConfigError, RankError, RecoveryError, ReloadInProgressError
 from orchestrator.inventory import Source, TensorInfo, open_source
 from orchestrator.plan import ORDERS, Bucket, Order, Plan
 from orchestrator.planning import CachedRouting, build_plan, resolve_dtype
@@ -84,6 +83,9 @@ class ReloadOrchestrator:
         self.kind = engine_kind(config.engine)
         self.engines: list[Engine] = []
         self.dtype = ""
+        self.model_spec: ModelSpec | None = None
+        """Parsed config.json of ``config.model`` for engines routed in the driver (native);
+        set by ``start()`` or a first ``plan()``."""
         self.load_report: ReloadReport | None = None
         self._version: int | None = None
         self._route: CachedRouting | None = None
@@ -112,10 +114,12 @@ class ReloadOrchestrator:
         self.shutdown()
 
     def start(self) -> ReloadOrchestrator:
-        """Place the engines, form their process groups and load ``config.model`` (version 0)."""
+        """Read ``config.model``, place the engines, form their process groups and load it
+        (version 0). A checkpoint the engine cannot run is refused before anything is placed."""
         cfg = self.config
-        first = open_source(cfg.model)
-        self.dtype = resolve_dtype(cfg.dtype, list(first.tensors))
+        if self.engines:
+            raise RuntimeError("orchestrator is already started")
+        first = self._prepare()
         begin = time.perf_counter()
         # Engines that plan in the driver validate the first source before anything is
         # placed; the others as soon as their ranks are up, before any byte moves.
@@ -184,9 +188,29 @@ class ReloadOrchestrator:
             return report
 
     def plan(self, source: Any, order: Order = "plan", strict: bool = True) -> Plan:
-        """The schedule a reload of ``source`` would follow (validated; nothing is sent)."""
+        """The schedule a reload of ``source`` would follow (validated; nothing is sent).
+        Engines routed in the driver (native) plan before ``start()`` too, without Ray."""
         with self._exclusive():
+            if not self.engines:
+                if not self.kind.routes_on_driver:
+                    raise RuntimeError(f"engine={self.config.engine!r} plans on its ranks: "
+                                       "start() the orchestrator first")
+                if not self.dtype:
+                    self._prepare()
             return self._plan(open_source(source), order, strict=strict)
+
+    def _prepare(self) -> Source:
+        """List ``config.model``, resolve the dtype from it and let the engine check it
+        against the model's config.json; ConfigError names the path."""
+        cfg = self.config
+        first = open_source(cfg.model)
+        self.dtype = resolve_dtype(cfg.dtype, list(first.tensors))
+        try:
+            self.model_spec = load_object(self.kind.check_model)(cfg.options(self.dtype))
+        except ValueError as exc:
+            where = "" if cfg.model in str(exc) else f"{cfg.model}/config.json: "
+            raise ConfigError(f"{where}{exc}") from exc
+        return first
 
     def _plan(self, source: Source, order: Order, *, strict: bool = True,
               require_all: bool = False) -> Plan:
@@ -201,7 +225,7 @@ class ReloadOrchestrator:
         only in a rank."""
         cfg = self.config
         if self.kind.routes_on_driver:
-            return route_on_meta(cfg.model_spec, cfg.tensor_parallel_size,
+            return route_on_meta(self.model_spec, cfg.tensor_parallel_size,
                                  getattr(torch, self.dtype), cfg.quant, tensors, log)
         routes = gather(self.engines[0].submit("route", tensors), cfg.timeout_s)
         return merge_routes([routes[key] for key in sorted(routes)], tensors)
@@ -227,7 +251,7 @@ class ReloadOrchestrator:
         stats = gather(finishing, self.config.timeout_s)
         progress.close()
         stage = {name: max(s["stage_seconds"][name] for s in stats.values())
-                 for name in STAGES[1:]}
+                 for name in RANK_STAGES}
         stage["plan"] = plan_seconds
         stage["transfer"] += pack_seconds
         if self.config.kv_scales == "calibrate":
@@ -290,9 +314,7 @@ class ReloadOrchestrator:
     def _message(source: Source, infos: dict[str, TensorInfo], bucket: Bucket
                  ) -> FileBucket | PackedBucket:
         if source.kind == "dir":
-            return FileBucket(tuple(
-                FileEntry(t.name, dtype_name(infos[t.name].torch_dtype), infos[t.name].shape,
-                          t.file) for t in bucket.tensors))
+            return FileBucket(tuple(infos[t.name].file_entry() for t in bucket.tensors))
         entries, arrays = pack_tensors([(t.name, source.data[t.name]) for t in bucket.tensors])
         return PackedBucket(entries, [ray.put(arrays)])
 
@@ -451,7 +473,7 @@ class ReloadOrchestrator:
         if self.config.kv_calibration_tokens is not None:
             return as_token_tensor(self.config.kv_calibration_tokens)
         generator = torch.Generator().manual_seed(0)
-        return torch.randint(0, self.config.model_spec.vocab_size, (4, 64), generator=generator)
+        return torch.randint(0, self.model_spec.vocab_size, (4, 64), generator=generator)
 
     def calibrate_kv_scales(self, token_ids: Any) -> list[list[list[float]]]:
         """kv_cache_dtype='fp8': set every engine's k/v scales from a forward of

@@ -6,6 +6,7 @@ tokens, and the log-prob of every served token under transformers' forward."""
 
 from __future__ import annotations
 
+import importlib.util
 import tempfile
 import time
 from dataclasses import dataclass
@@ -59,6 +60,19 @@ DEMO_MODELS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
                 "top-2)", dict(intermediate_size=256, num_local_experts=8,
                                num_experts_per_tok=2)),
 }
+
+
+def missing_requirements(engine: str) -> list[str]:
+    """What this environment lacks for the demo, each with how to get it (a plain
+    ``pip install tp-reload`` has neither transformers nor vLLM)."""
+    missing = []
+    if importlib.util.find_spec("transformers") is None:
+        missing.append("transformers, which writes the demo's random checkpoints and checks "
+                       "what the engine serves: pip install 'tp-reload[demo]'")
+    if engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        missing.append("vLLM, the demo's default engine: pip install 'tp-reload[vllm]' (GPU), "
+                       "`make install` (its CPU build), or run `tp-reload demo --engine native`")
+    return missing
 
 
 def write_demo_checkpoint(path: Path, num_layers: int, seed: int, model: str = "llama") -> None:

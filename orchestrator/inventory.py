@@ -16,14 +16,13 @@ from typing import Any, Literal
 
 import torch
 
-from actors.checkpoint import SAFETENSORS_DTYPES
+from actors.dtypes import SAFETENSORS_CODES, SAFETENSORS_DTYPES, dtype_name, itemsize
+from actors.transport import FileEntry
 from orchestrator.errors import CheckpointError
 
 INDEX_FILE = "model.safetensors.index.json"
 # A safetensors header is JSON metadata; anything this large is a corrupt length field.
 MAX_HEADER_BYTES = 100 << 20
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-               "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +38,11 @@ class TensorInfo:
     @property
     def torch_dtype(self) -> torch.dtype:
         return SAFETENSORS_DTYPES[self.dtype]
+
+    def file_entry(self) -> FileEntry:
+        """What a rank needs to read this tensor from its file."""
+        assert self.file is not None, f"'{self.name}' is an in-memory tensor"
+        return FileEntry(self.name, dtype_name(self.torch_dtype), self.shape, self.file)
 
 
 def read_safetensors_header(path: Path) -> list[TensorInfo]:
@@ -77,12 +81,12 @@ def _tensor_info(path: Path, name: str, entry: dict, data_size: int) -> TensorIn
         dtype, shape, (start, stop) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: tensor '{name}' has a malformed header entry") from exc
-    if dtype not in DTYPE_BYTES:
+    if dtype not in SAFETENSORS_DTYPES:
         raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {dtype}")
     numel = 1
     for dim in shape:
         numel *= dim
-    if stop - start != numel * DTYPE_BYTES[dtype] or stop > data_size:
+    if stop - start != numel * itemsize(dtype) or stop > data_size:
         raise CheckpointError(
             f"{path}: tensor '{name}' data [{start}, {stop}) does not fit its shape {shape} "
             f"or the file's {data_size} data bytes (truncated?)"
@@ -143,9 +147,6 @@ def checkpoint_inventory(model_dir: str | Path) -> list[TensorInfo]:
     return infos
 
 
-TORCH_TO_SAFETENSORS = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
-
-
 @dataclass(frozen=True, slots=True)
 class Source:
     """A reload source, listed but not read."""
@@ -174,11 +175,11 @@ def open_source(source: Any) -> Source:
                                   f"({type(name).__name__}, {type(tensor).__name__})")
         if name in data:
             raise CheckpointError(f"tensor '{name}' appears twice in the in-memory source")
-        if tensor.dtype not in TORCH_TO_SAFETENSORS:
+        if tensor.dtype not in SAFETENSORS_CODES:
             raise CheckpointError(f"tensor '{name}' has unsupported dtype {tensor.dtype}")
         data[name] = tensor
     infos = tuple(
-        TensorInfo(name, tuple(t.shape), TORCH_TO_SAFETENSORS[t.dtype],
+        TensorInfo(name, tuple(t.shape), SAFETENSORS_CODES[t.dtype],
                    t.numel() * t.element_size(), None)
         for name, t in data.items()
     )

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from actors.reload import Routing, TensorSpec
+from actors.dtypes import ENGINE_DTYPES, dtype_name
+from actors.reload import ReloadError, Routing, TensorSpec
 from orchestrator.errors import CheckpointError, ConfigError
 from orchestrator.inventory import Source, TensorInfo
 from orchestrator.plan import Order, Plan, PlannedTensor, make_plan
 from orchestrator.validate import validate_source
-
-CHECKPOINT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
 def resolve_dtype(requested: str, infos: list[TensorInfo]) -> str:
@@ -21,16 +20,16 @@ def resolve_dtype(requested: str, infos: list[TensorInfo]) -> str:
         return requested
     for info in infos:
         if info.name.endswith("embed_tokens.weight"):
-            if info.dtype not in CHECKPOINT_DTYPES:
+            if info.torch_dtype not in ENGINE_DTYPES:
                 raise ConfigError(f"{info.file}: '{info.name}' has dtype {info.dtype}; "
                                   "set EngineConfig.dtype explicitly")
-            return CHECKPOINT_DTYPES[info.dtype]
+            return dtype_name(info.torch_dtype)
     raise CheckpointError("checkpoint has no '*embed_tokens.weight'; set EngineConfig.dtype")
 
 
 CachedRouting = tuple[tuple, Routing]
 Router = Callable[[list[TensorSpec]], Routing]
-"""Dry-runs source tensors through every rank's loaders; ValueError names a misfit."""
+"""Dry-runs source tensors through every rank's loaders; ReloadError names a misfit."""
 
 
 def build_plan(source: Source, *, route: Router, bucket_bytes: int, order: Order,
@@ -46,7 +45,7 @@ def build_plan(source: Source, *, route: Router, bucket_bytes: int, order: Order
     if cached is None or cached[0] != key:
         try:
             routing = route([(t.name, t.shape, t.torch_dtype) for t in source.tensors])
-        except ValueError as exc:
+        except ReloadError as exc:
             raise CheckpointError(f"{source.description}: {exc}") from exc
         cached = (key, routing)
     routing = cached[1]

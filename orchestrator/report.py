@@ -7,9 +7,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from actors.reload import RANK_STAGES
 from orchestrator.cluster import RankKey
 
-STAGES = ("plan", "transfer", "load", "process", "finalize")
+STAGES = ("plan", *RANK_STAGES)
+"""A reload's stages: the driver's planning, then each rank's."""
 
 
 @dataclass(frozen=True, slots=True)

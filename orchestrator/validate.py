@@ -6,12 +6,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from actors.dtypes import ENGINE_DTYPE_NAMES, ENGINE_DTYPES
 from actors.reload import Routing
 from orchestrator.errors import CheckpointError
 from orchestrator.inventory import Source
 
-# Trainer precisions an engine converts from; anything else must match the param exactly.
-CONVERTIBLE = ("F32", "BF16", "F16")
 MAX_LISTED = 20
 
 
@@ -37,11 +36,12 @@ def _dtype_problems(source: Source, routing: Routing) -> list[str]:
     problems = []
     for info in source.tensors:
         calls = routing.reads.get(info.name)
-        if not calls or info.dtype in CONVERTIBLE or info.torch_dtype == calls[0].param_dtype:
+        if not calls or info.torch_dtype in (*ENGINE_DTYPES, calls[0].param_dtype):
             continue
         where = info.file or "in-memory source"
         problems.append(f"'{info.name}' ({where}) has dtype {info.dtype}; {calls[0].param} is "
-                        f"{calls[0].param_dtype}: give float32, bfloat16 or float16 weights")
+                        f"{calls[0].param_dtype}: give {' or '.join(ENGINE_DTYPE_NAMES)} weights"
+                        " (an engine converts those)")
     return problems
 
 

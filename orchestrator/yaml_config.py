@@ -18,6 +18,7 @@ import yaml
 
 from orchestrator.config import EngineConfig
 from orchestrator.errors import ConfigError
+from orchestrator.fields import check_types
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -28,7 +29,7 @@ class ServiceConfig:
     """Name of the detached coordinator actor that RL pipelines ``connect`` to."""
     namespace: str = "tp-reload"
     """Ray namespace of that actor."""
-    watch_dir: str | None = None
+    watch_dir: str | Path | None = None
     """Directory a trainer publishes ``step_<N>`` checkpoints into; None: no watching.
     Every node's ranks read from it, so it must be a path every node can read."""
     marker: str = "COMPLETE"
@@ -37,17 +38,14 @@ class ServiceConfig:
     """Seconds between two scans of ``watch_dir``."""
 
     def __post_init__(self) -> None:
+        check_types(self)
         for key in ("name", "namespace", "marker"):
             value = getattr(self, key)
-            if not isinstance(value, str) or not NAME_PATTERN.match(value):
+            if not NAME_PATTERN.match(value):
                 raise ConfigError(f"ServiceConfig.{key} must be a non-empty name of letters, "
                                   f"digits, '_', '.', '-', got {value!r}")
-        if self.watch_dir is not None and not isinstance(self.watch_dir, str | Path):
-            raise ConfigError(f"ServiceConfig.watch_dir must be str or null, "
-                              f"got {self.watch_dir!r}")
-        if (isinstance(self.poll_s, bool) or not isinstance(self.poll_s, int | float)
-                or self.poll_s <= 0):
-            raise ConfigError(f"ServiceConfig.poll_s must be a number > 0, got {self.poll_s!r}")
+        if self.poll_s <= 0:
+            raise ConfigError(f"ServiceConfig.poll_s must be > 0, got {self.poll_s!r}")
         if self.watch_dir is not None:
             self.watch_dir = str(self.watch_dir)
 

@@ -75,9 +75,6 @@ def expand_blocks(scale: torch.Tensor, shape: torch.Size, block: int = BLOCK) ->
     return full[: shape[0], : shape[1]]
 
 
-GRANULARITIES = ("tensor", "channel", "block")
-
-
 def group_scale(w: torch.Tensor, granularity: str) -> torch.Tensor:
     """Scale tensor of a 2-D weight in its kernel shape ([1], [N, 1] or [nb, kb])."""
     if granularity == "tensor":

@@ -13,12 +13,34 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    unmarked = [i.nodeid for i in items if "ray_cluster" in getattr(i, "fixturenames", ())
+                and not i.get_closest_marker("ray")]
+    if unmarked:
+        raise pytest.UsageError(f"tests using ray_cluster must be marked `ray`: {unmarked}")
+    for item in items:
+        if item.get_closest_marker("vllm"):
+            item.add_marker(pytest.mark.slow)  # each starts vLLM engines: 10 s and more
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA (gpu marker); this machine has no GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def ray_only_when_marked(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test without the `ray` marker cannot start Ray (so `pytest -m "not ray"` needs no
+    cluster): it sees no running Ray, and ray.init fails naming the test."""
+    if request.node.get_closest_marker("ray"):
+        return
+    import ray
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"{request.node.nodeid} starts Ray: mark it `ray`")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
 
 
 @pytest.fixture(scope="session")

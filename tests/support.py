@@ -8,6 +8,7 @@ import json
 import math
 import random
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -197,3 +198,28 @@ def write_shuffled(source: Path, target: Path, files: int, seed: int) -> Path:
     (target / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     (target / "config.json").write_text((source / "config.json").read_text())
     return target
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs on this machine (a zombie does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def kill_rank(orch: ReloadOrchestrator, pid: int, rank: int, engine: int = 0,
+              timeout_s: float = 60) -> None:
+    """Kill a rank actor and return once its process is gone. ``ray.kill`` is asynchronous:
+    without the wait, the next call could still be served by the old process. After this,
+    a call meets a dead or restarted (empty) rank, never the old one."""
+    import ray
+
+    ray.kill(orch.engines[engine].ranks[rank], no_restart=False)
+    deadline = time.monotonic() + timeout_s
+    while process_alive(pid):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"rank {rank} (pid {pid}) still alive {timeout_s}s after "
+                                 "ray.kill")
+        time.sleep(0.02)

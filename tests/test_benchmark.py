@@ -17,9 +17,10 @@ def test_quick_benchmark_measures_every_path(ray_cluster, tmp_path):
     assert set(cases) == {f"tp2-{q}-{s}-{o}" for q in ("none", "fp8") for s in ("dir", "dict")
                           for o in ("plan", "source")}
     for case in cases.values():
-        assert case["ours_s"] > 0 and case["floor_s"] > 0
-        assert case["peak_buffered_bytes"] == case["predicted_peak_buffered_bytes"]
-        assert case["peak_rss_bytes"]["ours"] > 0
+        assert case["ratio_to_floor"] == case["ours_s"] / case["floor_s"]
+        if case["order"] == "plan":  # never more than the same source in its own order
+            other = cases[case["case"].replace("-plan", "-source")]
+            assert case["peak_buffered_bytes"] <= other["peak_buffered_bytes"]
         if case["source"] == "dir":
             assert set(case["peers"]) == {"dcp", "full"}
             assert set(case["peak_rss_bytes"]) == {"ours", "dcp", "full"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +13,6 @@ from actors.reload.meta import read_window
 from actors.transport import (
     BucketReader,
     FileBucket,
-    FileEntry,
-    dtype_name,
     pack_tensors,
     unpack_tensors,
 )
@@ -41,8 +40,7 @@ def reader():
 
 def lazy_slices(path, reader):
     infos = checkpoint_inventory(path)
-    return dict(reader.items(FileBucket(tuple(
-        FileEntry(i.name, dtype_name(i.torch_dtype), i.shape, i.file) for i in infos))))
+    return dict(reader.items(FileBucket(tuple(i.file_entry() for i in infos))))
 
 
 def test_narrowed_slice_reads_its_window(weights, reader):
@@ -115,3 +113,13 @@ def test_duplicate_name_across_files_is_refused(weights):
     save_file({"a": tensors["a"]}, path / "extra.safetensors")
     with pytest.raises(CheckpointError, match="tensor 'a' appears in both"):
         checkpoint_inventory(path)
+
+
+def test_inventory_follows_the_index_over_several_files(checkpoints):
+    """A sharded save_pretrained checkpoint (the llama one every engine test loads) is
+    listed through model.safetensors.index.json: each tensor from the file it names."""
+    path = checkpoints["llama"]
+    weight_map = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(weight_map.values())) >= 3
+    listed = {i.name: Path(i.file).name for i in checkpoint_inventory(path)}
+    assert listed == weight_map

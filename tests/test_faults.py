@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from orchestrator import CheckpointError, RankError, ReloadInProgressError
 from tests.support import (
+    kill_rank,
     load_tensors,
     reference_logits,
     reference_sample,
@@ -228,6 +229,7 @@ def reload_until_paused(orch, source: str, signal: Path, never_paused: str
     return worker, errors
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("engine_name", "stage"), [
     ("native", "transfer"), ("native", "process"),
     pytest.param("vllm", "process", marks=pytest.mark.vllm)])
@@ -240,7 +242,7 @@ def test_rank_killed_mid_reload_is_rebuilt(ray_cluster, steps, prompt, tmp_path,
         orch.inject_fault(stage, "pause", engine=0, rank=1, signal_path=str(signal))
         worker, errors = reload_until_paused(orch, str(steps["b"]), signal,
                                              f"rank 1 never reached the {stage} stage")
-        ray.kill(orch.engines[0].ranks[1], no_restart=False)
+        kill_rank(orch, pids[1], rank=1)
         worker.join(timeout=180)
         assert len(errors) == 1 and isinstance(errors[0], RankError)
         assert (errors[0].engine, errors[0].rank) == (0, 1)
@@ -258,6 +260,22 @@ def test_rank_killed_mid_reload_is_rebuilt(ray_cluster, steps, prompt, tmp_path,
         assert {n: (t["shape"], t["dtype"]) for n, t in rebuilt.items()} == \
                {n: (t["shape"], t["dtype"]) for n, t in served.tensors[1].items()}
         next_valid_reload(orch, steps, prompt)
+
+
+def test_only_reload_errors_blame_the_checkpoint(ray_cluster):
+    """A rank's own bug (any other exception, a ValueError too) is a RankError with its
+    traceback; only the reload engine's ReloadError says the source is at fault."""
+    from actors.reload import ReloadError
+    from orchestrator.cluster import gather
+
+    @ray.remote
+    def raises(error: Exception) -> None:
+        raise error
+
+    with pytest.raises(RankError, match=r"engine 0 rank 1 failed:(.|\n)*a bug of ours"):
+        gather({(0, 1): raises.remote(ValueError("a bug of ours"))}, 60)
+    with pytest.raises(CheckpointError, match=r"engine 0 rank 1: tensor 'x' contains NaN"):
+        gather({(0, 1): raises.remote(ReloadError("tensor 'x' contains NaN"))}, 60)
 
 
 @pytest.mark.parametrize(("engine_name", "quantization", "dtype"), [
@@ -304,15 +322,17 @@ def test_reload_waits_for_a_running_generate(engine, steps, prompt):
     assert not torch.equal(serve(engine, prompt)[1], before[1])
 
 
+@pytest.mark.slow
 def test_serving_during_a_reload_fails_fast_when_configured(ray_cluster, steps, prompt, tmp_path):
     with start(steps["a"], 1, serve_during_reload="fail") as orch:
+        pid = orch.placements()[0][0]["pid"]
         signal = tmp_path / "paused"
         orch.inject_fault("transfer", "pause", signal_path=str(signal))
         worker, errors = reload_until_paused(orch, str(steps["b"]), signal,
                                              "rank 0 never reached the transfer stage")
         with pytest.raises(ReloadInProgressError):
             orch.forward(prompt)
-        ray.kill(orch.engines[0].ranks[0], no_restart=False)
+        kill_rank(orch, pid, rank=0)
         worker.join(timeout=120)
         assert len(errors) == 1 and isinstance(errors[0], RankError)
         assert rel_l2(orch.forward(prompt), reference_logits(steps["a"], prompt)) <= 1e-4
@@ -337,6 +357,7 @@ def test_two_reloads_at_once_are_serialized(engine, steps, prompt):
 # ---- soak --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_soak_fifty_reloads_with_faults(ray_cluster, steps, prompt):
     """50 reloads alternating two checkpoints, every 5th one faulty (bad data, a missing
     tensor, an exception in a rank): committed versions always serve the right weights, a
@@ -375,11 +396,12 @@ def test_soak_fifty_reloads_with_faults(ray_cluster, steps, prompt):
     assert committed == 40 and growth <= 64 << 20
 
 
+@pytest.mark.slow
 def test_rank_killed_while_serving_is_rebuilt(ray_cluster, steps, prompt):
     with start(steps["a"], 2) as orch:
         orch.reload(str(steps["b"]))
         before = orch.forward(prompt)
-        ray.kill(orch.engines[0].ranks[0], no_restart=False)
+        kill_rank(orch, orch.placements()[0][0]["pid"], rank=0)
         with pytest.raises(RankError) as failed:
             orch.forward(prompt)
         assert "back on version 1" in "".join(getattr(failed.value, "__notes__", []))
@@ -403,3 +425,28 @@ def test_nan_in_a_quantized_layer_is_found_through_its_scales(ray_cluster, tmp_p
                                                   r".*contains NaN or Inf"):
             orch.reload(bad)
         served.assert_unchanged(orch, prompt)
+
+
+# ---- placement ---------------------------------------------------------------------------
+
+
+def test_engine_target_is_a_soft_label_selector(ray_cluster, monkeypatch, caplog):
+    """SPREAD aims an engine at a node through a public bundle_label_selector: honoured
+    when the node exists; when it cannot be met in time, Ray places the engine anywhere."""
+    from ray.util.placement_group import placement_group_table, remove_placement_group
+
+    from orchestrator import EngineConfig
+    from orchestrator.cluster import _reserve
+
+    monkeypatch.setattr("orchestrator.cluster.TARGET_GRACE_S", 1.0)
+    cfg = EngineConfig(model="unused", tensor_parallel_size=2, num_cpus_per_rank=0.25)
+    node = ray.get_runtime_context().get_node_id()
+    for target, falls_back in ((node, False), ("f" * 56, True)):  # a node that does not exist
+        caplog.clear()
+        with caplog.at_level("INFO", logger="tp_reload"):
+            group = _reserve(0, cfg, target)
+        table = placement_group_table(group)
+        remove_placement_group(group)
+        assert table["state"] == "CREATED"
+        assert set(table["bundles_to_node_id"].values()) == {node}
+        assert ("has no room for it now" in caplog.text) is falls_back

@@ -96,7 +96,8 @@ def check_logits(orch, path, kernels, method, tp, prompt) -> None:
     assert error <= MODEL_BOUND
 
 
-@pytest.mark.parametrize(("method", "tp"), [(m, 2) for m in METHODS] + [("fp8", 4), ("w4a8", 1)])
+@pytest.mark.parametrize(("method", "tp"), [(m, 2) for m in METHODS] + [
+    pytest.param("fp8", 4, marks=pytest.mark.slow), ("w4a8", 1)])
 def test_quantized_load_and_reload_are_exact(ray_cluster, qsteps, prompt, method, tp):
     with start(qsteps["a"], tp, quantization=method) as orch:
         kernels = check_kernels(orch, qsteps["a"], method, tp)
@@ -161,6 +162,7 @@ def test_kv_scales_load_default_alias_and_finalize_last(ray_cluster, tmp_path, p
         assert orch.inspect() == before
 
 
+@pytest.mark.slow
 def test_kv_scales_calibrated_after_each_load(ray_cluster, tmp_path, prompt, monkeypatch):
     import transformers.models.llama.modeling_llama as llama
 

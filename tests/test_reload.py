@@ -39,7 +39,9 @@ def assert_serves(orch, path: Path, prompt: torch.Tensor, engine: int = 0) -> No
     assert torch.equal(tokens, reference_generate(path, prompt, 8))
 
 
-@pytest.mark.parametrize(("tp", "engines"), [(1, 1), (2, 1), (4, 1), (2, 2)])
+@pytest.mark.parametrize(("tp", "engines"), [
+    (1, 1), (2, 1), pytest.param(4, 1, marks=pytest.mark.slow),
+    pytest.param(2, 2, marks=pytest.mark.slow)])
 def test_reload_directory_in_place(ray_cluster, steps, prompt, tp, engines):
     with start(steps["a"], tp, num_engines=engines) as orch:
         before = [orch.inspect(engine=e) for e in range(engines)]
@@ -49,7 +51,9 @@ def test_reload_directory_in_place(ray_cluster, steps, prompt, tp, engines):
             assert orch.inspect(engine=e) == before[e], "a kernel tensor moved or changed"
             assert_serves(orch, steps["b"], prompt, engine=e)
         assert report.layers_kept == []
-        assert report.peak_buffered_bytes == report.predicted_peak_buffered_bytes
+        # Plan order buffers one layer at a time: the largest layer's share of a rank, by
+        # the test's own sharding rules.
+        assert report.peak_buffered_bytes == largest_layer_rank_bytes(steps["b"], tp)
         assert set(report.bytes_read) == {(e, r) for e in range(engines) for r in range(tp)}
         if tp > 1:
             assert max(report.bytes_read.values()) < 1.25 * report.source_bytes / tp
@@ -96,7 +100,7 @@ def test_plan_order_buffers_one_layer_and_source_order_more(ray_cluster, tmp_pat
         unordered = orch.reload(str(shuffled), order="source")
         assert_serves(orch, new, prompt)
     assert planned.buckets > 10
-    assert planned.peak_buffered_bytes <= largest + bucket
+    assert planned.peak_buffered_bytes == largest
     assert planned.warnings == []
     assert unordered.peak_buffered_bytes > planned.peak_buffered_bytes * 2
     assert any("layers were partly buffered at once" in w for w in unordered.warnings)

@@ -210,3 +210,67 @@ def test_processing_never_uses_the_ambient_default_device(tmp_path, method):
     with torch.no_grad():
         logits = model(prompt, torch.arange(8))
     assert rel_l2(logits, reference_logits(path, prompt)) < 0.7  # quantized, but the model
+
+
+@pytest.mark.parametrize("order", ["plan", "source"])
+def test_reported_peak_is_what_the_rank_really_held(tmp_path, monkeypatch, order):
+    """Rank 1 of a TP=2 engine, fed bucket by bucket from the files as a rank actor is. A
+    hook on every window read from a file counts the bytes alive (released when the tensor
+    is freed), without the planner or the engine's bookkeeping. Its peak is the reported
+    peak; in plan order it is the largest layer's share of rank 1, by the test's own
+    sharding rules."""
+    import weakref
+
+    from actors.checkpoint import CheckpointSlice
+    from actors.model import TPGroup, load_spec
+    from actors.model.reloadable import build_reloadable
+    from actors.transport import BucketReader, FileBucket
+    from orchestrator import EngineConfig, ReloadOrchestrator
+    from orchestrator.inventory import checkpoint_inventory
+    from quant import QuantConfig
+    from tests.support import expected_rank_bytes, parent_layer, write_checkpoint, write_shuffled
+
+    written = write_checkpoint(tmp_path / "m", "llama", num_hidden_layers=3)
+    path = write_shuffled(written, tmp_path / "shuffled", files=4, seed=2)
+    held = {"now": 0, "peak": 0}
+
+    def release(nbytes: int) -> None:
+        held["now"] -= nbytes
+
+    def counted_read(self, bounds):
+        window = real_read(self, bounds)
+        nbytes = window.numel() * window.element_size()
+        held["now"] += nbytes
+        held["peak"] = max(held["peak"], held["now"])
+        weakref.finalize(window, release, nbytes)
+        return window
+
+    real_read = CheckpointSlice._read
+    monkeypatch.setattr(CheckpointSlice, "_read", counted_read)
+    plan = ReloadOrchestrator(EngineConfig(model=path, tensor_parallel_size=2,
+                                           bucket_bytes=4 << 10)).plan(str(path), order=order)
+    infos = {i.name: i for i in checkpoint_inventory(path)}
+    _, reloadable = build_reloadable(load_spec(path), tp=TPGroup(1, 2), dtype=torch.float32,
+                                     device=torch.device("cpu"), quant=QuantConfig())
+    engine = ReloadEngine(reloadable, torch.device("cpu"), log)
+    peaks = []
+    for mode in ("first", "reload"):
+        held["peak"] = 0
+        engine.start(mode)
+        reader = BucketReader()
+        for bucket in plan.buckets:
+            engine.load(reader.items(FileBucket(tuple(infos[t.name].file_entry()
+                                                      for t in bucket.tensors))))
+            engine.own_buffers()
+        stats = engine.finish()
+        reader.close()
+        assert held["now"] == 0, "every buffered window was freed"
+        assert stats.peak_buffered_bytes == held["peak"]
+        peaks.append(held["peak"])
+    by_layer: dict[str, int] = {}
+    for name, nbytes in expected_rank_bytes(path, 2, 1).items():
+        by_layer[parent_layer(name)] = by_layer.get(parent_layer(name), 0) + nbytes
+    if order == "plan":
+        assert peaks == [max(by_layer.values())] * 2
+    else:
+        assert min(peaks) > max(by_layer.values()), "a shuffled source buffers several layers"

@@ -83,6 +83,8 @@ def test_rank_names_an_unreadable_checkpoint_path(tmp_path):
             FileEntry("model.embed_tokens.weight", "float32", (8, 4), str(missing)),)))
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 @pytest.mark.parametrize(("engine", "model"), [
     ("native", "mixtral"), pytest.param("vllm", "llama", marks=pytest.mark.vllm)])
 def test_demo_prints_json(ray_cluster, capsys, engine, model):
@@ -96,3 +98,24 @@ def test_demo_prints_json(ray_cluster, capsys, engine, model):
         assert stage["logprob_max_abs_error_vs_transformers"] <= 1e-4
     if model == "mixtral":
         assert 0.5 < result["reload"]["expert_layers_share"]["bytes"] < 1
+
+
+@pytest.mark.parametrize(("blocked", "engine", "names"), [
+    (("transformers",), "native", ["tp-reload[demo]"]),
+    (("transformers", "vllm"), "vllm", ["tp-reload[demo]", "tp-reload[vllm]", "--engine native"]),
+])
+def test_demo_names_the_extra_a_plain_install_lacks(blocked, engine, names):
+    """After `pip install tp-reload` (no extras) the demo says what to install, before it
+    starts anything, instead of failing on an import."""
+    import subprocess
+    import sys
+
+    # A None entry in sys.modules makes any import of that package fail, as if absent.
+    code = (f"import sys; sys.modules.update(dict.fromkeys({list(blocked)!r}))\n"
+            f"from orchestrator.cli import main; sys.exit(main(['demo', '--engine', {engine!r}]))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "tp-reload demo needs" in result.stderr
+    assert all(name in result.stderr for name in names), result.stderr
+    assert "Traceback" not in result.stderr

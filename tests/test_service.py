@@ -83,6 +83,8 @@ def ray_head(tmp_path_factory):
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_ray_job_serves_and_watches_a_trainer(ray_head, tmp_path):
     initial = write_checkpoint(tmp_path / "initial", "llama", seed=71)
     watch = tmp_path / "trainer"
@@ -133,6 +135,8 @@ def test_ray_job_serves_and_watches_a_trainer(ray_head, tmp_path):
     assert not [a for a in actors if a.get("ray_namespace") == namespace], alive
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_two_engines_spread_over_two_simulated_nodes(tmp_path):
     scenario = run(sys.executable, "-m", "tests.multinode_scenario", str(tmp_path),
                    str(REPO / "configs" / "multi_node.yaml"), timeout=400)
@@ -155,21 +159,29 @@ def eight_head_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("preset", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_every_preset_loads_and_validates(preset, eight_head_checkpoint):
+def test_every_preset_loads_with_no_checkpoint_present(preset):
+    """A config is a value: loading one reads no checkpoint (multi_node.yaml names a path
+    that exists only on the cluster)."""
     from orchestrator.yaml_config import load_file_config
 
-    config = load_file_config(preset, model=str(eight_head_checkpoint))
-    assert config.engine.model == str(eight_head_checkpoint)
-    if config.engine.engine == "native":  # the driver parsed the model to plan on meta
-        assert config.engine.model_spec.num_heads == 8
+    config = load_file_config(preset)
+    assert not Path(config.engine.model).exists(), "the preset's model must be absent here"
     assert config.service.name
-    assert ReloadOrchestrator.from_yaml(str(preset), model=str(eight_head_checkpoint)).config \
-        == config.engine
+    orch = ReloadOrchestrator.from_yaml(str(preset))
+    assert orch.config == config.engine and orch.engines == []
 
 
-def test_presets_cover_the_documented_setups():
-    assert {p.stem for p in CONFIGS} >= {"tiny", "tp2_fp8", "two_engines", "multi_node",
-                                         "vllm_tp2"}
+@pytest.mark.parametrize("preset", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_preset_plans_its_checkpoint(preset, eight_head_checkpoint):
+    """With a checkpoint that fits every preset: the native engine's plan reads it (no Ray);
+    the vLLM engine's plan needs its ranks and says so."""
+    orch = ReloadOrchestrator.from_yaml(str(preset), model=str(eight_head_checkpoint))
+    if orch.kind.routes_on_driver:
+        plan = orch.plan(str(eight_head_checkpoint))
+        assert orch.model_spec.num_heads == 8 and plan.buckets
+    else:
+        with pytest.raises(RuntimeError, match="plans on its ranks: start"):
+            orch.plan(str(eight_head_checkpoint))
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -197,6 +209,8 @@ def test_bad_configs_are_refused_by_name(tmp_path, eight_head_checkpoint, text, 
     assert str(path) in str(info.value)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["--short"], ["--short", "--mode", "dir", "--quantization",
                                                 "fp8"]])
 def test_rlhf_example_runs_short(ray_cluster, capsys, args):

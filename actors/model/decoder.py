@@ -26,7 +26,7 @@ from actors.model.parallel import (
     default_weight_loader,
 )
 from actors.model.spec import ModelSpec, padded_vocab
-from actors.reload.model import UnknownTensorError
+from actors.reload.errors import ReloadError, UnknownTensorError
 from quant import QuantConfig
 
 # (fused param suffix, checkpoint suffix, shard id)
@@ -154,7 +154,9 @@ class DecoderForCausalLM(nn.Module):
                     loader(param, weight)
                 else:
                     loader(param, weight, shard_id)
-            except ValueError as exc:
-                raise ValueError(f"checkpoint tensor '{name}': {exc}") from exc
+            except ReloadError:
+                raise
+            except ValueError as exc:  # a loader's shape or shard check
+                raise ReloadError(f"checkpoint tensor '{name}': {exc}") from exc
             written.setdefault(param_name, set()).add(shard_id)
         return written

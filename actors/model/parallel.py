@@ -39,23 +39,22 @@ Weight = torch.Tensor | LazyWeight
 
 @dataclass(frozen=True, slots=True)
 class TPGroup:
-    """This rank's place in its engine's tensor-parallel group."""
+    """This rank's place in its engine's tensor-parallel group: the default process group,
+    since each rank actor hosts one rank of one engine."""
 
     rank: int
     size: int
-    group: Any = None
-    """torch.distributed process group; None uses the default group (one engine per process)."""
 
     def all_reduce(self, x: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
         if self.size > 1:
-            dist.all_reduce(x, op=op, group=self.group)
+            dist.all_reduce(x, op=op)
         return x
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         if self.size == 1:
             return x
         parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
+        dist.all_gather(parts, x.contiguous())
         return torch.cat(parts, dim=-1)
 
 

@@ -94,7 +94,7 @@ def build_reloadable(spec: ModelSpec, *, tp: TPGroup, dtype: torch.dtype, device
 
 def route_on_meta(spec: ModelSpec, tp: int, dtype: torch.dtype, quant: QuantConfig,
                   tensors: list[TensorSpec], log: Any) -> Routing:
-    """Routing of ``tensors`` from meta models of every rank; ValueError naming the tensor
+    """Routing of ``tensors`` from meta models of every rank; ReloadError naming the tensor
     when a shape does not fit."""
     meta = torch.device("meta")
     routes = []

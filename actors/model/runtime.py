@@ -19,8 +19,8 @@ from quant import KV_CACHE_METHODS, LINEAR_METHODS, QuantConfig
 from quant.kv_cache import scales_from_amax
 
 
-def check_options(options: EngineOptions) -> ModelSpec:
-    """Refuse what the native engine cannot run; the parsed spec of ``options.model``."""
+def check_options(options: EngineOptions) -> None:
+    """Refuse option values the native engine never takes (no I/O)."""
     if options.quantization not in LINEAR_METHODS:
         known = [k for k in LINEAR_METHODS if k is not None]
         raise ValueError(f"quantization={options.quantization!r} is unknown to the native "
@@ -30,6 +30,11 @@ def check_options(options: EngineOptions) -> ModelSpec:
                          f"engine (known: {list(KV_CACHE_METHODS)})")
     if options.engine_args:
         raise ValueError(f"engine_args={options.engine_args!r}: the native engine takes none")
+
+
+def check_model(options: EngineOptions) -> ModelSpec:
+    """The parsed spec of ``options.model``; ValueError naming what cannot be split or
+    quantized as asked."""
     spec = load_spec(options.model)
     check_tp(spec, options.tensor_parallel_size)
     # Quant methods check their own shape constraints while creating weights; a meta build

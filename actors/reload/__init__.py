@@ -20,7 +20,8 @@ Limitations:
      (not this engine) is what makes a failed reload invisible.
 """
 
-from actors.reload.engine import ReloadEngine
+from actors.reload.engine import RANK_STAGES, ReloadEngine
+from actors.reload.errors import PeerFailedError, ReloadError
 from actors.reload.model import (
     LayerRecord,
     ReloadableModel,
@@ -29,9 +30,10 @@ from actors.reload.model import (
     param_owners,
 )
 from actors.reload.routes import RankRoute, Routing, TensorSpec, merge_routes, route_rank
-from actors.reload.types import PeerFailedError, RankReloadStats, ReloadError
+from actors.reload.types import RankReloadStats
 
 __all__ = [
+    "RANK_STAGES",
     "LayerRecord",
     "PeerFailedError",
     "RankReloadStats",

@@ -49,7 +49,8 @@ from actors.reload.types import (
 from quant.sync import DeviceSync
 
 Mode = Literal["first", "reload", "plan"]
-STAGES = ("transfer", "load", "process", "finalize")
+RANK_STAGES = ("transfer", "load", "process", "finalize")
+"""Where a rank's reload seconds go (``RankReloadStats.stage_seconds``)."""
 
 
 class ReloadEngine:
@@ -99,7 +100,7 @@ class ReloadEngine:
         self._mode = mode
         self._failed = None
         self.tracker = BufferTracker(self.log)
-        self.seconds = dict.fromkeys(STAGES, 0.0)
+        self.seconds = dict.fromkeys(RANK_STAGES, 0.0)
         self.bytes_read = 0
         self.processed: list[str] = []
         self.layer_seconds: dict[str, float] = {}

@@ -11,7 +11,7 @@ or inference engines. A model takes part in layerwise reloading by implementing
   * ``load_weights(pairs)``: route checkpoint-format ``(name, weight)`` pairs to the
     placeholders' ``weight_loader``s (through whatever params are registered at the time);
     names the model does not have raise ``UnknownTensorError``; a weight that does not fit
-    raises ``ValueError`` naming it;
+    raises ``ReloadError`` naming it (``actors.reload.errors``);
   * ``process(record)``: turn a complete layer's model-format tensors, registered on
     ``record.module``, into its kernel-format tensors (quantization, repacking);
   * ``has_nonfinite(record)``: after ``process``, whether the params in ``record.screened``
@@ -30,11 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from actors.reload.errors import UnknownTensorError  # noqa: F401 - re-exported
+
 Owner = tuple[nn.Module, str]
-
-
-class UnknownTensorError(ValueError):
-    """A checkpoint tensor name that maps to no parameter of the model."""
 
 
 def is_optional(param: torch.Tensor) -> bool:

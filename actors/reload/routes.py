@@ -16,7 +16,8 @@ import torch
 
 from actors.lazy import Bounds
 from actors.reload.engine import ReloadEngine
-from actors.reload.model import UnknownTensorError, is_optional
+from actors.reload.errors import ReloadError, UnknownTensorError
+from actors.reload.model import is_optional
 from actors.reload.types import PlannedRead
 
 TensorSpec = tuple[str, tuple[int, ...], torch.dtype]
@@ -45,7 +46,7 @@ class RankRoute:
 
 
 def route_rank(engine: ReloadEngine, tensors: list[TensorSpec]) -> RankRoute:
-    """Dry-run every tensor through the rank's model in plan mode; ValueError naming the
+    """Dry-run every tensor through the rank's model in plan mode; ReloadError naming the
     tensor when its shape does not fit."""
     reads: dict[str, tuple[PlannedRead, ...]] = {}
     skipped: list[str] = []
@@ -109,7 +110,7 @@ def covers(shape: tuple[int, ...], boxes: list[Bounds]) -> bool:
 
 def merge_routes(routes: list[RankRoute], tensors: list[TensorSpec]) -> Routing:
     """One routing from every rank's route (rank order). Layers come from rank 0: every
-    rank of an engine has the same layers, only the bytes differ. ValueError when the ranks
+    rank of an engine has the same layers, only the bytes differ. ReloadError when the ranks
     together leave part of a tensor unread: it is larger than the model's (a loader that
     narrows without checking the full extent would silently cut it)."""
     first = routes[0]
@@ -117,13 +118,14 @@ def merge_routes(routes: list[RankRoute], tensors: list[TensorSpec]) -> Routing:
         boxes = [box for route in routes for call in route.reads.get(name, ())
                  for box in call.boxes]
         if name in first.reads and not covers(shape, boxes):
-            raise ValueError(f"checkpoint tensor '{name}' has shape {shape}, larger than the "
-                             "model reads of it on any rank (shape mismatch)")
+            raise ReloadError(f"checkpoint tensor '{name}' has shape {shape}, larger than the "
+                              "model reads of it on any rank (shape mismatch)")
     layer_of: dict[str, str] = {}
     for name, calls in first.reads.items():
         layers = {c.layer for c in calls}
         if len(layers) != 1:
-            raise ValueError(f"checkpoint tensor '{name}' feeds several layers {sorted(layers)}")
+            raise ReloadError(f"checkpoint tensor '{name}' feeds several layers "
+                              f"{sorted(layers)}")
         layer_of[name] = calls[0].layer
     rank_bytes = {name: tuple(sum(c.rank_bytes for c in route.reads.get(name, ()))
                               for route in routes)

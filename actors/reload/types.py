@@ -7,17 +7,9 @@ from typing import Any
 
 import torch
 
+from actors.reload.errors import PeerFailedError, ReloadError  # noqa: F401 - re-exported
 from actors.reload.meta import PrefetchedWeight
 from actors.reload.model import LayerRecord
-
-
-class ReloadError(ValueError):
-    """The source does not fit the model; the message names the layer or tensor."""
-
-
-class PeerFailedError(RuntimeError):
-    """This rank was fine, but another rank of its engine failed (failure consensus): the
-    other rank's own error is the one to report."""
 
 
 @dataclass(slots=True)

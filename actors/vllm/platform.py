@@ -27,8 +27,9 @@ from actors.engines import EngineOptions
 
 CPU_QUANTIZATIONS = {"dense": (None, "fp8_per_channel", "int8_per_channel_weight_only"),
                      "moe": (None,)}
-CUDA_QUANTIZATIONS = (None, "fp8", "fp8_per_tensor", "fp8_per_channel", "fp8_per_block",
-                      "mxfp8", "mxfp4", "int8_per_channel_weight_only", "nvfp4_per_token")
+# vLLM 0.32's online quantization names (what its CUDA build runs; CPU runs a subset).
+ONLINE_QUANTIZATIONS = (None, "fp8", "fp8_per_tensor", "fp8_per_channel", "fp8_per_block",
+                        "mxfp8", "mxfp4", "int8_per_channel_weight_only", "nvfp4_per_token")
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
 
@@ -52,7 +53,15 @@ def is_moe(config: dict[str, Any]) -> bool:
 
 
 def check_options(options: EngineOptions) -> None:
-    """ValueError naming the option vLLM cannot run here, and what it can."""
+    """Refuse a quantization vLLM 0.32 does not have (no I/O; what this platform runs is
+    ``check_model``'s business)."""
+    if options.quantization not in ONLINE_QUANTIZATIONS:
+        raise ValueError(f"quantization={options.quantization!r} is not an online quantization "
+                         f"of vLLM 0.32; names that work: {list(ONLINE_QUANTIZATIONS)}")
+
+
+def check_model(options: EngineOptions) -> None:
+    """ValueError naming what vLLM cannot run here with this model, and what it can."""
     if importlib.util.find_spec("vllm") is None:
         raise ValueError("engine='vllm' needs vLLM in this environment: `make install` "
                          "installs its CPU build, `pip install tp-reload[vllm]` the GPU one")
@@ -63,9 +72,6 @@ def check_options(options: EngineOptions) -> None:
                          f"num_attention_heads={heads} ({options.model}/config.json)")
     if options.device == "cpu":
         _check_cpu(options, config)
-    elif options.quantization not in CUDA_QUANTIZATIONS:
-        raise ValueError(f"quantization={options.quantization!r} is not an online quantization "
-                         f"of vLLM 0.32; names that work: {list(CUDA_QUANTIZATIONS)}")
 
 
 def _check_cpu(options: EngineOptions, config: dict[str, Any]) -> None:

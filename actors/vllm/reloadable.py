@@ -31,6 +31,7 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from actors.reload import (
     LayerRecord,
     ReloadableModel,
+    ReloadError,
     UnknownTensorError,
     in_processing_order,
     param_owners,
@@ -63,11 +64,11 @@ class VllmReloadable(ReloadableModel):
             if any(m in str(exc) for m in UNKNOWN_NAME_MESSAGES):
                 raise UnknownTensorError(f"checkpoint tensor '{fed.last}' does not match any "
                                          f"model parameter ({exc})") from exc
-            raise ValueError(f"checkpoint tensor '{fed.last}' does not fit the model "
-                             f"(shape mismatch: {exc})") from exc
+            raise ReloadError(f"checkpoint tensor '{fed.last}' does not fit the model "
+                              f"(shape mismatch: {exc})") from exc
         except (AssertionError, RuntimeError) as exc:  # asserted shapes, copy_ mismatches
-            raise ValueError(f"checkpoint tensor '{fed.last}' does not fit the model "
-                             f"(shape mismatch: {exc or 'vLLM loader assertion'})") from exc
+            raise ReloadError(f"checkpoint tensor '{fed.last}' does not fit the model "
+                              f"(shape mismatch: {exc or 'vLLM loader assertion'})") from exc
 
     def process(self, record: LayerRecord) -> None:
         module = record.module
