@@ -44,8 +44,6 @@ def matches(value: Any, hint: Any) -> bool:
     if origin is dict:
         return isinstance(value, dict) and all(
             matches(k, args[0]) and matches(v, args[1]) for k, v in value.items())
-    if origin is tuple:
-        return isinstance(value, tuple) and all(matches(v, args[0]) for v in value)
     return isinstance(value, origin or hint)
 
 

@@ -21,11 +21,10 @@ Limitations:
 """
 
 from actors.reload.engine import RANK_STAGES, ReloadEngine
-from actors.reload.errors import PeerFailedError, ReloadError
+from actors.reload.errors import PeerFailedError, ReloadError, UnknownTensorError
 from actors.reload.model import (
     LayerRecord,
     ReloadableModel,
-    UnknownTensorError,
     in_processing_order,
     param_owners,
 )

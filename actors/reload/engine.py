@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from actors.lazy import Bounds
+from actors.reload.errors import PeerFailedError, ReloadError
 from actors.reload.finite import check_written, nonfinite_error
 from actors.reload.meta import PrefetchedWeight, ProbeWeight, WriteCounter, read_window
 from actors.reload.model import LayerRecord, ReloadableModel, is_optional
@@ -41,10 +42,8 @@ from actors.reload.tracker import BufferTracker
 from actors.reload.types import (
     BufferedCall,
     LayerLoad,
-    PeerFailedError,
     PlannedRead,
     RankReloadStats,
-    ReloadError,
 )
 from quant.sync import DeviceSync
 

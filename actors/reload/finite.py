@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from actors.reload.types import LayerLoad, ReloadError
+from actors.reload.errors import ReloadError
+from actors.reload.types import LayerLoad
 
 
 def check_written(load: LayerLoad, written: dict[str, torch.Tensor],

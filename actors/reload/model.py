@@ -30,8 +30,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from actors.reload.errors import UnknownTensorError  # noqa: F401 - re-exported
-
 Owner = tuple[nn.Module, str]
 
 

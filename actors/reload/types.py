@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 
-from actors.reload.errors import PeerFailedError, ReloadError  # noqa: F401 - re-exported
 from actors.reload.meta import PrefetchedWeight
 from actors.reload.model import LayerRecord
 
