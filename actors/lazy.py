@@ -18,12 +18,23 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 Bounds = tuple[tuple[int, int], ...]
 """A box inside a tensor: per dim, [start, stop) in the full tensor's coordinates."""
+
+
+@dataclass(frozen=True, slots=True)
+class TensorEntry:
+    """A source tensor as it travels to a rank: name, dtype and full shape, no bytes."""
+
+    name: str
+    dtype: str
+    """torch dtype name, e.g. ``bfloat16``."""
+    shape: tuple[int, ...]
 
 
 def narrow_bounds(bounds: Bounds, dim: int, start: int, length: int) -> Bounds:

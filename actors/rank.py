@@ -22,10 +22,12 @@ import ray
 import torch
 
 from actors.engines import EngineOptions, engine_kind, load_object
+from actors.lazy import TensorEntry
 from actors.reload import RankRoute, ReloadEngine, TensorSpec, route_rank
 from actors.reload.meta import ProbeWeight
 from actors.runtime import RankContext, RankRuntime, Sampled, SamplingRequest
-from actors.transport import BucketReader, FileBucket, PackedBucket, PackedEntry, pack_tensors
+from actors.stream import LinkAddress, StreamBucket
+from actors.transport import BucketMessage, BucketReader, Received, pack_tensors
 
 
 def process_memory() -> dict[str, int]:
@@ -55,7 +57,7 @@ class RankLogger(logging.LoggerAdapter):
         return f"{self.extra['prefix']} {msg}", kwargs
 
 
-def probe_items(bucket: FileBucket | PackedBucket) -> list[tuple[str, ProbeWeight]]:
+def probe_items(bucket: BucketMessage) -> list[tuple[str, ProbeWeight]]:
     """A bucket's tensors as shapes only: what a rank that already failed feeds through,
     to keep counting in step with its peers without reading a byte."""
     return [(e.name, ProbeWeight(e.shape, getattr(torch, e.dtype), e.name))
@@ -76,6 +78,10 @@ class RankActor:
         self.reloader: ReloadEngine | None = None
         self.loaded = False
         self._fault: tuple[str, str, str | None] | None = None
+        # What this rank received of committed trainer streams the commit log still needs
+        # (stream id -> per bucket), and of the stream being reloaded until it commits.
+        self._kept: dict[int, Received] = {}
+        self._pending: tuple[int, Received] | None = None
 
     # ---- distributed set-up -------------------------------------------------------------
 
@@ -108,16 +114,27 @@ class RankActor:
     # ---- loading: the first load and every reload go through the same engine ---------
 
     def start_reload(self, first_load: bool) -> None:
-        self.reader = BucketReader()
+        self.reader = BucketReader(self._kept)
+        self._pending = None
         self.reload_begin = time.perf_counter()
         self.reloader.start("first" if first_load and not self.reloader.has_kernel else "reload")
 
-    def load_bucket(self, bucket: FileBucket | PackedBucket) -> None:
+    def join_stream(self, address: LinkAddress, link_rank: int, stream: int) -> None:
+        """Join this reload's trainer stream (after ``start_reload``, before its buckets).
+        A failure is this reload's failure, raised by ``finish_reload``."""
+        try:
+            self.reader.join(address, link_rank, stream, self.runtime.device)
+        except Exception as exc:  # noqa: BLE001 - raised by finish() with the failure consensus
+            self.reloader.fail(exc)
+
+    def load_bucket(self, bucket: BucketMessage) -> None:
         """Feed one bucket; complete layers are processed before this returns. After a
-        failure on this rank or a peer, it only counts (``ReloadEngine.fail``)."""
-        if not self.reloader.failed:
+        failure on this rank or a peer, it only counts (``ReloadEngine.fail``), but still
+        receives a stream's pieces, so the trainer's sends complete."""
+        if not self.reloader.failed or isinstance(bucket, StreamBucket):
             try:
-                self._at_stage("transfer")
+                if not self.reloader.failed:
+                    self._at_stage("transfer")
                 fetched = self.reader.fetch_seconds
                 items = self.reader.items(bucket)
                 self.reloader.add_seconds("transfer", self.reader.fetch_seconds - fetched)
@@ -133,6 +150,8 @@ class RankActor:
             stats = self.reloader.finish()
         finally:
             self.reader.close()
+        if self.reader.stream is not None:
+            self._pending = (self.reader.stream, self.reader.received)
         self.loaded = True
         self.log.info("reloaded %d layers (%d kept), %.2f MB read, peak buffered %.2f MB in "
                       "%.2fs", len(stats.layers_reloaded), len(stats.layers_kept),
@@ -145,9 +164,17 @@ class RankActor:
             self.reloader.abort()
         if hasattr(self, "reader"):
             self.reader.close()
+        self._pending = None
 
-    def commit(self) -> None:
-        """Every rank of every engine finished: the new version is served from now on."""
+    def commit(self, live_streams: tuple[int, ...] = ()) -> None:
+        """Every rank of every engine finished: the new version is served from now on.
+        ``live_streams``: the trainer streams the commit log holds from now on; what this
+        rank received of any other is dropped."""
+        if self._pending is not None:
+            self._kept[self._pending[0]] = self._pending[1]
+            self._pending = None
+        for stream in [k for k in self._kept if k not in live_streams]:
+            del self._kept[stream]
         self.runtime.after_commit()
 
     # ---- fault injection (tests, chaos drills) ------------------------------------------
@@ -209,7 +236,7 @@ class RankActor:
             for name, t in self._require_loaded().kernel_tensors().items()
         }
 
-    def get_tensors(self, names: list[str] | None) -> tuple[tuple[PackedEntry, ...], Any]:
+    def get_tensors(self, names: list[str] | None) -> tuple[tuple[TensorEntry, ...], Any]:
         """The named kernel tensors (all of them for None), packed as raw bytes: Ray's own
         tensor serialization does not carry every dtype (float8)."""
         tensors = self._require_loaded().kernel_tensors()

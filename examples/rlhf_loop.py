@@ -2,13 +2,17 @@
 step's weights into the TP engine, rollouts come from the engine and are checked against the
 trainer's own model.
 
-    python examples/rlhf_loop.py                      # 4 steps, in-memory hand-off, TP=2
+    python examples/rlhf_loop.py                      # 4 steps, trainer streams to engine, TP=2
+    python examples/rlhf_loop.py --mode memory        # hand-off of a state dict, object store
     python examples/rlhf_loop.py --mode dir           # hand-off via step_N checkpoint dirs
     python examples/rlhf_loop.py --quantization fp8   # engine re-quantizes every step
     python examples/rlhf_loop.py --short              # 2 steps of a smaller model (tests)
 
 The toy objective teaches a small random Llama to continue ``t`` with ``(t + 1) % vocab``.
-In-memory mode hands the trainer's state dict over through Ray's object store; dir mode
+Trainer mode (the default) reloads from ``TrainerSource([trainer])``: the trainer actor is a
+``TrainerEndpoint`` and sends each engine rank its slices itself, over a process group that
+spans it and the engine ranks (nothing through the driver or the object store). Memory mode
+hands the trainer's state dict over through Ray's object store; dir mode
 saves ``step_N`` with ``save_pretrained`` plus a ``COMPLETE`` marker (the layout
 ``tp-reload serve --watch`` consumes) and reloads from the directory. Unquantized engines must
 reproduce the trainer exactly (greedy tokens equal, logits within 1e-4); FP8 engines must stay
@@ -27,7 +31,7 @@ from pathlib import Path
 import ray
 import torch
 
-from orchestrator import EngineConfig, ReloadOrchestrator
+from orchestrator import EngineConfig, ReloadOrchestrator, TrainerEndpoint, TrainerSource
 
 MARKER = "COMPLETE"
 EXACT_BOUND = 1e-4
@@ -48,7 +52,7 @@ SIZES = {"short": Size(vocab=128, hidden=64, layers=2, batch=8),
          "full": Size(vocab=512, hidden=256, layers=4, batch=32)}
 
 
-class Trainer:
+class Trainer(TrainerEndpoint):
     """Holds the policy (a transformers Llama in float32) and its optimizer."""
 
     def __init__(self, size: Size, seed: int) -> None:
@@ -87,6 +91,11 @@ class Trainer:
     def weights(self) -> dict[str, torch.Tensor]:
         return {n: t.detach().clone() for n, t in self.model.state_dict().items()}
 
+    def tp_reload_weights(self) -> dict[str, torch.Tensor]:
+        """What ``TrainerSource`` streams: the live parameters, no copy (the trainer does not
+        step while a reload runs)."""
+        return self.model.state_dict()
+
     @torch.no_grad()
     def rollout(self, prompts: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Greedy continuation and the prompt's logits, from the trainer's own model."""
@@ -114,7 +123,9 @@ def run(steps: int, mode: str, quantization: str | None, tp: int, size: Size,
     with ReloadOrchestrator(config) as orch:
         for step in range(1, steps + 1):
             loss = ray.get(trainer.step.remote())
-            if mode == "memory":
+            if mode == "trainer":
+                source = TrainerSource([trainer])
+            elif mode == "memory":
                 source = ray.get(trainer.weights.remote())
             else:
                 source = ray.get(trainer.save.remote(str(workdir / f"step_{step}")))
@@ -151,7 +162,7 @@ def passed(rows: list[dict], quantization: str | None) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (4; 2 short)")
-    parser.add_argument("--mode", choices=("memory", "dir"), default="memory")
+    parser.add_argument("--mode", choices=("trainer", "memory", "dir"), default="trainer")
     parser.add_argument("--quantization", default=None,
                         choices=("fp8", "fp8_per_channel", "fp8_block", "w4a8"))
     parser.add_argument("--tp", type=int, default=2)

@@ -9,9 +9,11 @@ from orchestrator.errors import (
     RecoveryError,
     ReloadInProgressError,
     TPReloadError,
+    TrainerError,
 )
 from orchestrator.report import ReloadReport, Samples
 from orchestrator.service import ServiceClient, connect
+from orchestrator.trainer import TrainerEndpoint, TrainerSource
 from orchestrator.yaml_config import ServiceConfig, load_engine_config
 
 __all__ = [
@@ -27,6 +29,9 @@ __all__ = [
     "ServiceClient",
     "ServiceConfig",
     "TPReloadError",
+    "TrainerEndpoint",
+    "TrainerError",
+    "TrainerSource",
     "connect",
     "load_engine_config",
 ]

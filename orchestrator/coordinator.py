@@ -23,6 +23,7 @@ Ordering invariants:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import threading
@@ -40,12 +41,8 @@ from actors.model import ModelSpec
 from actors.model.reloadable import route_on_meta
 from actors.reload import RANK_STAGES, Routing, TensorSpec, merge_routes
 from actors.runtime import SamplingRequest
-from actors.transport import (
-    FileBucket,
-    PackedBucket,
-    pack_tensors,
-    unpack_tensors,
-)
+from actors.stream import LinkAddress
+from actors.transport import BucketMessage, FileBucket, PackedBucket, pack_tensors, unpack_tensors
 from orchestrator.cluster import (
     Engine,
     RankKey,
@@ -63,6 +60,7 @@ from orchestrator.plan import ORDERS, Bucket, Order, Plan
 from orchestrator.planning import CachedRouting, build_plan, resolve_dtype
 from orchestrator.progress import Progress
 from orchestrator.report import STAGES, ReloadReport, Samples
+from orchestrator.trainer import TrainerSource, launch, list_trainer
 from orchestrator.transaction import CommitLog, committed
 
 log = logging.getLogger("tp_reload")
@@ -96,6 +94,9 @@ class ReloadOrchestrator:
         self._lock = threading.RLock()
         self._reloading = False
         self._broken: str | None = None
+        # Trainer streams: the driver's rendezvous store (made on the first one) and ids.
+        self._link_store: Any = None
+        self._stream_ids = itertools.count()
 
     @classmethod
     def from_yaml(cls, path: str, **overrides: Any) -> ReloadOrchestrator:
@@ -140,11 +141,12 @@ class ReloadOrchestrator:
                 plan_seconds = time.perf_counter() - begin
             self.load_report, messages = self._stream(first, plan, plan_seconds,
                                                       first_load=True, version=0)
-            self._commit()
+            entry = committed(first, messages)
+            self._commit(self._log.streams_after(entry, covers_every_layer=True))
         except BaseException:
             self.shutdown()
             raise
-        self._log.record(committed(first, messages), covers_every_layer=True)
+        self._log.record(entry, covers_every_layer=True)
         self._version = 0
         log.info("%d engine(s) x TP=%d serving %s (%s) as version 0", cfg.num_engines,
                  cfg.tensor_parallel_size, cfg.model, self.dtype)
@@ -161,29 +163,32 @@ class ReloadOrchestrator:
     def reload(self, source: Any, order: Order = "plan", strict: bool = True) -> ReloadReport:
         """Stream new weights into every rank of every engine, in place, all or nothing.
 
-        ``source``: a checkpoint directory, a dict name -> tensor, or an iterable of
-        (name, tensor) in checkpoint format (full, unsharded). ``order="plan"`` streams in
-        parent-layer order (one layer buffered at a time); ``"source"`` keeps the source's own
-        order. Layers the source does not touch keep their weights (``layers_kept``);
-        ``strict=False`` ignores names that match no parameter. The version increments only
+        ``source``: a checkpoint directory, a dict name -> tensor, an iterable of
+        (name, tensor) in checkpoint format (full, unsharded), or a ``TrainerSource``
+        (the trainer's Ray actors stream their shards straight to the engine ranks).
+        ``order="plan"`` streams in parent-layer order (one layer buffered at a time);
+        ``"source"`` keeps the source's own order. Layers the source does not touch keep
+        their weights (``layers_kept``); ``strict=False`` ignores names that match no
+        parameter. The version increments only
         when every rank finished; on any failure every rank is rolled back to the last
         committed version before the error is raised. Serving calls wait meanwhile."""
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         with self._exclusive(reloading=True):
             begin = time.perf_counter()
-            src = open_source(source)
+            src = self._open(source)
             plan = self._plan(src, order, strict=strict)
             plan_seconds = time.perf_counter() - begin
             version = self.version + 1
             try:
                 report, messages = self._stream(src, plan, plan_seconds, first_load=False,
                                                  version=version)
-                self._commit()
+                entry, covers = committed(src, messages), not report.layers_kept
+                self._commit(self._log.streams_after(entry, covers))
             except BaseException as error:
                 self._recover(error)
                 raise
-            self._log.record(committed(src, messages), covers_every_layer=not report.layers_kept)
+            self._log.record(entry, covers)
             self._version = version
             return report
 
@@ -197,7 +202,12 @@ class ReloadOrchestrator:
                                        "start() the orchestrator first")
                 if not self.dtype:
                     self._prepare()
-            return self._plan(open_source(source), order, strict=strict)
+            return self._plan(self._open(source), order, strict=strict)
+
+    def _open(self, source: Any) -> Source:
+        if isinstance(source, TrainerSource):
+            return list_trainer(source, self.config.timeout_s)
+        return open_source(source)
 
     def _prepare(self) -> Source:
         """List ``config.model``, resolve the dtype from it and let the engine check it
@@ -230,9 +240,10 @@ class ReloadOrchestrator:
         routes = gather(self.engines[0].submit("route", tensors), cfg.timeout_s)
         return merge_routes([routes[key] for key in sorted(routes)], tensors)
 
-    def _commit(self) -> None:
-        """Every rank finished: each drops what it computed with the old weights."""
-        gather(self._submit_all("commit"), self.config.timeout_s)
+    def _commit(self, live_streams: tuple[int, ...]) -> None:
+        """Every rank finished: each drops what it computed with the old weights, and what
+        it kept of trainer streams the commit log no longer holds."""
+        gather(self._submit_all("commit", live_streams), self.config.timeout_s)
 
     def _stream(self, source: Source, plan: Plan, plan_seconds: float, *, first_load: bool,
                 version: int) -> tuple[ReloadReport, list[FileBucket | PackedBucket]]:
@@ -244,12 +255,22 @@ class ReloadOrchestrator:
         started = self._submit_all("start_reload", first_load)
         loading, messages, pack_seconds = self._send(source, plan, progress)
         finishing = self._submit_all("finish_reload")
-        gather(started, self.config.timeout_s)
-        for calls, nbytes in loading:
-            gather(calls, self.config.timeout_s)
-            progress.advance(nbytes)
-        stats = gather(finishing, self.config.timeout_s)
-        progress.close()
+        try:
+            gather(started, self.config.timeout_s)
+            for calls, nbytes in loading:
+                gather(calls, self.config.timeout_s)
+                progress.advance(nbytes)
+            stats = gather(finishing, self.config.timeout_s)
+            sent = source.stream.wait(self.config.timeout_s) if source.stream else []
+        except BaseException as error:
+            if source.stream is None:
+                raise
+            blamed = source.stream.blame(error, self.config.timeout_s)
+            if blamed is error:
+                raise
+            raise blamed from error
+        finally:
+            progress.close()
         stage = {name: max(s["stage_seconds"][name] for s in stats.values())
                  for name in RANK_STAGES}
         stage["plan"] = plan_seconds
@@ -270,7 +291,7 @@ class ReloadOrchestrator:
                       for w in s["warnings"]],
             order=plan.order, source=source.description, source_bytes=source.nbytes,
             buckets=len(plan.buckets), buffered_timeline=first["buffered_timeline"],
-            **self._by_kind(plan, stats),
+            bytes_sent=dict(enumerate(sent)), **self._by_kind(plan, stats),
         )
         for warning in report.warnings:
             log.warning(warning)
@@ -289,12 +310,16 @@ class ReloadOrchestrator:
         return {"bytes_by_kind": nbytes, "seconds_by_kind": seconds}
 
     def _send(self, source: Source, plan: Plan, progress: Progress) -> tuple[
-            deque[tuple[dict[RankKey, ray.ObjectRef], int]], list[FileBucket | PackedBucket],
-            float]:
+            deque[tuple[dict[RankKey, ray.ObjectRef], int]], list[BucketMessage], float]:
         """Queue the plan's buckets on every rank of every engine. Packed (in-memory)
         buckets hold object-store memory, so at most BUCKETS_IN_FLIGHT of them are pending;
-        a directory bucket is only names. Returns the pending calls with their bucket's
-        bytes, the messages (for the commit log) and the packing seconds."""
+        a directory bucket is only names; a trainer stream's buckets are per-rank piece
+        lists (the trainer's ranks send the bytes). Returns the pending calls with their
+        bucket's bytes, the messages (for the commit log) and the packing seconds."""
+        if source.kind == "trainer":
+            steps, replay = launch(source.stream, plan, source, self._route[1], self.engines,
+                                   self._link_address(source), next(self._stream_ids))
+            return deque(steps), replay, 0.0
         in_flight: deque[tuple[dict[RankKey, ray.ObjectRef], int]] = deque()
         messages: list[FileBucket | PackedBucket] = []
         pack_seconds = 0.0
@@ -309,6 +334,19 @@ class ReloadOrchestrator:
                 gather(calls, self.config.timeout_s)
                 progress.advance(nbytes)
         return in_flight, messages, pack_seconds
+
+    def _link_address(self, source: Source) -> LinkAddress:
+        """Where this reload's trainer stream meets: the driver's store, a fresh prefix."""
+        import torch.distributed as dist
+
+        if self._link_store is None:
+            self._link_store = dist.TCPStore(ray.util.get_node_ip_address(), 0,
+                                             is_master=True, wait_for_workers=False)
+        world = len(source.stream.source.actors) + sum(len(e.ranks) for e in self.engines)
+        backend = "nccl" if self.config.device == "cuda" and source.stream.on_cuda else "gloo"
+        return LinkAddress(ray.util.get_node_ip_address(), self._link_store.port,
+                           f"tp-reload/stream/{id(self)}/{time.monotonic_ns()}/", world,
+                           backend, self.config.timeout_s)
 
     @staticmethod
     def _message(source: Source, infos: dict[str, TensorInfo], bucket: Bucket
@@ -328,7 +366,7 @@ class ReloadOrchestrator:
             restarted = self._rejoin_restarted(timeout)
             gather(self._submit_all("abort_reload"), timeout)
             self._replay(restarted)
-            self._commit()
+            self._commit(self._log.streams())
         except BaseException as exc:
             self._broken = (f"a failed reload ({error}) could not be rolled back ({exc}); "
                             "restart the orchestrator")

@@ -32,3 +32,15 @@ class RankError(TPReloadError, RuntimeError):
         self.engine = engine
         self.rank = rank
         self.detail = detail
+
+
+class TrainerError(TPReloadError, RuntimeError):
+    """A trainer rank failed or died while listing or streaming its weights; carries the
+    trainer rank and its error text. The engines were rolled back before it is raised."""
+
+    def __init__(self, rank: int, detail: str, died: bool = False) -> None:
+        super().__init__(f"trainer rank {rank} failed:\n{detail}")
+        self.rank = rank
+        self.detail = detail
+        self.died = died
+        """The trainer's process died (rather than raised)."""

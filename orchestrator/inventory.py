@@ -151,12 +151,14 @@ def checkpoint_inventory(model_dir: str | Path) -> list[TensorInfo]:
 class Source:
     """A reload source, listed but not read."""
 
-    kind: Literal["dir", "memory"]
+    kind: Literal["dir", "memory", "trainer"]
     tensors: tuple[TensorInfo, ...]
     """In the source's own order (files in index order, tensors by position in the file)."""
     description: str
     data: Mapping[str, torch.Tensor] | None = None
     """In-memory tensors by name (kind 'memory')."""
+    stream: Any = None
+    """Kind 'trainer': the listed trainer (``orchestrator.trainer.ListedTrainer``)."""
 
     @property
     def nbytes(self) -> int:

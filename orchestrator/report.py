@@ -45,6 +45,8 @@ class ReloadReport:
     """Source bytes per layer kind (``dense``; ``experts`` for fused MoE expert layers)."""
     seconds_by_kind: dict[str, float] = field(default_factory=dict)
     """Rank seconds (reading, buffering, processing) per layer kind, summed over ranks."""
+    bytes_sent: dict[int, int] = field(default_factory=dict)
+    """Trainer sources: bytes each trainer rank sent, straight to the engine ranks."""
 
     def share(self, kind: str) -> tuple[float, float]:
         """(fraction of source bytes, fraction of rank seconds) spent on layers of ``kind``,
@@ -69,6 +71,9 @@ class ReloadReport:
                               f"{self.predicted_peak_buffered_bytes / mb:.3f} MB)"),
             ("layers", f"{len(self.layers_reloaded)} reloaded, {len(self.layers_kept)} kept"),
         ]
+        if self.bytes_sent:
+            rows.append(("trainer sent", ", ".join(f"t{t} {b / mb:.2f} MB"
+                                                   for t, b in self.bytes_sent.items())))
         if self.bytes_by_kind.get("experts"):
             nbytes, seconds = self.share("experts")
             rows.append(("expert layers", f"{nbytes:.0%} of bytes, {seconds:.0%} of rank time"))

@@ -13,13 +13,13 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 def test_quick_benchmark_measures_every_path(ray_cluster, tmp_path):
     result = run(Options(size="quick", repeats=1, tps=(2,), workdir=tmp_path,
                          bucket_bytes=8 << 20))
-    cases = {c["case"]: c for c in result["cases"]}
-    assert set(cases) == {f"tp2-{q}-{s}-{o}" for q in ("none", "fp8") for s in ("dir", "dict")
-                          for o in ("plan", "source")}
+    cases = {c["name"]: c for c in result["cases"]}
+    assert set(cases) == {f"tp2-{q}-{s}-{o}" for q in ("none", "fp8")
+                          for s in ("dir", "memory", "trainer") for o in ("plan", "source")}
     for case in cases.values():
         assert case["ratio_to_floor"] == case["ours_s"] / case["floor_s"]
         if case["order"] == "plan":  # never more than the same source in its own order
-            other = cases[case["case"].replace("-plan", "-source")]
+            other = cases[case["name"].replace("-plan", "-source")]
             assert case["peak_buffered_bytes"] <= other["peak_buffered_bytes"]
         if case["source"] == "dir":
             assert set(case["peers"]) == {"dcp", "full"}
@@ -29,7 +29,10 @@ def test_quick_benchmark_measures_every_path(ray_cluster, tmp_path):
     assert shuffled > max(timelines["shuffled dict, plan order"])
     depths = result["depths"]
     assert [d["layers"] for d in depths] == [4, 8] and all(d["holds"] for d in depths)
-    assert len(targets(result)) == 5
+    rows = targets(result)
+    # one floor target per case, plan vs source per pair, the depth check
+    assert len(rows) == 12 + 6 + 1
+    assert sum("<= 1.2," in t for t, _, _ in rows) == 8, "dir and memory on native"
 
 
 @pytest.mark.vllm
@@ -38,11 +41,11 @@ def test_quick_benchmark_puts_vllms_own_reload_beside_ours(ray_cluster, tmp_path
     engines, from the same directory or in-memory weights."""
     result = run(Options(size="quick", repeats=1, tps=(2,), workdir=tmp_path,
                          bucket_bytes=8 << 20, engine="vllm"))
-    cases = {c["case"]: c for c in result["cases"]}
+    cases = {c["name"]: c for c in result["cases"]}
     assert set(cases) == {f"vllm-tp2-{q}-{s}-{o}" for q in ("none", "fp8_per_channel")
-                          for s in ("dir", "dict") for o in ("plan", "source")}
-    for case in cases.values():
+                          for s in ("dir", "memory", "trainer") for o in ("plan", "source")}
+    for case in (c for c in cases.values() if c["source"] != "trainer"):
         assert set(case["peers"]) == {"vllm"}
         assert case["ratio_to_best_peer"] == case["ours_s"] / case["peers"]["vllm"]
-    compared = [t for t, _, _ in targets(result) if "ours faster than every peer" in t]
-    assert len(compared) == 4, "dir and dict, unquantized and fp8_per_channel"
+    compared = [t for t, _, _ in targets(result) if "vLLM's reload_weights" in t]
+    assert len(compared) == 8, "dir and memory, both orders, unquantized and fp8_per_channel"

@@ -93,6 +93,8 @@ class Routing:
     """Layer -> its required params -> elements (rank 0); optional params left out."""
     layer_kinds: dict[str, str]
     """Layer -> its kind (``dense``, ``experts``)."""
+    rank_boxes: tuple[dict[str, tuple[Bounds, ...]], ...] = ()
+    """Per rank: kept source tensor -> the distinct boxes of it the rank reads."""
 
 
 def covers(shape: tuple[int, ...], boxes: list[Bounds]) -> bool:
@@ -137,4 +139,6 @@ def merge_routes(routes: list[RankRoute], tensors: list[TensorSpec]) -> Routing:
         unknown=first.unknown, reads=first.reads,
         layer_params={s.name: s.params for s in first.layers},
         layer_kinds={s.name: s.kind for s in first.layers},
+        rank_boxes=tuple({name: tuple(dict.fromkeys(b for c in calls for b in c.boxes))
+                          for name, calls in route.reads.items()} for route in routes),
     )
