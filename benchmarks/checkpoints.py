@@ -75,3 +75,23 @@ def half_depth(path: Path) -> Path:
     (target / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     (target / "config.json").write_text(json.dumps({**config, "num_hidden_layers": keep}))
     return target
+
+
+FIXED_COST_TENSOR = "model.norm.weight"
+"""The one tensor of ``one_tensor``: a few KB, so a reload of it is all fixed cost."""
+
+
+def one_tensor(path: Path) -> Path:
+    """A checkpoint dir holding only the final norm of ``path``: a partial reload of it
+    measures what every reload pays whatever its size (calls, planning, commit)."""
+    target = path.with_name(path.name + "-one-tensor")
+    if (target / "model.safetensors").is_file():
+        return target
+    target.mkdir(parents=True)
+    for file in sorted(path.glob("*.safetensors")):
+        tensors = load_file(file)
+        if FIXED_COST_TENSOR in tensors:
+            save_file({FIXED_COST_TENSOR: tensors[FIXED_COST_TENSOR]},
+                      target / "model.safetensors", metadata={"format": "pt"})
+    (target / "config.json").write_text((path / "config.json").read_text())
+    return target

@@ -116,20 +116,25 @@ def _files_from_index(root: Path, index: Path) -> list[Path]:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{index}: malformed index, expected a 'weight_map' object") from exc
-    files = []
+    # Each distinct entry is checked once: an index names a few files for many tensors.
+    files: dict[str, Path] = {}
     for name, rel in weight_map.items():
-        path = (root / rel).resolve()
-        if not path.is_relative_to(root):
-            raise CheckpointError(
-                f"{index}: tensor '{name}' points outside the checkpoint dir: {rel}")
-        if path.suffix != ".safetensors":
-            raise CheckpointError(
-                f"{index}: tensor '{name}' is in {rel}; only safetensors are loaded")
-        if not path.is_file():
-            raise CheckpointError(f"{index}: tensor '{name}' points to missing file {rel}")
-        if path not in files:
-            files.append(path)
-    return files
+        if rel not in files:
+            files[rel] = _indexed_file(root, index, name, rel)
+    return list(dict.fromkeys(files.values()))
+
+
+def _indexed_file(root: Path, index: Path, name: str, rel: str) -> Path:
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root):
+        raise CheckpointError(
+            f"{index}: tensor '{name}' points outside the checkpoint dir: {rel}")
+    if path.suffix != ".safetensors":
+        raise CheckpointError(
+            f"{index}: tensor '{name}' is in {rel}; only safetensors are loaded")
+    if not path.is_file():
+        raise CheckpointError(f"{index}: tensor '{name}' points to missing file {rel}")
+    return path
 
 
 def checkpoint_inventory(model_dir: str | Path) -> list[TensorInfo]:

@@ -30,8 +30,10 @@ def test_quick_benchmark_measures_every_path(ray_cluster, tmp_path):
     depths = result["depths"]
     assert [d["layers"] for d in depths] == [4, 8] and all(d["holds"] for d in depths)
     rows = targets(result)
-    # one floor target per case, plan vs source per pair, the depth check
-    assert len(rows) == 12 + 6 + 1
+    # one floor target per case, plan vs source per pair, the fixed cost, the depth check
+    assert len(rows) == 12 + 6 + 1 + 1
+    fixed = result["fixed_cost"]
+    assert fixed["tp"] == 2 and 0 < fixed["seconds_min"] <= fixed["seconds_median"]
     assert sum("<= 1.2," in t for t, _, _ in rows) == 8, "dir and memory on native"
 
 

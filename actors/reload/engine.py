@@ -69,6 +69,9 @@ class ReloadEngine:
         # to reload: one per (param name, shape, dtype), so the params of one layer never
         # share storage and the pool holds about one layer of each kind.
         self._scratch: dict[tuple, torch.Tensor] = {}
+        # The meta params that stand in for each layer's params during a reload: built once
+        # (a few ms for a deep model), their loaders find the reload's LayerLoad by name.
+        self._armed_params: dict[str, dict[str, nn.Parameter]] = {}
         self._loads: dict[str, LayerLoad] = {}
         self._mode: Mode | None = None
         self._has_kernel = False
@@ -110,17 +113,23 @@ class ReloadEngine:
             # Only the placeholders' names are swapped: other kernel tensors (scales,
             # buffers) stay registered for processing that reads them.
             record.unregister(list(record.placeholders))
-            load = LayerLoad(record, kernel)
-            record.register({n: self._armed(load, n, p) for n, p in record.placeholders.items()})
-            self._loads[record.name] = load
+            self._loads[record.name] = LayerLoad(record, kernel)
+            record.register(self._armed(record))
 
-    def _armed(self, load: LayerLoad, name: str, placeholder: nn.Parameter) -> nn.Parameter:
+    def _armed(self, record: LayerRecord) -> dict[str, nn.Parameter]:
+        if record.name not in self._armed_params:
+            self._armed_params[record.name] = {
+                name: self._armed_param(record.name, name, placeholder)
+                for name, placeholder in record.placeholders.items()}
+        return self._armed_params[record.name]
+
+    def _armed_param(self, layer: str, name: str, placeholder: nn.Parameter) -> nn.Parameter:
         armed = param_like(placeholder, torch.empty_like(placeholder, device="meta"))
 
         # The parameter names are the loader convention's: engines pass them by keyword.
         def weight_loader(param: torch.Tensor, loaded_weight: Any, *args: Any, **kwargs: Any
                           ) -> Any:
-            return self._on_load(load, name, loaded_weight, args, kwargs)
+            return self._on_load(self._loads[layer], name, loaded_weight, args, kwargs)
 
         armed.weight_loader = weight_loader
         return armed
