@@ -49,6 +49,19 @@ class DeviceSync:
             event.record(producer)
             consumer.wait_event(event)
 
+    def record(self, stream: Stream) -> torch.cuda.Event | None:
+        """An event marking everything queued on ``stream`` so far (None on CPU)."""
+        if stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(stream)
+        return event
+
+    def wait(self, consumer: Stream, event: torch.cuda.Event | None) -> None:
+        """``consumer`` waits for ``event`` (from ``record``) before its next work."""
+        if consumer is not None and event is not None and self.enabled:
+            consumer.wait_event(event)
+
     def synchronize(self) -> None:
         """Host waits for the device (CUDA only)."""
         if self.cuda and self.enabled:

@@ -10,14 +10,14 @@ import random
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from orchestrator import EngineConfig, ReloadOrchestrator
-from orchestrator.demo import transformers_greedy, transformers_logprobs
+if TYPE_CHECKING:
+    from orchestrator import ReloadOrchestrator
 
 BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6)
@@ -99,6 +99,10 @@ def reference_sample(path: Path, token_ids: torch.Tensor, new_tokens: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' greedy tokens [B, N] (no EOS stop) and each token's log-prob under its
     float32 forward [B, N]: what ``sample(temperature=0)`` must return."""
+    # Imported here: the driver side needs Ray, and the GPU machine's rank-side tests run
+    # without it (this module must import there).
+    from orchestrator.demo import transformers_greedy, transformers_logprobs
+
     tokens = transformers_greedy(path, token_ids, new_tokens)
     return tokens, transformers_logprobs(path, token_ids, tokens)
 
@@ -113,6 +117,8 @@ VLLM_ARGS = {"kv_cache_memory_bytes": 64 << 20}
 
 def start(path: Path, tp: int, **kwargs: Any) -> ReloadOrchestrator:
     """An orchestrator (not yet started) on the session's Ray; float32 unless told."""
+    from orchestrator import EngineConfig, ReloadOrchestrator
+
     kwargs.setdefault("dtype", "float32")
     kwargs.setdefault("num_cpus_per_rank", 0.5)
     if kwargs.get("engine") == "vllm":

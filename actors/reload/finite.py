@@ -1,6 +1,16 @@
-"""NaN/Inf screening of a reload: a diverged training step must not reach the engines."""
+"""NaN/Inf screening of a reload: a diverged training step must not reach the engines.
+
+The screen of a layer is queued where its bytes were just written (``screen_written``) and its
+verdict read later (``PendingScreen.error``): on a CUDA rank, reading it at once would make the
+host wait for the layer's transfer, and the next layer's reading could not overlap it. Every
+verdict is read before the reload can commit, and before any collective processing (the
+failure consensus needs it).
+"""
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 
@@ -8,29 +18,52 @@ from actors.reload.errors import ReloadError
 from actors.reload.types import LayerLoad
 
 
-def check_written(load: LayerLoad, written: dict[str, torch.Tensor],
-                  skip: tuple[str, ...] = ()) -> None:
-    """NaN/Inf check of what the replay just wrote, before any conversion: the bytes are
-    resident and hot, where checking the source windows would fault their pages in a second
-    time. ``skip``: params the model's processing screens (``has_nonfinite``). A failure is
-    rolled back like any other failure before commit."""
+@dataclass(frozen=True, slots=True)
+class PendingScreen:
+    layer: str
+    param: str
+    sources: str
+    """The checkpoint tensors that fed ``param``, quoted, for the error."""
+    extremes: torch.Tensor
+    """[min, max] of what was written, on the rank's device (NaN propagates into both)."""
+
+    def error(self) -> ReloadError | None:
+        """None when every element was finite (reads the device: a host sync on CUDA)."""
+        low, high = self.extremes.tolist()
+        if math.isfinite(low) and math.isfinite(high):
+            return None
+        kind = "NaN" if math.isnan(low) or math.isnan(high) else "Inf"
+        return _error(self.sources, self.layer, self.param, kind)
+
+
+def screen_written(load: LayerLoad, written: dict[str, torch.Tensor],
+                   skip: tuple[str, ...] = ()) -> list[PendingScreen]:
+    """Screens of what the replay just wrote, before any conversion: the bytes are resident
+    and hot, where checking the source windows would fault their pages in a second time.
+    ``skip``: params the model's processing screens (``has_nonfinite``)."""
+    screens = []
     for name in dict.fromkeys(call.param for call in load.calls):
-        if name in skip:
-            continue
         tensor = written[name]
-        if tensor.is_floating_point() and tensor.numel():
-            # min and max are finite exactly when every element is: one fast reduction
-            # instead of a full isfinite mask (~20x slower on CPU bf16).
-            low, high = torch.aminmax(tensor)
-            if not bool(torch.isfinite(low) & torch.isfinite(high)):
-                kind = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
-                raise nonfinite_error(load, name, kind)
+        if name in skip or not tensor.is_floating_point() or not tensor.numel():
+            continue
+        # min and max are finite exactly when every element is: one fast reduction instead
+        # of a full isfinite mask (~20x slower on CPU bf16).
+        low, high = torch.aminmax(tensor)
+        screens.append(PendingScreen(load.record.name, name, _sources(load, name),
+                                     torch.stack([low, high]).float()))
+    return screens
 
 
 def nonfinite_error(load: LayerLoad, param: str, kind: str) -> ReloadError:
     """The error naming the checkpoint tensors that fed ``param``."""
-    names = ", ".join(dict.fromkeys(f"'{c.source_name}'" for c in load.calls
-                                    if c.param == param))
-    return ReloadError(f"tensor {names} contains {kind} values (a diverged step?), found in "
-                       f"{load.record.name}.{param}; the reload is refused and the engines "
-                       "keep their weights")
+    return _error(_sources(load, param), load.record.name, param, kind)
+
+
+def _sources(load: LayerLoad, param: str) -> str:
+    return ", ".join(dict.fromkeys(f"'{c.source_name}'" for c in load.calls if c.param == param))
+
+
+def _error(sources: str, layer: str, param: str, kind: str) -> ReloadError:
+    return ReloadError(f"tensor {sources} contains {kind} values (a diverged step?), found in "
+                       f"{layer}.{param}; the reload is refused and the engines keep their "
+                       "weights")

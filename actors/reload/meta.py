@@ -24,6 +24,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from actors.lazy import Bounds, LazyWindow
+from actors.reload.staging import copy_into
 
 aten = torch.ops.aten
 
@@ -65,6 +66,17 @@ class PrefetchedWeight(LazyWindow):
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.windows.values())
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: Any = None
+                           ) -> Any:
+        # The loader's copy of a staged (pinned) window into a device tensor: an asynchronous
+        # DMA (actors.reload.staging). Any other use reads the window as usual.
+        if (func is torch.Tensor.copy_ and not kwargs and len(args) == 2
+                and isinstance(args[1], PrefetchedWeight)
+                and isinstance(args[0], torch.Tensor)):
+            return copy_into(args[0], args[1].materialize())
+        return super().__torch_function__(func, types, args, kwargs)
 
 
 def read_window(source: Any, bounds: Bounds) -> torch.Tensor:

@@ -1,0 +1,160 @@
+"""One rank's reload without Ray: the native model of a TP=1 rank and its reload engine, fed
+from a checkpoint directory through the rank's own reader, on the CPU and (gpu marker) on
+CUDA, where windows are staged in pinned memory and copied on side streams
+(``actors.reload.staging``). These are the GPU machine's tests: it has no Ray."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from actors.dtypes import SAFETENSORS_DTYPES, dtype_name
+from actors.model import TPGroup, load_spec
+from actors.model.reloadable import build_reloadable
+from actors.reload import ReloadEngine, ReloadError
+from actors.reload.staging import copy_into
+from actors.transport import BucketReader, FileBucket, FileEntry
+from quant import QuantConfig
+from tests.quant_reference import rank_linears, reference_kernel, same_bytes
+from tests.support import load_tensors, reference_logits, rel_l2, write_checkpoint
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+# Two 128-wide blocks per row, as in the quantization tests.
+QSHAPE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=64)
+
+
+def file_bucket(path: Path) -> FileBucket:
+    """Every tensor of the checkpoint, from the files' headers (what the driver sends)."""
+    entries = []
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                part = f.get_slice(name)
+                dtype = SAFETENSORS_DTYPES[part.get_dtype()]
+                entries.append(FileEntry(name, dtype_name(dtype), tuple(part.get_shape()),
+                                         str(file)))
+    return FileBucket(tuple(entries))
+
+
+class InProcessRank:
+    """What a rank actor does for a reload (``actors.rank``), minus Ray and the group."""
+
+    def __init__(self, path: Path, device: str, quantization: str | None = None) -> None:
+        self.device = torch.device(device)
+        self.model, reloadable = build_reloadable(
+            load_spec(path), tp=TPGroup(0, 1), dtype=torch.float32, device=self.device,
+            quant=QuantConfig(quantization))
+        self.engine = ReloadEngine(reloadable, self.device, logging.getLogger("test"))
+        self.load(path, mode="first")
+
+    def load(self, path: Path, mode: str = "reload") -> dict:
+        reader = BucketReader()
+        self.engine.start(mode)
+        try:
+            self.engine.load(reader.items(file_bucket(path)))
+            return self.engine.finish()
+        except BaseException:
+            self.engine.abort()
+            raise
+        finally:
+            reader.close()
+
+    def kernel(self) -> dict[str, torch.Tensor]:
+        return dict(self.model.named_parameters())
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.to(self.device)
+        return self.model(ids, torch.arange(ids.shape[1], device=self.device)).float().cpu()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reload_in_place_matches_transformers(tmp_path, prompt, device):
+    a = write_checkpoint(tmp_path / "a", "llama", seed=1)
+    b = write_checkpoint(tmp_path / "b", "llama", seed=2)
+    rank = InProcessRank(a, device)
+    pointers = {n: t.data_ptr() for n, t in rank.kernel().items()}
+    stats = rank.load(b)
+    assert {n: t.data_ptr() for n, t in rank.kernel().items()} == pointers
+    assert rel_l2(rank.forward(prompt), reference_logits(b, prompt)) <= 1e-4
+    # A CUDA rank stages every byte it reads in pinned memory once; a CPU rank none.
+    staged = rank.engine.staging.staged_bytes
+    assert staged == (stats.bytes_read if device == "cuda" else 0)
+    assert stats.bytes_read > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_reloads_through_alternating_scratch_equal_the_reference(tmp_path, device):
+    """Three reloads, so each of a CUDA rank's two scratch slots is reused; every kernel
+    tensor equals an independent quantization of the checkpoint, bit for bit."""
+    steps = [write_checkpoint(tmp_path / str(s), "llama", seed=s, **QSHAPE) for s in (3, 4)]
+    rank = InProcessRank(steps[0], device, quantization="fp8")
+    for path in (steps[1], steps[0], steps[1]):
+        rank.load(path)
+        config = json.loads((path / "config.json").read_text())
+        served = {n: t.cpu() for n, t in rank.kernel().items()}
+        for layer, w in rank_linears(load_tensors(path), config, 1, 0).items():
+            for name, tensor in reference_kernel(w, "fp8").items():
+                assert same_bytes(served[f"{layer}.{name}"], tensor), f"{path.name} {layer}.{name}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_in_a_middle_layer_is_refused_naming_the_tensor(tmp_path, prompt, device):
+    """On CUDA the screen's verdict is read one layer late: it must still fail the reload,
+    name the tensor, and leave the engine able to reload."""
+    a = write_checkpoint(tmp_path / "a", "llama", seed=1)
+    bad = write_checkpoint(tmp_path / "bad", "llama", seed=2)
+    tensors = load_tensors(bad)
+    name = "model.layers.0.mlp.down_proj.weight"
+    tensors[name][3, 5] = float("nan")
+    for file in bad.glob("*.safetensors"):
+        file.unlink()
+    (bad / "model.safetensors.index.json").unlink(missing_ok=True)
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    rank = InProcessRank(a, device)
+    with pytest.raises(ReloadError, match=rf"'{name}' contains NaN"):
+        rank.load(bad)
+    rank.load(a)
+    assert rel_l2(rank.forward(prompt), reference_logits(a, prompt)) <= 1e-4
+
+
+@pytest.mark.gpu
+def test_staged_copy_is_asynchronous():
+    """The copy of a pinned window into a device tensor is queued, not waited for: with the
+    stream busy, the host returns before it ran."""
+    device = torch.device("cuda", 0)
+    source = torch.randn(1024, 1024).pin_memory()
+    target = torch.empty(1024, 1024, device=device)
+    torch.cuda._sleep(500_000_000)
+    copy_into(target, source)
+    assert not torch.cuda.current_stream(device).query(), "the copy blocked the host"
+    torch.cuda.synchronize(device)
+    assert torch.equal(target.cpu(), source)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ordered", [True, False])
+def test_side_streams_wait_for_work_queued_before_the_reload(tmp_path, ordered):
+    """A forward queued before the reload still reads the old weights: every layer's side
+    stream waits for the work queued before the reload started. Without the ordering
+    (``DeviceSync.enabled=False``) the reload's copies overtake that work."""
+    a = write_checkpoint(tmp_path / "a", "llama", seed=1)
+    b = write_checkpoint(tmp_path / "b", "llama", seed=2)
+    rank = InProcessRank(a, "cuda")
+    rank.engine.sync.enabled = ordered
+    weight = rank.kernel()["model.layers.0.mlp.down_proj.weight"]
+    old = weight.cpu()
+    torch.cuda._sleep(2_000_000_000)  # the serving stream is busy ...
+    seen = weight.clone()             # ... and then reads the weight
+    rank.load(b)
+    torch.cuda.synchronize()
+    new = load_tensors(b)["model.layers.0.mlp.down_proj.weight"]
+    assert torch.equal(weight.cpu(), new)
+    assert torch.equal(seen.cpu(), old if ordered else new)
