@@ -34,11 +34,12 @@ from torch import nn
 
 from actors.lazy import Bounds
 from actors.reload.errors import PeerFailedError, ReloadError
-from actors.reload.finite import PendingScreen, nonfinite_error, screen_written
+from actors.reload.finite import nonfinite_error, screen_written
 from actors.reload.meta import PrefetchedWeight, ProbeWeight, WriteCounter, read_window
 from actors.reload.model import LayerRecord, ReloadableModel, is_optional
 from actors.reload.params import geometry, materialize, mirror, param_like, read_bytes
 from actors.reload.staging import HostStaging
+from actors.reload.streams import LayerStreams
 from actors.reload.tracker import BufferTracker
 from actors.reload.types import (
     BufferedCall,
@@ -63,11 +64,7 @@ class ReloadEngine:
         self.sync = DeviceSync(device)
         self.staging = HostStaging(device)
         self.check_finite = check_finite
-        # NaN/Inf screens whose verdicts are not read yet, oldest layer first. A CUDA rank
-        # reads a layer's verdicts once the next layer's transfer is queued, so the host
-        # never waits for the transfer it just queued (actors.reload.finite).
-        self._screens: list[list[PendingScreen]] = []
-        self._screen_lag = 1 if self.sync.cuda else 0
+        self.streams = LayerStreams(self.sync)
         # Called with a stage name ('process', 'quantize') before that work: fault injection.
         self.stage_hook: Any = None
         # A loader's dry run depends only on the call's shape: run it once, reuse it after.
@@ -83,19 +80,6 @@ class ReloadEngine:
         self._mode: Mode | None = None
         self._has_kernel = False
         self._planned: list[PlannedRead] = []
-        # The stream the layer being processed was replayed on (None on CPU).
-        self._side: Any = None
-        # Everything queued on the current stream before the reload (forwards reading the
-        # kernel tensors): what every layer's side stream waits for, and nothing later, so
-        # one layer's transfer overlaps the previous layer's processing.
-        self._before_reload: Any = None
-        # On CUDA, pooled scratch alternates between two slots from layer to layer, so a
-        # layer's transfer need not wait for the previous layer's kernel copy; a slot is
-        # free again once the kernel copy out of it (on the current stream) has run.
-        self._slots = 2 if self.sync.cuda else 1
-        self._slot = 0
-        self._slot_free: dict[int, Any] = {}
-        self._layer_slot: int | None = None
         # Agreement of the engine's ranks before collective processing: ok -> all ok.
         self.consensus: Callable[[bool], bool] | None = None
         self._failed: BaseException | None = None
@@ -121,8 +105,7 @@ class ReloadEngine:
         self._failed = None
         self.tracker = BufferTracker(self.log)
         self.staging.reset()
-        self._screens = []
-        self._before_reload = self.sync.record(self.sync.current())
+        self.streams.start()
         self.seconds = dict.fromkeys(RANK_STAGES, 0.0)
         self.bytes_read = 0
         self.processed: list[str] = []
@@ -295,8 +278,7 @@ class ReloadEngine:
                 error = exc
             # Verdicts of earlier layers' screens, now that this layer's transfer is queued;
             # all of them before agreeing with the other ranks.
-            lag = 0 if load.record.collective else self._screen_lag
-            error = error or self._read_screens(lag)
+            error = error or self.streams.read_screens(lag=not load.record.collective)
         if load.record.collective and self.consensus is not None:
             everyone_ok = self.consensus(error is None)
             if error is None and not everyone_ok:
@@ -334,7 +316,7 @@ class ReloadEngine:
         """The model's processing (may communicate), then the copy into the kernel tensors
         of whatever processing replaced."""
         record = load.record
-        current, side = self.sync.current(), self._side
+        current, side = self.sync.current(), self.streams.side
         if record.converts:
             with self.sync.on(side):
                 self.model.process(record)
@@ -343,32 +325,12 @@ class ReloadEngine:
         self.sync.order(side, current, *record.current().values())
         if load.kernel is not None:
             self._copy_into_kernel(record, load.kernel)
-        if self._layer_slot is not None:
-            self._slot_free[self._layer_slot] = self.sync.record(current)
-
-    def _side_stream(self, after_current: bool = False) -> Any:
-        """A stream for one layer's transfer and processing, after the work queued before
-        the reload (``after_current``: after everything queued so far). None on CPU."""
-        side = self.sync.new_stream()
-        if after_current:
-            self.sync.order(self.sync.current(), side)
-        else:
-            self.sync.wait(side, self._before_reload)
-        return side
+        self.streams.end_layer()
 
     def _screen(self, load: LayerLoad, written: dict[str, torch.Tensor],
                 skip: tuple[str, ...] = ()) -> None:
         if self.check_finite:
-            self._screens.append(screen_written(load, written, skip))
-
-    def _read_screens(self, keep: int) -> ReloadError | None:
-        """Read the verdicts of all but the ``keep`` newest layers' screens; the first
-        failure, if any."""
-        error = None
-        while len(self._screens) > keep:
-            for screen in self._screens.pop(0):
-                error = error or screen.error()
-        return error
+            self.streams.add_screens(screen_written(load, written, skip))
 
     def _charge(self, layer: str, begin: float) -> None:
         self.layer_seconds[layer] = (self.layer_seconds.get(layer, 0.0)
@@ -387,8 +349,7 @@ class ReloadEngine:
         record = load.record
         targets = {n: param_like(p, load.kernel[n].data)
                    for n, p in record.placeholders.items()}
-        self._side, self._layer_slot = self._side_stream(), None
-        with self.sync.on(self._side):
+        with self.sync.on(self.streams.begin_layer()):
             self._replay(load, targets)
             self._screen(load, targets)
         record.unregister(list(record.placeholders))
@@ -401,13 +362,8 @@ class ReloadEngine:
         record = load.record
         # On the first load the fresh tensors become the kernel tensors: never pooled.
         pooled = load.kernel is not None and self.model.reuses_scratch
-        # A last-processed layer may read kernel tensors other layers' copies just wrote.
-        self._side = self._side_stream(after_current=record.process_last)
-        self._layer_slot = None
-        if pooled:
-            self._layer_slot, self._slot = self._slot, (self._slot + 1) % self._slots
-            self.sync.wait(self._side, self._slot_free.get(self._layer_slot))
-        with self.sync.on(self._side):
+        side = self.streams.begin_layer(pooled, after_current=record.process_last)
+        with self.sync.on(side):
             make = self._from_scratch if pooled else materialize
             fresh = {n: make(n, p, record.restore_device)
                      for n, p in record.placeholders.items()}
@@ -417,7 +373,8 @@ class ReloadEngine:
 
     def _from_scratch(self, name: str, placeholder: nn.Parameter, device: torch.device
                       ) -> nn.Parameter:
-        key = (name, tuple(placeholder.shape), placeholder.dtype, device, self._layer_slot)
+        key = (name, tuple(placeholder.shape), placeholder.dtype, device,
+               self.streams.slot)
         if key not in self._scratch:
             self._scratch[key] = torch.empty(placeholder.shape, dtype=placeholder.dtype,
                                              device=device)
@@ -450,7 +407,7 @@ class ReloadEngine:
             for load in self._loads.values():
                 if load.record.process_last and self._finalize_now(load):
                     self._process(load)
-            screened = self._read_screens(keep=0)
+            screened = self.streams.read_screens(lag=False)
             if screened is not None:
                 self.fail(screened)
             self._raise_if_failed()
@@ -523,7 +480,7 @@ class ReloadEngine:
 
     def _end(self) -> None:
         self._loads = {}
-        self._screens = []
+        self.streams.clear()
         self._mode = None
 
     def _require_started(self) -> None:
