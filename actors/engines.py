@@ -60,17 +60,20 @@ class EngineKind:
     the engine is restarted with it (vLLM forms its group once per process)."""
     serves_logits: bool
     """``forward`` returns raw logits (vLLM serves tokens and log-probs)."""
+    stages: bool
+    """Its model has a ``twin`` (``ReloadableModel.twin``), so it can stage reloads while
+    it serves (``reload(staged=True)``)."""
 
 
 ENGINES: dict[str, EngineKind] = {
     "native": EngineKind("native", "actors.model.runtime:NativeRuntime",
                          "actors.model.runtime:check_options",
                          "actors.model.runtime:check_model", routes_on_driver=True,
-                         rejoins=True, serves_logits=True),
+                         rejoins=True, serves_logits=True, stages=True),
     "vllm": EngineKind("vllm", "actors.vllm.runtime:VllmRuntime",
                        "actors.vllm.platform:check_options",
                        "actors.vllm.platform:check_model", routes_on_driver=False,
-                       rejoins=False, serves_logits=False),
+                       rejoins=False, serves_logits=False, stages=True),
 }
 
 

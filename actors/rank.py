@@ -25,6 +25,7 @@ from actors.engines import EngineOptions, engine_kind, load_object
 from actors.lazy import TensorEntry
 from actors.reload import RankRoute, ReloadEngine, TensorSpec, route_rank
 from actors.reload.meta import ProbeWeight
+from actors.reload.staged import StagingArea
 from actors.runtime import RankContext, RankRuntime, Sampled, SamplingRequest
 from actors.stream import LinkAddress, StreamBucket
 from actors.transport import BucketMessage, BucketReader, Received, pack_tensors
@@ -50,6 +51,10 @@ def reset_peak_rss() -> None:
 # Calls that must answer while the rank is busy with another call (or stuck in a collective
 # whose peer died): Ray runs them on a thread of their own.
 CONTROL_GROUP = "control"
+# Serving calls run on a thread of their own too, so they go on while a staged reload streams
+# into the staging tensors on the main one. The driver's lock keeps them apart from plain
+# reloads and from the flip.
+SERVE_GROUP = "serve"
 
 
 class RankLogger(logging.LoggerAdapter):
@@ -76,6 +81,9 @@ class RankActor:
         self.runtime: RankRuntime = load_object(engine_kind(options.engine).runtime)(
             options, context)
         self.reloader: ReloadEngine | None = None
+        # The reload in progress: ``reloader``, or the staging area's engine while staged.
+        self.active: ReloadEngine | None = None
+        self.staging: StagingArea | None = None
         self.loaded = False
         self._fault: tuple[str, str, str | None] | None = None
         # What this rank received of committed trainer streams the commit log still needs
@@ -107,17 +115,41 @@ class RankActor:
             if self.runtime.builds_loaded:
                 self.reloader.adopt_kernel()
 
-    def route(self, tensors: list[TensorSpec]) -> RankRoute:
-        """Where each source tensor goes on this rank's live model (left as it was)."""
-        return route_rank(self.reloader, tensors)
+    def route(self, tensors: list[TensorSpec], staged: bool = False) -> RankRoute:
+        """Where each source tensor goes on this rank's live model (left as it was), or,
+        for a staged reload, on its twin: the live model keeps serving meanwhile."""
+        return route_rank(self._staging_area().engine if staged else self.reloader, tensors)
 
     # ---- loading: the first load and every reload go through the same engine ---------
 
-    def start_reload(self, first_load: bool) -> None:
+    def prepare_staging(self, layers: list[str], place: str) -> int:
+        """Before a staged reload moves any byte: staging copies of the layers it touches
+        (``actors.reload.staged``); ReloadError if they do not fit. Returns their bytes."""
+        return self._staging_area().prepare(layers, place)
+
+    def _staging_area(self) -> StagingArea:
+        """Built at the first staged reload, then kept (its twin's loaders and dry runs are
+        reused like the live model's)."""
+        if self.staging is None:
+            self.staging = StagingArea(self.runtime.reloadable(), self.runtime.device,
+                                       self.log, self.check_finite)
+            self.staging.engine.stage_hook = self._at_stage
+        return self.staging
+
+    def start_reload(self, first_load: bool, staged: bool = False) -> None:
         self.reader = BucketReader(self._kept)
         self._pending = None
         self.reload_begin = time.perf_counter()
+        if staged:
+            self.active = self.staging.engine
+            self.active.start("reload")
+            return
+        self.active = self.reloader
         self.reloader.start("first" if first_load and not self.reloader.has_kernel else "reload")
+
+    def flip_staged(self) -> None:
+        """Every rank staged everything: copy the staging into the kernel tensors."""
+        self.staging.flip()
 
     def join_stream(self, address: LinkAddress, link_rank: int, stream: int) -> None:
         """Join this reload's trainer stream (after ``start_reload``, before its buckets).
@@ -125,29 +157,30 @@ class RankActor:
         try:
             self.reader.join(address, link_rank, stream, self.runtime.device)
         except Exception as exc:  # noqa: BLE001 - raised by finish() with the failure consensus
-            self.reloader.fail(exc)
+            self.active.fail(exc)
 
     def load_bucket(self, bucket: BucketMessage) -> None:
         """Feed one bucket; complete layers are processed before this returns. After a
         failure on this rank or a peer, it only counts (``ReloadEngine.fail``), but still
         receives a stream's pieces, so the trainer's sends complete."""
-        if not self.reloader.failed or isinstance(bucket, StreamBucket):
+        engine = self.active
+        if not engine.failed or isinstance(bucket, StreamBucket):
             try:
-                if not self.reloader.failed:
+                if not engine.failed:
                     self._at_stage("transfer")
                 fetched = self.reader.fetch_seconds
                 items = self.reader.items(bucket)
-                self.reloader.add_seconds("transfer", self.reader.fetch_seconds - fetched)
+                engine.add_seconds("transfer", self.reader.fetch_seconds - fetched)
             except Exception as exc:  # noqa: BLE001 - raised by load() once peers caught up
-                self.reloader.fail(exc)
-        if self.reloader.failed:
+                engine.fail(exc)
+        if engine.failed:
             items = probe_items(bucket)
-        self.reloader.load(items)
-        self.reloader.own_buffers()
+        engine.load(items)
+        engine.own_buffers()
 
     def finish_reload(self) -> dict[str, Any]:
         try:
-            stats = self.reloader.finish()
+            stats = self.active.finish()
         finally:
             self.reader.close()
         if self.reader.stream is not None:
@@ -162,6 +195,9 @@ class RankActor:
     def abort_reload(self) -> None:
         if self.reloader is not None:
             self.reloader.abort()
+        if self.staging is not None:
+            self.staging.engine.abort()
+            self.staging.release()
         if hasattr(self, "reader"):
             self.reader.close()
         self._pending = None
@@ -181,7 +217,8 @@ class RankActor:
 
     def inject_fault(self, stage: str, action: str, signal_path: str | None = None) -> None:
         """At the next ``stage`` of a reload ('transfer', 'process' or 'quantize'): 'raise'
-        an error, or 'pause' (touch ``signal_path``, then block) so a drill can kill it there."""
+        an error, 'pause' (touch ``signal_path``, then block) so a drill can kill it there,
+        or 'hold' (touch ``signal_path``, then block until the drill deletes it)."""
         self._fault = (stage, action, signal_path)
 
     def _at_stage(self, stage: str) -> None:
@@ -194,12 +231,19 @@ class RankActor:
         if signal_path:
             with open(signal_path, "w") as f:
                 f.write(str(os.getpid()))
+        if action == "hold":
+            while os.path.exists(signal_path):
+                time.sleep(0.01)
+            return
         time.sleep(3600)
 
+    @ray.method(concurrency_group=SERVE_GROUP)
     def memory(self) -> dict[str, int]:
         """Resident set size of this rank process and its peak since the last
-        ``reset_peak_memory``, from /proc (Linux)."""
-        return process_memory()
+        ``reset_peak_memory``, from /proc (Linux), and the bytes a staged reload holds in
+        staging tensors now."""
+        staging = self.staging.nbytes if self.staging is not None else 0
+        return {**process_memory(), "staging_bytes": staging}
 
     def reset_peak_memory(self) -> None:
         reset_peak_rss()
@@ -211,23 +255,29 @@ class RankActor:
             raise RuntimeError("no weights loaded on this rank yet")
         return self.runtime
 
+    @ray.method(concurrency_group=SERVE_GROUP)
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor | None:
         """Every rank computes; rank 0 returns float32 CPU logits [B, T, vocab]."""
         return self._require_loaded().forward(token_ids)
 
+    @ray.method(concurrency_group=SERVE_GROUP)
     def sample(self, token_ids: torch.Tensor, request: SamplingRequest) -> Sampled | None:
         """Rank 0 returns the new tokens and their log-probs."""
         return self._require_loaded().sample(token_ids, request)
 
+    @ray.method(concurrency_group=SERVE_GROUP)
     def calibrate_kv_scales(self, token_ids: torch.Tensor) -> list[list[float]]:
         return self._require_loaded().calibrate_kv_scales(token_ids)
 
+    @ray.method(concurrency_group=SERVE_GROUP)
     def capture_cuda_graph(self, token_ids: torch.Tensor) -> None:
         self._require_loaded().capture_cuda_graph(token_ids)
 
+    @ray.method(concurrency_group=SERVE_GROUP)
     def replay_cuda_graph(self) -> torch.Tensor | None:
         return self._require_loaded().replay_cuda_graph()
 
+    @ray.method(concurrency_group=SERVE_GROUP)
     def inspect(self) -> dict[str, dict[str, Any]]:
         """name -> identity facts of every kernel tensor this rank serves from."""
         return {
@@ -236,6 +286,7 @@ class RankActor:
             for name, t in self._require_loaded().kernel_tensors().items()
         }
 
+    @ray.method(concurrency_group=SERVE_GROUP)
     def get_tensors(self, names: list[str] | None) -> tuple[tuple[TensorEntry, ...], Any]:
         """The named kernel tensors (all of them for None), packed as raw bytes: Ray's own
         tensor serialization does not carry every dtype (float8)."""

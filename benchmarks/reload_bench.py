@@ -43,7 +43,13 @@ from benchmarks.checkpoints import (
     one_tensor,
     parameter_count,
 )
-from orchestrator import EngineConfig, ReloadOrchestrator, TrainerEndpoint, TrainerSource
+from orchestrator import (
+    EngineConfig,
+    RankError,
+    ReloadOrchestrator,
+    TrainerEndpoint,
+    TrainerSource,
+)
 from orchestrator.inventory import checkpoint_files
 
 log = logging.getLogger("tp_reload.bench")
@@ -61,6 +67,8 @@ class Case:
     order: str
     ours: list[float] = field(default_factory=list)
     ours_stages: list[dict[str, float]] = field(default_factory=list)
+    pauses: list[float] = field(default_factory=list)
+    """Seconds serving waited in each of ours (all of a plain reload)."""
     floor: list[float] = field(default_factory=list)
     floor_stages: list[dict[str, float]] = field(default_factory=list)
     concurrent_floor: list[float] = field(default_factory=list)
@@ -140,6 +148,7 @@ def measure_ours(orch: ReloadOrchestrator, case: Case, source: Any) -> None:
     orch.reset_peak_memory()
     report = orch.reload(source, order=case.order)
     case.ours.append(report.seconds)
+    case.pauses.append(report.pause_seconds)
     case.ours_stages.append(report.stage_seconds)
     case.peak_buffered = max(case.peak_buffered, report.peak_buffered_bytes)
     case.predicted_peak = report.predicted_peak_buffered_bytes
@@ -163,12 +172,13 @@ actor on the same node streaming to the engine ranks (``TrainerSource``)."""
 
 
 def run_engine_cases(path: Path, tp: int, quantization: str | None, tensors: dict,
-                     opts: Options) -> list[Case]:
+                     opts: Options) -> tuple[list[Case], dict[str, Any] | None]:
     """Per source: untimed reloads, then the two orders taken in turn, so both meet the
     same machine state. The in-memory source warms up until the object store's memory was
     all used once (``store_warmup_reloads``): until then ray.put lands on fresh pages at
     ~2 GB/s instead of ~12 GB/s here, and whichever case ran first looked 2-3x slower
-    (issue 14's "plan order is 3x slower"). A long RL run lives in the warm state."""
+    (issue 14's "plan order is 3x slower"). A long RL run lives in the warm state.
+    Also returns the staged-reload row (``measure_pause``) where the engine stages."""
     cases = [Case(opts.engine, tp, quantization, s, o)
              for s in SOURCES for o in ("plan", "source")]
     trainer = ray.remote(num_cpus=0)(BenchTrainer).remote(tensors)
@@ -184,8 +194,28 @@ def run_engine_cases(path: Path, tp: int, quantization: str | None, tensors: dic
             log.warning("ours %-28s min %.3fs", case.name, min(case.ours))
         if opts.engine == "vllm":
             measure_vllm_peer(orch, path, tensors, cases, opts.repeats)
+        staged = measure_pause(orch, path, cases, opts.repeats) if orch.kind.stages else None
     ray.kill(trainer)
-    return cases
+    return cases, staged
+
+
+def measure_pause(orch: ReloadOrchestrator, path: Path, cases: list[Case], repeats: int
+                  ) -> dict[str, Any]:
+    """How long serving waits: a plain reload from the directory (the whole reload) beside
+    a staged one (only its flip), on the same engines. A staged reload the engine refuses
+    (layers processed collectively: vLLM's online FP8 at TP>1) is a row saying why."""
+    plain = next(c for c in cases if (c.source, c.order) == ("dir", "plan"))
+    row = {"name": plain.name.replace("-plan", ""), "tp": plain.tp,
+           "quantization": plain.quantization,
+           "plain_s": min(plain.ours), "plain_pause_s": min(plain.pauses)}
+    try:
+        reports = [orch.reload(str(path), staged=True) for _ in range(repeats + 1)][1:]
+    except RankError as error:
+        log.warning("staged %s refused: %s", row["name"], error)
+        return {**row, "refused": str(error).splitlines()[0]}
+    return {**row, "staged_s": min(r.seconds for r in reports),
+            "staged_pause_s": min(r.pause_seconds for r in reports),
+            "staging_bytes": max(r.staging_bytes for r in reports)}
 
 
 MAX_WARMUP_RELOADS = 12
@@ -303,9 +333,11 @@ def run(opts: Options) -> dict[str, Any]:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
              ignore_reinit_error=True)
     cases: list[Case] = []
+    staged: list[dict[str, Any]] = []
     for tp in opts.tps:
         for quantization in QUANTIZATIONS[opts.engine]:
-            group = run_engine_cases(path, tp, quantization, tensors, opts)
+            group, pause = run_engine_cases(path, tp, quantization, tensors, opts)
+            staged += [pause] if pause else []
             run_floor(path, tp, quantization, tensors, group, opts.repeats)
             if opts.engine == "native":
                 run_peers(path, tp, quantization, group, opts.repeats)
@@ -325,6 +357,7 @@ def run(opts: Options) -> dict[str, Any]:
         "memory_warmup_reloads": store_warmup_reloads(tensors),
         "check_finite": opts.check_finite,
         "cases": [c.summary() for c in cases],
+        "staged": staged,
         "fixed_cost": fixed_cost(path, opts),
         "buffered_timelines": timelines,
         "depths": depths,
@@ -406,6 +439,20 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_pauses(rows: list[dict[str, Any]]) -> str:
+    """Plain and staged reloads side by side: seconds, and seconds serving waited."""
+    header = (f"{'staged vs plain, dir':<22} {'plain s':>8} {'plain pause_s':>13} "
+              f"{'staged s':>9} {'staged pause_s':>14} {'staging MB/rank':>15}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        staged = ("  refused (the JSON row says why)" if "refused" in r else
+                  f"{r['staged_s']:>9.3f} {r['staged_pause_s']:>14.3f} "
+                  f"{r['staging_bytes'] / MB:>15.1f}")
+        lines.append(f"{r['name']:<22} {r['plain_s']:>8.3f} {r['plain_pause_s']:>13.3f} "
+                     f"{staged}")
+    return "\n".join(lines)
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -462,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
           f"machine {result['machine']}; repeats {opts.repeats}; NaN/Inf check "
           f"{'on' if opts.check_finite else 'off'}\n")
     print(format_table(result))
+    if result["staged"]:
+        print("\n" + format_pauses(result["staged"]))
     print("\ntargets:")
     for row in result["targets"]:
         print(f"  [{'holds' if row['holds'] else 'MISSED'}] {row['target']}: {row['measured']}")

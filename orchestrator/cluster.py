@@ -18,7 +18,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.rank import CONTROL_GROUP, RankActor
+from actors.rank import CONTROL_GROUP, SERVE_GROUP, RankActor
 from actors.reload import PeerFailedError, ReloadError
 from orchestrator.config import EngineConfig
 from orchestrator.errors import CheckpointError, RankError
@@ -162,7 +162,7 @@ def create_engine(index: int, cfg: EngineConfig, dtype: str,
     tp = cfg.tensor_parallel_size
     group = _reserve(index, cfg, target_node)
     # ping answers even while the rank is busy (or stuck in a collective).
-    remote = ray.remote(concurrency_groups={CONTROL_GROUP: 1})(RankActor)
+    remote = ray.remote(concurrency_groups={CONTROL_GROUP: 1, SERVE_GROUP: 1})(RankActor)
     options = cfg.options(dtype)
     ranks = [
         remote.options(

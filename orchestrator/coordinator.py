@@ -31,6 +31,8 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import ray
@@ -40,6 +42,7 @@ from actors.engines import engine_kind, load_object
 from actors.model import ModelSpec
 from actors.model.reloadable import route_on_meta
 from actors.reload import RANK_STAGES, Routing, TensorSpec, merge_routes
+from actors.reload.staged import STAGING_PLACES
 from actors.runtime import SamplingRequest
 from actors.stream import LinkAddress
 from actors.transport import BucketMessage, FileBucket, PackedBucket, pack_tensors, unpack_tensors
@@ -92,6 +95,9 @@ class ReloadOrchestrator:
         # One lock orders reloads and serving calls: a forward never sees a half-applied
         # version, and every rank of an engine receives calls in the same order.
         self._lock = threading.RLock()
+        # One reload at a time; a staged reload holds ``_lock`` only for its flip.
+        self._reloads = threading.Lock()
+        self._routing = threading.Lock()
         self._reloading = False
         self._broken: str | None = None
         # Trainer streams: the driver's rendezvous store (made on the first one) and ids.
@@ -160,7 +166,8 @@ class ReloadOrchestrator:
 
     # ---- reloading ----------------------------------------------------------------------
 
-    def reload(self, source: Any, order: Order = "plan", strict: bool = True) -> ReloadReport:
+    def reload(self, source: Any, order: Order = "plan", strict: bool = True,
+               staged: bool = False, staging: str = "device") -> ReloadReport:
         """Stream new weights into every rank of every engine, in place, all or nothing.
 
         ``source``: a checkpoint directory, a dict name -> tensor, an iterable of
@@ -171,10 +178,21 @@ class ReloadOrchestrator:
         their weights (``layers_kept``); ``strict=False`` ignores names that match no
         parameter. The version increments only
         when every rank finished; on any failure every rank is rolled back to the last
-        committed version before the error is raised. Serving calls wait meanwhile."""
+        committed version before the error is raised. Serving calls wait meanwhile.
+
+        ``staged=True``: serving goes on at the committed version while every rank streams
+        and processes the new one into staging tensors (``staging``: 'device', or 'host' for
+        pinned host memory on CUDA; one more copy of the layers the source touches, refused
+        before any byte moves if it does not fit). Once all ranks staged everything, the
+        flip waits for the serving call in flight, copies the staging into the kernel
+        tensors in place and commits: serving waits only for the flip
+        (``report.pause_seconds``). A failure before the flip drops the staging; the
+        engines never stopped serving and were never touched."""
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-        with self._exclusive(reloading=True):
+        if staged:
+            return self._reload_staged(source, order, strict, staging)
+        with self._reloads, self._exclusive(reloading=True):
             begin = time.perf_counter()
             src = self._open(source)
             plan = self._plan(src, order, strict=strict)
@@ -190,7 +208,59 @@ class ReloadOrchestrator:
                 raise
             self._log.record(entry, covers)
             self._version = version
-            return report
+            return replace(report, pause_seconds=report.seconds)
+
+    def _reload_staged(self, source: Any, order: Order, strict: bool, place: str
+                       ) -> ReloadReport:
+        if place not in STAGING_PLACES:
+            raise ValueError(f"staging must be one of {STAGING_PLACES}, got {place!r}")
+        if not self.kind.stages:
+            raise ConfigError(f"engine={self.config.engine!r} cannot stage reloads yet (its "
+                              "model has no twin to stage into): reload unstaged")
+        timeout = self.config.timeout_s
+        with self._reloads:
+            begin = time.perf_counter()
+            # Routed in the driver, or on the ranks' twins: planning never stops serving.
+            src = self._open(source)
+            plan = self._plan(src, order, strict=strict, staged=True)
+            plan_seconds = time.perf_counter() - begin
+            version = self.version + 1
+            try:
+                staged = gather(self._submit_all("prepare_staging", list(plan.layers), place),
+                                timeout)
+                report, messages = self._stream(src, plan, plan_seconds, first_load=False,
+                                                version=version, staged=True)
+            except BaseException as error:
+                self._drop_staging(error)
+                raise
+            with self._exclusive(reloading=True):  # waits for the serving call in flight
+                flip_begin = time.perf_counter()
+                try:
+                    gather(self._submit_all("flip_staged"), timeout)
+                    entry, covers = committed(src, messages), not report.layers_kept
+                    self._commit(self._log.streams_after(entry, covers))
+                    if self.config.kv_scales == "calibrate":
+                        self._calibrate(self.calibration_tokens())
+                except BaseException as error:
+                    self._recover(error)
+                    raise
+                self._log.record(entry, covers)
+                self._version = version
+                pause = time.perf_counter() - flip_begin
+        return replace(report, seconds=time.perf_counter() - begin, staged=True,
+                       pause_seconds=pause, staging_bytes=max(staged.values()))
+
+    def _drop_staging(self, error: BaseException) -> None:
+        """A staged reload failed before its flip: every rank drops its staging. Only a
+        rank that died (and was restarted) makes its engine wait, for its rebuild."""
+        try:
+            if rank_pids(self.engines, self.config.timeout_s) == self._pids:
+                gather(self._submit_all("abort_reload"), self.config.timeout_s)
+                return
+        except RankError:
+            pass
+        with self._exclusive(reloading=True):
+            self._recover(error)
 
     def plan(self, source: Any, order: Order = "plan", strict: bool = True) -> Plan:
         """The schedule a reload of ``source`` would follow (validated; nothing is sent).
@@ -223,21 +293,23 @@ class ReloadOrchestrator:
         return first
 
     def _plan(self, source: Source, order: Order, *, strict: bool = True,
-              require_all: bool = False) -> Plan:
-        plan, self._route = build_plan(
-            source, route=self._route_tensors, bucket_bytes=self.config.bucket_bytes,
-            order=order, cached=self._route, strict=strict, require_all=require_all)
+              require_all: bool = False, staged: bool = False) -> Plan:
+        with self._routing:  # plan() may run beside a staged reload's planning
+            plan, self._route = build_plan(
+                source, route=partial(self._route_tensors, staged=staged),
+                bucket_bytes=self.config.bucket_bytes,
+                order=order, cached=self._route, strict=strict, require_all=require_all)
         return plan
 
-    def _route_tensors(self, tensors: list[TensorSpec]) -> Routing:
+    def _route_tensors(self, tensors: list[TensorSpec], staged: bool = False) -> Routing:
         """Dry-run ``tensors`` through every rank's loaders: on meta copies here, or on the
         ranks of engine 0 (every engine is the same) for engines that build their models
-        only in a rank."""
+        only in a rank (on their twins when ``staged``, as the live models serve)."""
         cfg = self.config
         if self.kind.routes_on_driver:
             return route_on_meta(self.model_spec, cfg.tensor_parallel_size,
                                  getattr(torch, self.dtype), cfg.quant, tensors, log)
-        routes = gather(self.engines[0].submit("route", tensors), cfg.timeout_s)
+        routes = gather(self.engines[0].submit("route", tensors, staged), cfg.timeout_s)
         return merge_routes([routes[key] for key in sorted(routes)], tensors)
 
     def _commit(self, live_streams: tuple[int, ...]) -> None:
@@ -246,13 +318,14 @@ class ReloadOrchestrator:
         gather(self._submit_all("commit", live_streams), self.config.timeout_s)
 
     def _stream(self, source: Source, plan: Plan, plan_seconds: float, *, first_load: bool,
-                version: int) -> tuple[ReloadReport, list[FileBucket | PackedBucket]]:
+                version: int, staged: bool = False
+                ) -> tuple[ReloadReport, list[FileBucket | PackedBucket]]:
         begin = time.perf_counter() - plan_seconds
         # A rank runs its calls in submission order: start, buckets and finish are queued
         # back to back and awaited together, so no round trip waits on another.
         progress = Progress(f"load v{version}", sum(b.nbytes for b in plan.buckets),
                             len(plan.buckets), enabled=self.config.progress)
-        started = self._submit_all("start_reload", first_load)
+        started = self._submit_all("start_reload", first_load, staged)
         loading, messages, pack_seconds = self._send(source, plan, progress)
         finishing = self._submit_all("finish_reload")
         try:
@@ -275,7 +348,7 @@ class ReloadOrchestrator:
                  for name in RANK_STAGES}
         stage["plan"] = plan_seconds
         stage["transfer"] += pack_seconds
-        if self.config.kv_scales == "calibrate":
+        if self.config.kv_scales == "calibrate" and not staged:  # staged: after the flip
             calibrate_begin = time.perf_counter()
             self._calibrate(self.calibration_tokens())
             stage["finalize"] += time.perf_counter() - calibrate_begin
@@ -552,10 +625,11 @@ class ReloadOrchestrator:
             entries, arrays = gather(refs, self.config.timeout_s)[(engine, rank)]
         return {name: tensor.clone() for name, tensor in unpack_tensors(entries, arrays)}
 
-    def memory(self, peak: bool = False) -> list[list[int]]:
+    def memory(self, peak: bool = False, staging: bool = False) -> list[list[int]]:
         """Per engine, per rank: resident bytes of the rank process, or with ``peak`` the
-        most it held since ``reset_peak_memory``."""
-        key = "peak_rss_bytes" if peak else "rss_bytes"
+        most it held since ``reset_peak_memory``, or with ``staging`` the bytes a staged
+        reload holds in staging tensors now (answered while it streams)."""
+        key = "staging_bytes" if staging else "peak_rss_bytes" if peak else "rss_bytes"
         with self._exclusive():
             results = gather(self._submit_all("memory"), self.config.timeout_s)
         return [[results[(e.index, r)][key] for r in range(len(e.ranks))] for e in self.engines]
@@ -565,10 +639,14 @@ class ReloadOrchestrator:
 
     def inject_fault(self, stage: str, action: str, *, engine: int = 0, rank: int = 0,
                      signal_path: str | None = None) -> None:
-        """Fault drills: make one rank 'raise' at, or 'pause' in, the next reload's ``stage``
-        ('transfer', 'process', 'quantize'); a paused rank touches ``signal_path``."""
-        if stage not in ("transfer", "process", "quantize") or action not in ("raise", "pause"):
+        """Fault drills: make one rank 'raise' at, 'pause' in (until killed) or 'hold' in
+        the next reload's ``stage`` ('transfer', 'process', 'quantize'). A paused or held
+        rank touches ``signal_path``; a held one goes on once the file is deleted."""
+        if (stage not in ("transfer", "process", "quantize")
+                or action not in ("raise", "pause", "hold")):
             raise ValueError(f"unknown fault {stage!r}/{action!r}")
+        if action == "hold" and not signal_path:
+            raise ValueError("a 'hold' fault needs the signal_path its drill deletes")
         target = self._engine(engine)
         gather(target.submit("inject_fault", stage, action, signal_path, only_rank=rank),
                self.config.timeout_s)

@@ -47,6 +47,14 @@ class ReloadReport:
     """Rank seconds (reading, buffering, processing) per layer kind, summed over ranks."""
     bytes_sent: dict[int, int] = field(default_factory=dict)
     """Trainer sources: bytes each trainer rank sent, straight to the engine ranks."""
+    staged: bool = False
+    """Streamed into staging tensors while the engines served (``reload(staged=True)``)."""
+    pause_seconds: float = 0.0
+    """How long serving calls had to wait: the flip of a staged reload, the whole of a plain
+    one."""
+    staging_bytes: int = 0
+    """Staged reloads: the most staging memory any rank held (one more copy of the layers
+    the source touched)."""
 
     def share(self, kind: str) -> tuple[float, float]:
         """(fraction of source bytes, fraction of rank seconds) spent on layers of ``kind``,
@@ -70,6 +78,9 @@ class ReloadReport:
             ("peak buffered", f"{self.peak_buffered_bytes / mb:.3f} MB per rank (predicted "
                               f"{self.predicted_peak_buffered_bytes / mb:.3f} MB)"),
             ("layers", f"{len(self.layers_reloaded)} reloaded, {len(self.layers_kept)} kept"),
+            ("paused", f"{self.pause_seconds:.3f} s serving" + (
+                f" (staged, {self.staging_bytes / mb:.2f} MB staging per rank)"
+                if self.staged else "")),
         ]
         if self.bytes_sent:
             rows.append(("trainer sent", ", ".join(f"t{t} {b / mb:.2f} MB"

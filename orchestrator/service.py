@@ -51,8 +51,12 @@ class Coordinator:
         return self.status()
 
     def reload(self, source: Any, order: str = "plan", strict: bool = True,
-               step: str | None = None) -> ReloadReport:
-        report = self.orch.reload(source, order=order, strict=strict)
+               step: str | None = None, staged: bool | None = None) -> ReloadReport:
+        """``staged``: None takes the service config's ``staged``."""
+        report = self.orch.reload(
+            source, order=order, strict=strict,
+            staged=self.service.staged if staged is None else staged,
+            staging=self.service.staging)
         self.last_report = report
         if step is not None:
             self.last_step = step
@@ -85,7 +89,8 @@ class Coordinator:
             "uptime_s": round(time.time() - self.started_at, 1),
             "last_reload": None if report is None else {
                 "version": report.version, "seconds": report.seconds,
-                "source": report.source, "peak_buffered_bytes": report.peak_buffered_bytes},
+                "source": report.source, "peak_buffered_bytes": report.peak_buffered_bytes,
+                "staged": report.staged, "pause_seconds": report.pause_seconds},
         }
 
     def shutdown(self) -> None:
@@ -104,10 +109,12 @@ class ServiceClient:
         return ray.get(getattr(self.handle, method).remote(*args, **kwargs),
                        timeout=self.timeout_s)
 
-    def reload(self, source: Any, order: str = "plan", strict: bool = True) -> ReloadReport:
+    def reload(self, source: Any, order: str = "plan", strict: bool = True,
+               staged: bool | None = None) -> ReloadReport:
         """A checkpoint directory (readable on every node) or a dict name -> tensor (sent
-        through the object store)."""
-        return self._call("reload", source, order, strict)
+        through the object store); ``staged`` (None: the service's config) keeps serving
+        while it streams in."""
+        return self._call("reload", source, order, strict, None, staged)
 
     def forward(self, token_ids: Any, engine: int = 0):
         return self._call("forward", token_ids, engine)
@@ -256,7 +263,8 @@ def _reload_step(handle: Any, step: int, path: Path) -> None:
         log.error("%s refused, still serving the previous version: %s",  # noqa: TRY400
                   path.name, exc)
         return
-    log.info("%s -> version %d in %.2fs (%.1f MB, peak buffered %.2f MB per rank)",
-             path.name, report.version, report.seconds, report.source_bytes / 1e6,
-             report.peak_buffered_bytes / 1e6)
+    log.info("%s -> version %d in %.2fs, serving paused %.3fs%s (%.1f MB, peak buffered "
+             "%.2f MB per rank)", path.name, report.version, report.seconds,
+             report.pause_seconds, " (staged)" if report.staged else "",
+             report.source_bytes / 1e6, report.peak_buffered_bytes / 1e6)
     log.debug("reload report:\n%s", report.table())

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from actors.reload.staged import STAGING_PLACES
 from orchestrator.config import EngineConfig
 from orchestrator.errors import ConfigError
 from orchestrator.fields import check_types
@@ -36,6 +37,12 @@ class ServiceConfig:
     """File the trainer writes last inside ``step_<N>``; a step without it is never read."""
     poll_s: float = 1.0
     """Seconds between two scans of ``watch_dir``."""
+    staged: bool = False
+    """Reload watched steps staged (``reload(staged=True)``): the engines keep serving the
+    previous step while the new one streams in, and pause only for the flip."""
+    staging: str = "device"
+    """Where a staged reload keeps its staging copy: 'device', or 'host' (pinned host
+    memory on CUDA: the flip is one host-to-device copy)."""
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -46,6 +53,9 @@ class ServiceConfig:
                                   f"digits, '_', '.', '-', got {value!r}")
         if self.poll_s <= 0:
             raise ConfigError(f"ServiceConfig.poll_s must be > 0, got {self.poll_s!r}")
+        if self.staging not in STAGING_PLACES:
+            raise ConfigError(f"ServiceConfig.staging={self.staging!r} is not one of "
+                              f"{STAGING_PLACES}")
         if self.watch_dir is not None:
             self.watch_dir = str(self.watch_dir)
 

@@ -8,7 +8,10 @@ import json
 import math
 import random
 import re
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -213,6 +216,67 @@ def process_alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    begin: float
+    end: float
+    value: Any
+
+
+class Server(threading.Thread):
+    """Calls ``serve`` (a forward, a sample) back to back until stopped, keeping every
+    answer with its start and end times: a rollout worker beside a staged reload."""
+
+    def __init__(self, serve: Callable[[], Any]) -> None:
+        super().__init__()
+        self.serve = serve
+        self.answers: list[Answer] = []
+        self.errors: list[BaseException] = []
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            begin = time.perf_counter()
+            try:
+                value = self.serve()
+            except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+                self.errors.append(exc)
+                return
+            self.answers.append(Answer(begin, time.perf_counter(), value))
+
+    def stop(self) -> list[Answer]:
+        self._stop_event.set()
+        self.join(timeout=60)
+        assert not self.errors, f"serving failed: {self.errors}"
+        return self.answers
+
+
+def within(answers: list[Answer], begin: float, end: float) -> list[Answer]:
+    """The answers that began and ended between ``begin`` and ``end``."""
+    return [a for a in answers if a.begin >= begin and a.end <= end]
+
+
+def reload_until_paused(orch: ReloadOrchestrator, source: Any, signal: Path, never_paused: str,
+                        **reload_args: Any) -> tuple[threading.Thread, list[Any]]:
+    """Run ``orch.reload(source, **reload_args)`` in a thread until the rank told to pause
+    touches ``signal``; the reload's report or error lands in the returned list."""
+    outcome: list[Any] = []
+
+    def reload() -> None:
+        try:
+            outcome.append(orch.reload(source, **reload_args))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            outcome.append(exc)
+
+    worker = threading.Thread(target=reload)
+    worker.start()
+    deadline = time.monotonic() + 60
+    while not signal.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert signal.exists(), never_paused
+    return worker, outcome
 
 
 def kill_rank(orch: ReloadOrchestrator, pid: int, rank: int, engine: int = 0,

@@ -24,6 +24,12 @@ def test_quick_benchmark_measures_every_path(ray_cluster, tmp_path):
         if case["source"] == "dir":
             assert set(case["peers"]) == {"dcp", "full"}
             assert set(case["peak_rss_bytes"]) == {"ours", "dcp", "full"}
+    # Serving waits for all of a plain reload, and only for a staged one's flip.
+    assert [r["name"] for r in result["staged"]] == ["tp2-none-dir", "tp2-fp8-dir"]
+    for row in result["staged"]:
+        plain = cases[f"{row['name']}-plan"]
+        assert row["plain_pause_s"] == row["plain_s"] == plain["ours_s"]
+        assert 0 < row["staged_pause_s"] < row["staged_s"] and row["staging_bytes"] > 0
     timelines = result["buffered_timelines"]
     shuffled = max(timelines["shuffled dict, source order"])
     assert shuffled > max(timelines["shuffled dict, plan order"])

@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import replace
 
 import pytest
 
+from actors.engines import ENGINES
 from actors.model import check_tp, load_spec
 from orchestrator import ConfigError, EngineConfig, ReloadOrchestrator
 from tests.support import write_checkpoint
@@ -128,3 +130,16 @@ def test_bad_config_json_field_is_named(tmp_path, llama_dir, changes, message):
     with pytest.raises(ValueError, match=message) as info:
         load_spec(path)
     assert str(path / "config.json") in str(info.value)
+
+
+def test_staged_reload_options_are_refused_before_anything_moves(llama_dir, monkeypatch):
+    """No Ray and no engine: an engine without a twin (both of ours have one: a stand-in
+    declares none), or an unknown staging place, is refused by name before the source is
+    even listed."""
+    monkeypatch.setitem(ENGINES, "vllm", replace(ENGINES["vllm"], stages=False))
+    vllm = ReloadOrchestrator(EngineConfig(model=str(llama_dir), engine="vllm"))
+    with pytest.raises(ConfigError, match="engine='vllm' cannot stage reloads yet"):
+        vllm.reload(str(llama_dir), staged=True)
+    native = ReloadOrchestrator(EngineConfig(model=str(llama_dir)))
+    with pytest.raises(ValueError, match=r"staging must be one of \('device', 'host'\)"):
+        native.reload(str(llama_dir), staged=True, staging="disk")

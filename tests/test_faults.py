@@ -24,6 +24,7 @@ from tests.support import (
     reference_logits,
     reference_sample,
     rel_l2,
+    reload_until_paused,
     start,
     write_checkpoint,
 )
@@ -206,27 +207,6 @@ def test_tensor_larger_than_the_models_is_refused(engine, steps, prompt):
 
 
 # ---- rank failures -----------------------------------------------------------------------
-
-
-def reload_until_paused(orch, source: str, signal: Path, never_paused: str
-                        ) -> tuple[threading.Thread, list[BaseException]]:
-    """Run ``orch.reload(source)`` in a thread until the rank told to pause touches
-    ``signal``; the reload's error, if any, lands in the returned list."""
-    errors: list[BaseException] = []
-
-    def reload() -> None:
-        try:
-            orch.reload(source)
-        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
-            errors.append(exc)
-
-    worker = threading.Thread(target=reload)
-    worker.start()
-    deadline = time.monotonic() + 60
-    while not signal.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert signal.exists(), never_paused
-    return worker, errors
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from actors.dtypes import SAFETENSORS_DTYPES, dtype_name
 from actors.model import TPGroup, load_spec
 from actors.model.reloadable import build_reloadable
 from actors.reload import ReloadEngine, ReloadError
+from actors.reload.staged import StagingArea
 from actors.reload.staging import copy_into
 from actors.transport import BucketReader, FileBucket, FileEntry
 from quant import QuantConfig
@@ -54,14 +55,16 @@ class InProcessRank:
         self.engine = ReloadEngine(reloadable, self.device, logging.getLogger("test"))
         self.load(path, mode="first")
 
-    def load(self, path: Path, mode: str = "reload") -> dict:
+    def load(self, path: Path, mode: str = "reload", engine: ReloadEngine | None = None
+             ) -> dict:
+        engine = engine or self.engine
         reader = BucketReader()
-        self.engine.start(mode)
+        engine.start(mode)
         try:
-            self.engine.load(reader.items(file_bucket(path)))
-            return self.engine.finish()
+            engine.load(reader.items(file_bucket(path)))
+            return engine.finish()
         except BaseException:
-            self.engine.abort()
+            engine.abort()
             raise
         finally:
             reader.close()
@@ -123,6 +126,43 @@ def test_nan_in_a_middle_layer_is_refused_naming_the_tensor(tmp_path, prompt, de
         rank.load(bad)
     rank.load(a)
     assert rel_l2(rank.forward(prompt), reference_logits(a, prompt)) <= 1e-4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("place", ["device", "host"])
+def test_staging_loads_beside_the_serving_model_then_flips_in_place(tmp_path, prompt, device,
+                                                                    place):
+    """A staged reload on one rank: the twin's reload fills the staging copies (pinned host
+    memory for 'host' on CUDA) while the live model still answers with the old weights;
+    the flip copies them into the kernel tensors in place and drops them."""
+    a = write_checkpoint(tmp_path / "a", "llama", seed=1)
+    b = write_checkpoint(tmp_path / "b", "llama", seed=2)
+    rank = InProcessRank(a, device)
+    old, kernel = rank.forward(prompt), rank.kernel()
+    pointers = {n: t.data_ptr() for n, t in kernel.items()}
+    area = StagingArea(rank.engine.model, rank.device, logging.getLogger("test"), True)
+    layers = [r.name for r in rank.engine.records]
+    assert area.prepare(layers, place) == sum(t.nbytes for t in kernel.values())
+    rank.load(b, engine=area.engine)
+    staged = [t for tensors in area.staged.values() for t in tensors.values()]
+    assert all(t.is_pinned() == (device == "cuda" and place == "host") for t in staged)
+    assert torch.equal(rank.forward(prompt), old)  # the live model never saw the new weights
+    area.flip()
+    assert area.nbytes == 0
+    assert {n: t.data_ptr() for n, t in rank.kernel().items()} == pointers
+    assert rel_l2(rank.forward(prompt), reference_logits(b, prompt)) <= 1e-4
+
+
+def test_staging_that_does_not_fit_is_refused_before_anything_moves(tmp_path, monkeypatch):
+    import actors.reload.staged as staged_module
+
+    rank = InProcessRank(write_checkpoint(tmp_path / "a", "llama", seed=1), "cpu")
+    area = StagingArea(rank.engine.model, rank.device, logging.getLogger("test"), True)
+    monkeypatch.setattr(staged_module, "available_bytes", lambda device, place: 1 << 10)
+    with pytest.raises(MemoryError, match=r"staging this reload needs 0\.\d+ MiB of host "
+                                          r"memory per rank and 0\.0 MiB are free"):
+        area.prepare([r.name for r in rank.engine.records], "host")
+    assert area.staged == {} and area.nbytes == 0
 
 
 @pytest.mark.gpu

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -74,6 +75,8 @@ def test_report_table_names_every_stage_rank_and_the_expert_share():
                  "two layers buffered"):
         assert text in table, table
     assert report.share("experts") == (0.75, 0.5)
+    staged = replace(report, staged=True, pause_seconds=0.05, staging_bytes=2_000_000).table()
+    assert "paused         0.050 s serving (staged, 2.00 MB staging per rank)" in staged, staged
 
 
 def test_rank_names_an_unreadable_checkpoint_path(tmp_path):

@@ -92,7 +92,7 @@ def test_ray_job_serves_and_watches_a_trainer(ray_head, tmp_path):
     name, namespace = "svc-under-test", "tp-reload-test"
     config = tmp_path / "service.yaml"
     config.write_text((REPO / "configs" / "tiny.yaml").read_text()
-                      .replace("poll_s: 1.0", "poll_s: 0.5"))
+                      .replace("poll_s: 1.0", "poll_s: 0.5\n  staged: true"))
     job = f"tp-reload-test-{uuid.uuid4().hex[:6]}"
     ray = str(BIN / "ray")
     submit = [ray, "job", "submit", "--address", ray_head["jobs"], "--no-wait",
@@ -118,6 +118,8 @@ def test_ray_job_serves_and_watches_a_trainer(ray_head, tmp_path):
     assert versions["after_step_2"] == 2
     assert result["errors"]["step_1"] <= 1e-4 and result["errors"]["step_2"] <= 1e-4
     assert result["status"]["last_step"] == "step_2"
+    last = result["status"]["last_reload"]  # watched steps reload staged (staged: true)
+    assert last["staged"] and last["pause_seconds"] < last["seconds"]
     assert result["generated_shape"] == [2, 14]
     assert result["rollout"] == {"version": 2, "greedy_as_generate": True}
 
@@ -125,7 +127,7 @@ def test_ray_job_serves_and_watches_a_trainer(ray_head, tmp_path):
     status = run(ray, "job", "status", "--address", ray_head["jobs"], job).stdout
     assert "was stopped" in status, status
     logs = run(ray, "job", "logs", "--address", ray_head["jobs"], job).stdout
-    for line in ("serving", "step_1 -> version 1", "step_2 -> version 2",
+    for line in ("serving", "step_1 -> version 1", "step_2 -> version 2", "(staged)",
                  "stop requested", "stopped"):
         assert line in logs, f"job log lacks '{line}':\n{logs[-3000:]}"
     alive = run(ray, "list", "actors", "--address", ray_head["gcs"], "--filter",

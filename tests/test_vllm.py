@@ -4,16 +4,23 @@ quantization a fresh vLLM engine built by vLLM's own loader (``tests.vllm_oracle
 
 from __future__ import annotations
 
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from orchestrator import ConfigError, EngineConfig, ReloadOrchestrator
+from orchestrator import ConfigError, EngineConfig, RankError, ReloadOrchestrator
 from tests.support import (
+    BASE,
+    Server,
+    expected_rank_bytes,
     load_tensors,
     reference_sample,
+    reload_until_paused,
     start,
+    within,
     write_checkpoint,
     write_shuffled,
 )
@@ -86,10 +93,20 @@ def test_two_vllm_engines_reload_together(ray_cluster, vsteps, prompt):
 @pytest.mark.parametrize("method", ["fp8_per_channel", "int8_per_channel_weight_only"])
 def test_online_quantized_reload_equals_vllms_own_loader(ray_cluster, vsteps, prompt, method):
     """After a reload, tokens and log-probs equal those of a fresh engine vLLM itself built
-    from the new checkpoint, at the same TP."""
+    from the new checkpoint, at the same TP. vLLM's online FP8 reduces each layer's amax
+    over the TP group, which a staged reload cannot do beside serving: refused by name,
+    before anything moves; int8 (MoE only) leaves a dense model's linears unquantized,
+    which stage."""
     with start(vsteps["qa"], 2, engine="vllm", dtype="bfloat16", quantization=method) as orch:
         before = orch.inspect()
-        orch.reload(str(vsteps["qb"]))
+        if method == "fp8_per_channel":
+            old = orch.sample(prompt, NEW_TOKENS, temperature=0)
+            with pytest.raises(RankError, match=r"processed together with the other ranks "
+                                                r"\(collective\).*reload them unstaged"):
+                orch.reload(str(vsteps["qb"]), staged=True)
+            assert orch.memory(staging=True) == [[0, 0]]
+            assert_same_samples(orch.sample(prompt, NEW_TOKENS, temperature=0), old)
+        orch.reload(str(vsteps["qb"]), staged=method != "fp8_per_channel")
         ours = orch.sample(prompt, NEW_TOKENS, temperature=0)
         assert orch.inspect() == before
         kernel_dtypes = {t.dtype for t in orch.get_tensors(rank=1).values()}
@@ -111,10 +128,65 @@ def test_qwen3_moe_reload_matches_transformers(ray_cluster, tmp_path, prompt):
         assert_serves(orch, a, prompt)
         report = orch.reload(str(b))
         assert_serves(orch, b, prompt)
+        orch.reload(str(a), staged=True)  # the twin's experts kernel, handed over
+        assert_serves(orch, a, prompt)
     tensors = load_tensors(b)
     expert_bytes = sum(t.nbytes for n, t in tensors.items() if ".experts." in n)
     assert report.share("experts")[0] == pytest.approx(
         expert_bytes / sum(t.nbytes for t in tensors.values()))
+
+
+def assert_same_samples(actual, expected) -> None:
+    assert actual.version == expected.version
+    assert torch.equal(actual.tokens, expected.tokens)
+    assert torch.equal(actual.logprobs, expected.logprobs)
+
+
+def test_staged_reload_keeps_vllm_serving_and_switches_exactly(ray_cluster, vsteps, prompt,
+                                                              tmp_path):
+    """While a staged reload streams into the ranks' twins, a rollout thread keeps sampling
+    from the TP=2 engine, and rollouts complete while rank 1 is held in the middle of
+    processing. Each rollout is bit for bit the old version's or the new one's, and says
+    which (``Samples.version``); requests in flight finish on the old version (the flip
+    waits for them). After the flip the engine serves what transformers computes, from the
+    same kernel tensors, with its prefix cache started over."""
+    with start(vsteps["a"], 2, engine="vllm") as orch:
+        old = assert_serves(orch, vsteps["a"], prompt)
+        before = orch.inspect()
+        server = Server(lambda: orch.sample(prompt, NEW_TOKENS, temperature=0))
+        server.start()
+        signal = tmp_path / "held"
+        orch.inject_fault("process", "hold", rank=1, signal_path=str(signal))
+        worker, outcome = reload_until_paused(orch, str(vsteps["shuffled"]), signal,
+                                             "rank 1 never held", staged=True)
+        begin = time.perf_counter()
+        while len(within(server.answers, begin, time.perf_counter())) < 2:
+            time.sleep(0.05)  # the test's timeout bounds this: serving must go on
+        assert orch.memory(staging=True)[0][0] > 0
+        signal.unlink()
+        worker.join(timeout=120)
+        answers = server.stop()
+        (report,) = outcome
+        new = assert_serves(orch, vsteps["b"], prompt)
+        assert orch.inspect() == before
+        assert orch.memory(staging=True) == [[0, 0]]
+        again = orch.reload(str(vsteps["a"]), staged=True)  # the twin is reused
+        assert_same_samples(orch.sample(prompt, NEW_TOKENS, temperature=0),
+                            replace(old, version=2))
+    assert report.staged and new.version == report.version == 1 and again.version == 2
+    print(f"vLLM staged: {report.seconds:.3f} s (rank 1 held part of it), paused "
+          f"{report.pause_seconds:.4f} s; {len(answers)} rollouts beside it")
+    for answer in answers:
+        assert_same_samples(answer.value, old if answer.value.version == 0 else new)
+    assert report.pause_seconds < report.seconds / 2
+    # vLLM's CPU kernels keep every linear's weight prepacked in a closure (its registered
+    # weight is empty) and the embeddings' in one beside their registered weight: staging
+    # holds the rank's shard once, plus its embedding tensors a second time. vLLM pads the
+    # vocabulary to a multiple of 64 rows (251 -> 256, 128 per rank).
+    embedding = 256 // 2 * BASE["hidden_size"] * 4
+    shard = expected_rank_bytes(vsteps["b"], 2, 0)
+    dense = sum(b for n, b in shard.items() if "embed" not in n and "lm_head" not in n)
+    assert report.staging_bytes == dense + 2 * 2 * embedding
 
 
 def test_prefix_cache_is_dropped_at_every_commit(ray_cluster, vsteps):

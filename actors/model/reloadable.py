@@ -9,7 +9,8 @@ meta copies of every rank, in the driver, with no Ray.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import torch
@@ -36,8 +37,12 @@ class NativeReloadable(ReloadableModel):
     # quant/ methods build new kernel tensors and keep nothing of the model format.
     reuses_scratch = True
 
-    def __init__(self, model: DecoderForCausalLM, device: torch.device) -> None:
+    def __init__(self, model: DecoderForCausalLM, device: torch.device,
+                 build: Callable[[], DecoderForCausalLM]) -> None:
         self.model = model
+        self.device = device
+        self._build = build
+        """Builds the same model on meta again (``twin``)."""
         self._records = record_layers(model, device)
 
     def records(self) -> list[LayerRecord]:
@@ -53,6 +58,9 @@ class NativeReloadable(ReloadableModel):
 
     def has_nonfinite(self, record: LayerRecord) -> bool:
         return record.module.quant_method.has_nonfinite(record.module)
+
+    def twin(self) -> NativeReloadable:
+        return NativeReloadable(self._build(), self.device, self._build)
 
 
 def record_layers(model: nn.Module, device: torch.device) -> list[LayerRecord]:
@@ -88,8 +96,9 @@ def build_reloadable(spec: ModelSpec, *, tp: TPGroup, dtype: torch.dtype, device
     """This rank's model on meta, and its records (parameters materialize on ``device``)."""
     from actors.model import build_model
 
-    model = build_model(spec, tp=tp, dtype=dtype, device=device, quant=quant)
-    return model, NativeReloadable(model, device)
+    build = partial(build_model, spec, tp=tp, dtype=dtype, device=device, quant=quant)
+    model = build()
+    return model, NativeReloadable(model, device, build)
 
 
 def route_on_meta(spec: ModelSpec, tp: int, dtype: torch.dtype, quant: QuantConfig,

@@ -15,7 +15,10 @@ or inference engines. A model takes part in layerwise reloading by implementing
   * ``process(record)``: turn a complete layer's model-format tensors, registered on
     ``record.module``, into its kernel-format tensors (quantization, repacking);
   * ``has_nonfinite(record)``: after ``process``, whether the params in ``record.screened``
-    held NaN or Inf (the processed scales reveal it, so they need no scan of their own).
+    held NaN or Inf (the processed scales reveal it, so they need no scan of their own);
+  * ``twin()`` and ``hand_over(staged, live)`` (optional): the same model again on meta,
+    for staged reloads, and what processing left on a twin's layer besides its tensors,
+    given to the live layer at the flip.
 
 The native runtime implements it in ``actors/model/``, the vLLM engine in ``actors/vllm/``.
 """
@@ -133,3 +136,16 @@ class ReloadableModel(ABC):
     def has_nonfinite(self, record: LayerRecord) -> bool:
         """After ``process``: whether a ``screened`` param held NaN or Inf."""
         return False
+
+    def twin(self) -> ReloadableModel:
+        """The same model built again on meta, sharing no module or tensor with this one:
+        staged reloads load and process into it while this one serves
+        (``actors.reload.staged``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot build a twin for staged "
+                                  "reloads")
+
+    def hand_over(self, staged: LayerRecord, live: LayerRecord) -> None:  # noqa: B027
+        """Called on a twin at the flip, after ``staged``'s tensors were copied into
+        ``live``'s kernel tensors: give the live module what else processing set up on the
+        twin's (kernel closures, prepacked handles). Default: nothing, processing leaves
+        only tensors."""

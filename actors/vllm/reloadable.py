@@ -8,11 +8,19 @@ Layers: vLLM records every module's model-format tensors on meta when it builds 
 (``record_metadata_for_reloading``, ``LAYERWISE_INFO``), with the device to materialize them
 on; those are the placeholders. vLLM leaves ``bias`` out of that record (it is created after
 the quant method's weights), so a live bias contributes a meta copy of itself.
+
+Staged reloads (``actors.reload.staged``) process into a twin: the module tree cloned with
+meta tensors and its own quant methods (``clone_on_meta``; vLLM builds models only through
+its engine, and a second build would register its attention layers twice). vLLM's CPU
+kernels keep prepacked weights in closures set on the module by processing, so the flip
+hands those to the live module with the tensors (``hand_over``).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Iterator
+from types import MethodType
 from typing import Any
 
 import torch
@@ -23,7 +31,10 @@ from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBa
 from vllm.model_executor.layers.quantization.online.fp8 import OnlineLinearBase
 from vllm.model_executor.layers.quantization.online.moe_base import OnlineMoEMethodBase
 from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
-from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
+from vllm.model_executor.model_loader.reload.layerwise import (
+    LAYERWISE_INFO,
+    get_layerwise_info,
+)
 from vllm.model_executor.model_loader.reload.meta import SKIP_LOAD_TENSORS
 from vllm.model_executor.model_loader.reload.sanitize import restore_layer_refs
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
@@ -41,12 +52,16 @@ from actors.reload import (
 UNKNOWN_NAME_MESSAGES = ("There is no module or parameter named", "has no parameter")
 # Sentinel of vLLM's attention scales: created as -1 ("not loaded"), resolved on processing.
 ATTENTION_SCALE_DEFAULT = -1.0
+# What nn.Module keeps in each instance's __dict__ (tensors, children, hooks): never handed
+# from a twin to the live model.
+MODULE_INTERNALS = frozenset(nn.Module().__dict__)
 
 
 class VllmReloadable(ReloadableModel):
     def __init__(self, model: nn.Module, dtype: torch.dtype, tp_size: int) -> None:
         self.model = model
         self.dtype = dtype
+        self.tp_size = tp_size
         self._records = record_layers(model, tp_size)
         self._tied_aliases = tied_aliases(model)
 
@@ -83,6 +98,53 @@ class VllmReloadable(ReloadableModel):
             # Attention: scales go from their parameters into the kernel buffers, as
             # vLLM's own finalize does after every other layer.
             module.process_weights_after_loading(self.dtype)
+
+    def twin(self) -> VllmReloadable:
+        return VllmReloadable(clone_on_meta(self.model), self.dtype, self.tp_size)
+
+    def hand_over(self, staged: LayerRecord, live: LayerRecord) -> None:
+        """Every attribute processing rebound on the twin's module (``cpu_linear`` closures
+        over prepacked weights, the quant method with its experts kernel, attention's host
+        scales) goes to the live module; the twin keeps a copy of the quant method, so the
+        next staged reload never mutates the one serving."""
+        twin, served = staged.module.__dict__, live.module.__dict__
+        for key, value in list(twin.items()):
+            if key in MODULE_INTERNALS or served.get(key, _MISSING) is value:
+                continue
+            served[key] = value
+            if isinstance(value, QuantizeMethodBase):
+                twin[key] = copy.copy(value)
+
+
+_MISSING = object()
+
+
+def clone_on_meta(model: nn.Module) -> nn.Module:
+    """The module tree again, every parameter and buffer a meta copy (tied ones stay tied)
+    and every quant method a shallow copy; other attributes (configs, sizes, closures set up
+    at load) are shared until processing the clone rebinds them. Each clone shares vLLM's
+    reload record (``LAYERWISE_INFO``) with its original."""
+    clones: dict[int, nn.Module] = {}
+    metas: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        clone = module.__class__.__new__(module.__class__)
+        clone.__dict__.update(module.__dict__)
+        clone.__dict__["_parameters"] = {
+            n: None if p is None else metas.setdefault(id(p), _meta_copy(p, module, clone))
+            for n, p in module._parameters.items()}
+        clone.__dict__["_buffers"] = {
+            n: None if b is None else torch.empty_like(b, device="meta")
+            for n, b in module._buffers.items()}
+        method = module.__dict__.get("quant_method")
+        if isinstance(method, QuantizeMethodBase):
+            clone.__dict__["quant_method"] = copy.copy(method)
+        if module in LAYERWISE_INFO:
+            LAYERWISE_INFO[clone] = LAYERWISE_INFO[module]
+        clones[id(module)] = clone
+    for clone in clones.values():
+        clone.__dict__["_modules"] = {n: None if m is None else clones[id(m)]
+                                      for n, m in clone._modules.items()}
+    return clones[id(model)]
 
 
 def _prepack_cpu_experts(module: nn.Module, method: QuantizeMethodBase) -> None:
@@ -126,14 +188,20 @@ def tied_aliases(model: nn.Module) -> set[str]:
     return aliases
 
 
-def _meta_copy(tensor: torch.Tensor, module: nn.Module) -> nn.Parameter:
+def _meta_copy(tensor: torch.Tensor, module: nn.Module, clone: nn.Module | None = None
+               ) -> nn.Parameter:
     """A meta parameter of ``tensor``'s class, shape and attributes, its bound loaders
-    pointing at ``module`` (vLLM stores them detached from the module)."""
+    pointing at ``module`` (vLLM stores them detached from the module), or at ``clone``
+    instead of ``module`` when cloning."""
     meta = nn.Parameter(torch.empty_like(tensor, device="meta"), requires_grad=False)
     if isinstance(tensor, nn.Parameter) and type(tensor) is not nn.Parameter:
         meta.__class__ = type(tensor)
     meta.__dict__.update(tensor.__dict__)
     restore_layer_refs(meta, module)
+    if clone is not None:
+        for key, value in meta.__dict__.items():
+            if isinstance(value, MethodType) and value.__self__ is module:
+                meta.__dict__[key] = value.__func__.__get__(clone)
     # vLLM's loaders fall back to its default loader the same way.
     meta.weight_loader = _original_loader(getattr(meta, "weight_loader", default_weight_loader))
     return meta
