@@ -31,11 +31,24 @@ MIN_AMAX = 1e-12
 BLOCK = 128
 
 
+CPU_CHUNK_ELEMENTS = 512 * 1024
+"""Elements quantized at once on the CPU: the float32 temporary (2 MB) stays in cache and
+its allocation is recycled. A whole-tensor temporary (40 MB for a 10M-element weight) is
+mapped fresh and faulted in page by page on every call: 2-4x slower for the same bits."""
+
+
 def quantize_fp8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``scale`` (float32) broadcast against ``w``. One float32 copy of w, then the
-    division and the clamp in place (out-of-place float32 ops cost twice as much here)."""
-    q = w.to(torch.float32, copy=True)
-    return q.div_(scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+    """``scale`` (float32) broadcast against ``w``: per row block, one float32 copy of the
+    rows, then the division and the clamp in place (out-of-place float32 ops cost twice as
+    much here). Elementwise, so the row blocks change no bit; on CUDA one block."""
+    out = torch.empty(w.shape, dtype=FP8, device=w.device)
+    rows = w.shape[0] if w.is_cuda else max(1, CPU_CHUNK_ELEMENTS // max(1, w[0].numel()))
+    per_row = scale.dim() == w.dim() and scale.shape[0] == w.shape[0] > 1
+    for start in range(0, w.shape[0], rows):
+        part = slice(start, start + rows)
+        q = w[part].to(torch.float32, copy=True)
+        out[part] = q.div_(scale[part] if per_row else scale).clamp_(-FP8_MAX, FP8_MAX)
+    return out
 
 
 def scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
@@ -43,11 +56,13 @@ def scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
 
 
 def abs_max(w: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
-    """max |w| (exact: one of w's values) from one min/max pass, no |w| temporary."""
+    """max |w| (exact: one of w's values), no |w| temporary. Over the whole tensor one
+    min/max pass; along a dim separate amin and amax passes, because torch's CPU
+    ``aminmax(dim=)`` runs about 5x slower than the two of them (0.6 against 3 GB/s, bf16)."""
     if dim is None:
         low, high = torch.aminmax(w)
     else:
-        low, high = torch.aminmax(w, dim=dim, keepdim=keepdim)
+        low, high = w.amin(dim=dim, keepdim=keepdim), w.amax(dim=dim, keepdim=keepdim)
     return torch.maximum(-low, high)
 
 

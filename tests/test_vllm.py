@@ -4,11 +4,13 @@ quantization a fresh vLLM engine built by vLLM's own loader (``tests.vllm_oracle
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 
 from orchestrator import ConfigError, EngineConfig, RankError, ReloadOrchestrator
@@ -106,6 +108,13 @@ def test_online_quantized_reload_equals_vllms_own_loader(ray_cluster, vsteps, pr
                 orch.reload(str(vsteps["qb"]), staged=True)
             assert orch.memory(staging=True) == [[0, 0]]
             assert_same_samples(orch.sample(prompt, NEW_TOKENS, temperature=0), old)
+            # Per-row scales reduce amax over the input dim: only row-parallel layers
+            # all-reduce it, so only they wait for the failure consensus.
+            collective = ray.get(orch.engines[0].ranks[1].__ray_call__.remote(
+                lambda rank: [r.name for r in rank.reloader.records if r.collective]))
+            layers = json.loads((vsteps["qa"] / "config.json").read_text())["num_hidden_layers"]
+            assert sorted(collective) == sorted(f"model.layers.{i}.{proj}" for i in range(layers)
+                                                for proj in ("self_attn.o_proj", "mlp.down_proj"))
         orch.reload(str(vsteps["qb"]), staged=method != "fp8_per_channel")
         ours = orch.sample(prompt, NEW_TOKENS, temperature=0)
         assert orch.inspect() == before

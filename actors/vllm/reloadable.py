@@ -28,7 +28,12 @@ from torch import nn
 from vllm.model_executor.layers.attention import is_deferred_attention_layer
 from vllm.model_executor.layers.fused_moe import RoutedExperts
 from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
-from vllm.model_executor.layers.quantization.online.fp8 import OnlineLinearBase
+from vllm.model_executor.layers.quantization.online.fp8 import (
+    Fp8PerTensorOnlineLinearMethod,
+    Fp8PtpcOnlineLinearMethod,
+    OnlineLinearBase,
+    _is_tp_sharded,
+)
 from vllm.model_executor.layers.quantization.online.moe_base import OnlineMoEMethodBase
 from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from vllm.model_executor.model_loader.reload.layerwise import (
@@ -47,6 +52,7 @@ from actors.reload import (
     in_processing_order,
     param_owners,
 )
+from actors.vllm.kernels import cpu_fast_paths
 
 # vLLM's messages for a checkpoint name the model does not have.
 UNKNOWN_NAME_MESSAGES = ("There is no module or parameter named", "has no parameter")
@@ -91,7 +97,8 @@ class VllmReloadable(ReloadableModel):
         # vLLM's online methods skip a layer they already processed once.
         module.__dict__.pop("_already_called_process_weights_after_loading", None)
         if isinstance(method, QuantizeMethodBase):
-            method.process_weights_after_loading(module)
+            with cpu_fast_paths(record.restore_device):
+                method.process_weights_after_loading(module)
             if isinstance(module, RoutedExperts) and record.restore_device.type == "cpu":
                 _prepack_cpu_experts(module, method)
         if record.process_last:
@@ -223,6 +230,22 @@ def _placeholders(module: nn.Module, live: dict[str, torch.Tensor]) -> dict[str,
     return {n: _meta_copy(recorded[n] if n in recorded else live[n], module) for n in names}
 
 
+def processes_collectively(module: nn.Module, method: Any, tp_size: int) -> bool:
+    """Whether processing ``module`` all-reduces over the TP group. vLLM 0.32's online FP8
+    reduces a weight's amax across ranks when the weight is sharded along a dim the amax
+    spans; its own predicate (``_is_tp_sharded``) says when, for the two methods that do it:
+    per-channel scales span only the input dim (row-parallel layers), a per-tensor scale both.
+    Every other online method is assumed to communicate (failure consensus costs one tiny
+    all-reduce; a wrong 'no' could hang a rank)."""
+    if tp_size == 1:
+        return False
+    if isinstance(method, Fp8PtpcOnlineLinearMethod):
+        return _is_tp_sharded(module, reduces_output_dim=False)
+    if isinstance(method, Fp8PerTensorOnlineLinearMethod):
+        return _is_tp_sharded(module)
+    return isinstance(method, (OnlineLinearBase, OnlineMoEMethodBase))
+
+
 def record_layers(model: nn.Module, tp_size: int) -> list[LayerRecord]:
     owners = param_owners(model)
     claimed: set[int] = set()
@@ -247,8 +270,6 @@ def record_layers(model: nn.Module, tp_size: int) -> list[LayerRecord]:
             process_last=process_last,
             kind="experts" if isinstance(module, RoutedExperts) else "dense",
             converts=isinstance(method, QuantizeMethodBase) or process_last,
-            # Online quantization reduces amax over the TP group (vLLM 0.32).
-            collective=tp_size > 1 and isinstance(method, (OnlineLinearBase,
-                                                           OnlineMoEMethodBase)),
+            collective=processes_collectively(module, method, tp_size),
         ))
     return in_processing_order(records)

@@ -1,0 +1,91 @@
+"""The fast CPU quantization paths give the same bits as the arithmetic they stand for.
+
+* ``quant.fp8`` quantizes row blocks (so a float32 temporary stays in cache) and takes a
+  per-row absolute max from separate amin/amax passes: checked against the independent
+  numpy reference, with blocks small enough that every weight spans several of them, an
+  uneven last block included.
+* ``actors.vllm.kernels`` swaps two of vLLM's helpers during our processing: checked against
+  vLLM's originals, bit for bit, NaN and Inf included, and put back afterwards.
+No Ray: these are pure functions.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import quant.fp8 as fp8
+from tests.quant_reference import fp8_reference, same_bytes
+
+GRANULARITIES = ("tensor", "channel", "block")
+
+
+def weight(rows: int = 300, cols: int = 1000, seed: int = 0) -> torch.Tensor:
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 0.02
+    w[3] = 0.0  # a zero row: its scale comes from the 1e-12 floor
+    w[7, :5] = torch.tensor([-0.0, 1e-30, -5.0, 448.0, 3e4])  # subnormal, a negative max
+    return w.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_row_blocks_change_no_bit(monkeypatch, granularity):
+    w = weight()
+    # 7 rows per block, and 300 = 42 * 7 + 6: an uneven last block.
+    monkeypatch.setattr(fp8, "CPU_CHUNK_ELEMENTS", 7 * w.shape[1] + 13)
+    qweight, scale = fp8.quantize_weight(w, granularity)
+    expected = fp8_reference(w, granularity)
+    assert same_bytes(qweight, expected["weight"])
+    assert same_bytes(scale, expected["weight_scale"])
+
+
+def test_abs_max_along_a_dim_is_exact_and_propagates_nan():
+    w = weight()
+    w[11, 17] = float("nan")
+    w[12, 2] = float("-inf")
+    amax = fp8.abs_max(w, dim=1, keepdim=True).float()
+    expected = w.float().abs().amax(dim=1, keepdim=True)
+    assert torch.isnan(amax[11]).all() and torch.isinf(amax[12]).all()
+    finite = torch.ones(w.shape[0], dtype=torch.bool)
+    finite[11] = finite[12] = False
+    assert torch.equal(amax[finite], expected[finite])
+
+
+vllm_kernels = pytest.importorskip("actors.vllm.kernels", reason="vLLM is not installed")
+
+
+def test_vllm_fast_paths_match_vllm_bit_for_bit():
+    from vllm.model_executor.layers.quantization.online import fp8 as online_fp8
+
+    w = weight(rows=700, cols=1536)
+    w[5, 9] = float("nan")
+    w[6, 1] = float("inf")
+    w[8, 4] = float("-inf")
+    original_amax, original_quant = online_fp8.weight_amax, online_fp8._fp8_quant_per_channel
+    amax = online_fp8.weight_amax(w, dim=-1, keepdim=True)
+    clean = w.nan_to_num(posinf=0.0, neginf=0.0)
+    scale = online_fp8._fp8_channel_scale(online_fp8.weight_amax(clean, dim=-1, keepdim=True))
+    # vLLM's own: one chunk of 16M elements; the fast path: three of 512K.
+    quantized = online_fp8._fp8_quant_per_channel(clean, scale)
+    with vllm_kernels.cpu_fast_paths(torch.device("cpu")):
+        assert online_fp8.weight_amax is not original_amax
+        assert vllm_kernels.CPU_QUANT_CHUNK_ELEMENTS < clean.numel()  # several chunks
+        fast_amax = online_fp8.weight_amax(w, dim=-1, keepdim=True)
+        fast_quantized = online_fp8._fp8_quant_per_channel(clean, scale)
+        whole = online_fp8.weight_amax(w)
+    assert same_bytes(fast_amax, amax)  # NaN and Inf rows included, bit for bit
+    assert same_bytes(fast_quantized, quantized)
+    assert same_bytes(whole.reshape(1), original_amax(w).reshape(1))
+    # Put back on exit, and on an exception inside.
+    assert online_fp8.weight_amax is original_amax
+    assert online_fp8._fp8_quant_per_channel is original_quant
+    with pytest.raises(RuntimeError), vllm_kernels.cpu_fast_paths(torch.device("cpu")):
+        raise RuntimeError("processing failed")
+    assert online_fp8.weight_amax is original_amax
+
+
+def test_vllm_fast_paths_leave_cuda_alone():
+    from vllm.model_executor.layers.quantization.online import fp8 as online_fp8
+
+    original = online_fp8.weight_amax
+    with vllm_kernels.cpu_fast_paths(torch.device("cuda")):
+        assert online_fp8.weight_amax is original
