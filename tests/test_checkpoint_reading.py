@@ -53,6 +53,47 @@ def test_narrowed_slice_reads_its_window(weights, reader):
     assert torch.equal(lazy["c"].materialize(), tensors["c"])
 
 
+def random_box(window, rng):
+    for dim in range(window.ndim):
+        start = rng.randrange(window.shape[dim])
+        window = window.narrow(dim, start, rng.randrange(1, window.shape[dim] - start + 1))
+    return window
+
+
+def test_every_box_reads_what_safetensors_reads(tmp_path, reader):
+    """Random boxes of tensors of every rank and several dtypes, read by our reader three
+    ways (materialized; copied into a same-dtype view inside a larger tensor; copied into
+    another dtype), equal safetensors' own load_file."""
+    import random
+
+    from safetensors.torch import load_file
+
+    save_file({"w": torch.randn(37, 53).to(torch.bfloat16),
+               "experts": torch.randn(4, 9, 11),
+               "fp8": torch.randn(6, 7).to(torch.float8_e4m3fn),
+               "ids": torch.randint(0, 100, (17,), dtype=torch.int64),
+               "scalar": torch.tensor(2.5, dtype=torch.float16)},
+              tmp_path / "model.safetensors")
+    expected = load_file(tmp_path / "model.safetensors")
+    lazy = lazy_slices(tmp_path, reader)
+    rng = random.Random(0)
+    for name, full in expected.items():
+        for _ in range(50):
+            window = random_box(lazy[name], rng)
+            want = full[tuple(slice(lo, hi) for lo, hi in window.bounds)].reshape(-1)
+            raw = want.view(torch.uint8) if full.dtype.itemsize == 1 else want
+            assert torch.equal(window.materialize().reshape(-1).view(raw.dtype), raw)
+            outer = torch.zeros(want.numel() + 5, dtype=full.dtype)
+            inside = outer[3:3 + want.numel()].view(window.shape)
+            inside.copy_(window)
+            assert torch.equal(outer[3:3 + want.numel()].view(raw.dtype), raw)
+            assert not outer[:3].view(torch.uint8).any() and not outer[-2:].view(torch.uint8).any()
+            if full.dtype != torch.float8_e4m3fn:
+                converted = torch.empty(window.shape, dtype=torch.float64)
+                converted.copy_(window)
+                assert torch.equal(converted.reshape(-1), want.double())
+
+
 def test_narrow_outside_the_tensor_names_file_and_tensor(weights, reader):
     path, _ = weights
     message = r"model.safetensors: tensor 'a' has 8 entries along dim 1"
