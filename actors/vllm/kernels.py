@@ -30,7 +30,7 @@ from vllm.model_executor.layers.quantization.utils.quant_utils import (
     weight_amax as vllm_weight_amax,
 )
 
-from quant.fp8 import FP8, FP8_MAX, quantize_fp8
+from quant.fp8 import FP8, FP8_MAX, abs_max, quantize_fp8
 
 VLLM_QUANT_PER_CHANNEL = online_fp8._fp8_quant_per_channel
 # The modules whose ``weight_amax`` (imported by name) the swap replaces.
@@ -42,9 +42,7 @@ def weight_amax(weight: torch.Tensor, *, dim: int | None = None, keepdim: bool =
     """``vllm...quant_utils.weight_amax`` with the same result: max(|weight|)."""
     if dim is None:
         return vllm_weight_amax(weight)  # a whole-tensor aminmax is already fast
-    low = weight.amin(dim=dim, keepdim=keepdim)
-    high = weight.amax(dim=dim, keepdim=keepdim)
-    return torch.maximum(low.abs(), high.abs())
+    return abs_max(weight, dim=dim, keepdim=keepdim)  # the native engine's amin/amax pair
 
 
 def fp8_quant_per_channel(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
