@@ -7,7 +7,8 @@ Lifecycle, each step called on every rank of the engine by the driver:
 ``store_address`` (rank 0 only) -> ``init_distributed`` -> ``start_reload(first_load=True)``
 -> ``load_bucket``* -> ``finish_reload`` -> ``commit`` -> serve (``forward`` / ``generate`` /
 ``sample`` / ``inspect`` / ``get_tensors``), and for every reload again ``start_reload`` ->
-``load_bucket``* -> ``finish_reload`` (or ``abort_reload``) -> ``commit``.
+``load_bucket``* -> ``finish_reload`` (or ``abort_reload``) -> ``commit``; ``close`` before
+the actor is killed.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import ray
 import torch
 
+from actors import node_shm
 from actors.engines import EngineOptions, engine_kind, load_object
 from actors.lazy import TensorEntry
 from actors.reload import RankRoute, ReloadEngine, TensorSpec, route_rank
@@ -48,6 +50,8 @@ def reset_peak_rss() -> None:
         f.write("5")
 
 
+# How long a rebuilt rank waits for the killed processes of the instance it replaces to exit.
+REPLACED_EXIT_S = 10.0
 # Calls that must answer while the rank is busy with another call (or stuck in a collective
 # whose peer died): Ray runs them on a thread of their own.
 CONTROL_GROUP = "control"
@@ -85,6 +89,8 @@ class RankActor:
         self.active: ReloadEngine | None = None
         self.staging: StagingArea | None = None
         self.loaded = False
+        self.instance: str | None = None
+        """The engine instance this rank joined (``actors.node_shm``)."""
         self._fault: tuple[str, str, str | None] | None = None
         # What this rank received of committed trainer streams the commit log still needs
         # (stream id -> per bucket), and of the stream being reloaded until it commits.
@@ -105,8 +111,19 @@ class RankActor:
         """Leave the engine's process group (after a peer died) so a new one can form."""
         self.runtime.leave()
 
-    def init_distributed(self, host: str, port: int) -> None:
-        self.runtime.join(host, port)
+    def init_distributed(self, host: str, port: int, instance: str,
+                         replaces: str | None = None) -> list[tuple[str, int]]:
+        """Join the engine instance ``instance`` (built the first time). Before anything is
+        built, shared memory that dead engine instances left on this node is removed, the
+        one this instance ``replaces`` (a rebuild: its processes were just killed) once its
+        processes on this node are gone. Returns what was removed (path, bytes)."""
+        if replaces is not None and not node_shm.await_owners(replaces, REPLACED_EXIT_S):
+            self.log.warning("a process of engine instance %s still runs %.0fs after it was "
+                             "killed; its shared memory is left to a later start", replaces,
+                             REPLACED_EXIT_S)
+        removed = node_shm.sweep(self.log)
+        self.instance = instance
+        self.runtime.join(host, port, instance)
         if self.reloader is None:
             self.reloader = ReloadEngine(self.runtime.reloadable(), self.runtime.device,
                                          self.log, self.check_finite)
@@ -114,6 +131,16 @@ class RankActor:
             self.reloader.consensus = self.runtime.consensus
             if self.runtime.builds_loaded:
                 self.reloader.adopt_kernel()
+        return removed
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def close(self) -> list[tuple[str, int]]:
+        """The orchestrator shuts down (the actor is killed next): remove this rank's share
+        of its engine instance's shared memory (all of it, once no owner on this node is
+        alive), and what dead instances left on this node. Runs beside a busy or stuck main
+        thread: unlinking names frees nothing a live mapping still uses."""
+        removed = node_shm.release(self.instance, self.log) if self.instance else []
+        return removed + node_shm.sweep(self.log)
 
     def route(self, tensors: list[TensorSpec], staged: bool = False) -> RankRoute:
         """Where each source tensor goes on this rank's live model (left as it was), or,

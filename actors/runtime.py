@@ -73,9 +73,11 @@ class RankRuntime(ABC):
         """Rank 0 only: the address every rank of the engine meets at."""
 
     @abstractmethod
-    def join(self, host: str, port: int) -> None:
+    def join(self, host: str, port: int, instance: str) -> None:
         """Form (or, after a peer restarted, re-form) the engine's process group; builds
-        the engine the first time."""
+        the engine the first time. ``instance`` names this formation of the group, fresh
+        each time (``actors.node_shm``): an engine that creates shared memory on its node
+        records itself as its owner and names its segments after it."""
 
     def leave(self) -> None:  # noqa: B027 - optional: most engines form their group once
         """Leave the process group so a new one can form (native engines only)."""

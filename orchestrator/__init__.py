@@ -8,6 +8,7 @@ from orchestrator.errors import (
     RankError,
     RecoveryError,
     ReloadInProgressError,
+    SharedMemoryError,
     TPReloadError,
     TrainerError,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "Samples",
     "ServiceClient",
     "ServiceConfig",
+    "SharedMemoryError",
     "TPReloadError",
     "TrainerEndpoint",
     "TrainerError",

@@ -1,7 +1,8 @@
 """Ray placement: one placement group per engine, one rank actor per bundle, and the one
 helper every driver call goes through (``gather``), which turns a failed rank into a
 ``RankError`` naming engine and rank, with the rank's traceback text, and never waits
-longer than the configured timeout."""
+longer than the configured timeout. A node's shared memory that cannot take an engine is a
+``SharedMemoryError`` of one line instead."""
 
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors.node_shm import SharedMemoryUnavailable, describe, new_instance
 from actors.rank import CONTROL_GROUP, SERVE_GROUP, RankActor
 from actors.reload import PeerFailedError, ReloadError
 from orchestrator.config import EngineConfig
-from orchestrator.errors import CheckpointError, RankError
+from orchestrator.errors import CheckpointError, RankError, SharedMemoryError
 
 log = logging.getLogger("tp_reload")
 RankKey = tuple[int, int]  # (engine, rank)
@@ -71,6 +73,8 @@ def _result(key: RankKey, ref: ray.ObjectRef) -> Any:
             # Bad data found on a rank (NaN, Inf, a tensor that does not fit): the source's
             # fault. Any other exception is the rank's, reported with its traceback.
             raise CheckpointError(f"engine {key[0]} rank {key[1]}: {exc.cause}") from exc
+        if isinstance(exc.cause, SharedMemoryUnavailable):  # the node's: one line, no traceback
+            raise SharedMemoryError(f"engine {key[0]} rank {key[1]}: {exc.cause}") from None
         # Ray colours the remote traceback; keep the text plain for logs and messages.
         raise RankError(*key, ANSI_ESCAPE.sub("", str(exc))) from exc
     except RayActorError as exc:
@@ -84,6 +88,9 @@ class Engine:
     index: int
     group: PlacementGroup
     ranks: list[Any]
+    instance: str | None = None
+    """Name of the engine's current formation (``actors.node_shm``), set when its ranks
+    connect: what they create in the node's shared memory carries it."""
 
     def submit(self, method: str, *args: Any, only_rank: int | None = None
                ) -> dict[RankKey, ray.ObjectRef]:
@@ -232,7 +239,9 @@ def restart_ranks(engine: Engine, keys: set[RankKey], pids: dict[RankKey, int],
 
 
 def connect_engines(engines: list[Engine], timeout_s: float) -> None:
-    """Rendezvous each engine's ranks through a store on its rank 0 (port chosen by the OS)."""
+    """Rendezvous each engine's ranks through a store on its rank 0 (port chosen by the OS),
+    as a new engine instance (``actors.node_shm``): what dead instances left in the ranks'
+    shared memory is removed first, and logged here."""
     addresses = gather(
         {k: v for e in engines for k, v in e.submit("store_address", only_rank=0).items()},
         timeout_s,
@@ -240,5 +249,26 @@ def connect_engines(engines: list[Engine], timeout_s: float) -> None:
     calls: dict[RankKey, ray.ObjectRef] = {}
     for engine in engines:
         host, port = addresses[(engine.index, 0)]
-        calls.update(engine.submit("init_distributed", host, port))
-    gather(calls, timeout_s)
+        previous, engine.instance = engine.instance, new_instance(engine.index)
+        calls.update(engine.submit("init_distributed", host, port, engine.instance, previous))
+    for (index, rank), removed in sorted(gather(calls, timeout_s).items()):
+        if removed:
+            log.warning("engine %d rank %d removed the shared memory that dead engine "
+                        "instances left on its node: %s", index, rank, describe(removed))
+
+
+def close_engines(engines: list[Engine], timeout_s: float) -> None:
+    """Ask every rank to release its node's shared memory before it is killed; a rank that
+    is dead or does not answer in time is skipped (the next start on its node sweeps)."""
+    calls = {ref: key for e in engines for key, ref in e.submit("close").items()}
+    ready, _ = ray.wait(list(calls), num_returns=len(calls), timeout=timeout_s)
+    for ref in ready:
+        engine, rank = calls[ref]
+        try:
+            removed = ray.get(ref)
+        except (RayActorError, RayTaskError) as exc:
+            log.info("engine %d rank %d did not close (%s)", engine, rank,
+                     ANSI_ESCAPE.sub("", str(exc)).splitlines()[0])
+            continue
+        if removed:
+            log.info("engine %d rank %d closed: removed %s", engine, rank, describe(removed))

@@ -17,8 +17,9 @@ Ordering invariants:
     moment its last tensor arrives, so a rank buffers about one layer. The version increments
     only when every rank finished; then every rank drops what it computed with the old
     weights (vLLM's prefix cache).
-  * ``shutdown`` (or leaving the context) kills the rank actors and frees their placement
-    groups; the orchestrator cannot be restarted afterwards.
+  * ``shutdown`` (or leaving the context) has every rank release its node's shared memory,
+    kills the rank actors and frees their placement groups; the orchestrator cannot be
+    restarted afterwards.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from actors.transport import BucketMessage, FileBucket, PackedBucket, pack_tenso
 from orchestrator.cluster import (
     Engine,
     RankKey,
+    close_engines,
     connect_engines,
     create_engine,
     engine_targets,
@@ -68,6 +70,9 @@ from orchestrator.transaction import CommitLog, committed
 log = logging.getLogger("tp_reload")
 # Buckets in flight at once: one being consumed by the ranks, one already on its way.
 BUCKETS_IN_FLIGHT = 2
+# Longest wait at shutdown for the ranks to release their node's shared memory (a rank that
+# does not answer is killed anyway; the next start on its node sweeps what it left).
+CLOSE_TIMEOUT_S = 10.0
 
 
 class ReloadOrchestrator(EngineCalls):
@@ -151,9 +156,12 @@ class ReloadOrchestrator(EngineCalls):
         return self
 
     def shutdown(self) -> None:
-        for engine in self.engines:
+        """Every rank releases what it created on its node (vLLM's shared memory), then
+        the rank actors are killed and their placement groups freed."""
+        engines, self.engines = self.engines, []
+        close_engines(engines, min(CLOSE_TIMEOUT_S, self.config.timeout_s))
+        for engine in engines:
             engine.kill()
-        self.engines = []
         self._version = None
 
     # ---- reloading ----------------------------------------------------------------------

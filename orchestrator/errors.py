@@ -24,6 +24,12 @@ class RecoveryError(TPReloadError, RuntimeError):
     orchestrator refuses to serve until it is restarted."""
 
 
+class SharedMemoryError(TPReloadError, RuntimeError):
+    """A node's shared memory (/dev/shm) cannot take an engine's rank: full, or a segment
+    name held by a process tp-reload does not own. One line naming the engine, rank,
+    segment or space, and what to do."""
+
+
 class RankError(TPReloadError, RuntimeError):
     """A rank actor failed; carries the engine, the rank and the rank's traceback text."""
 

@@ -49,13 +49,23 @@ def ray_only_when_marked(request: pytest.FixtureRequest, monkeypatch: pytest.Mon
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray for the whole session. Logical CPUs exceed the 2 real cores on purpose:
-    ranks request fractions and mostly wait on each other."""
+    ranks request fractions and mostly wait on each other. At its end, no engine of the
+    session may have left shared memory on the node."""
     import ray
 
+    found = engine_shared_memory()
     ray.init(num_cpus=8, include_dashboard=False, object_store_memory=512 << 20,
              log_to_driver=False)
     yield ray
     ray.shutdown()
+    left = sorted(engine_shared_memory() - found)
+    assert not left, f"the session's engines left shared memory behind: {left}"
+
+
+def engine_shared_memory() -> set[str]:
+    """What engines (ours, vLLM's, Python's SharedMemory) have in /dev/shm now."""
+    names = os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else []
+    return {n for n in names if n.startswith(("tp-reload-", "psm_")) or "cpushm" in n}
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ import pytest
 import ray
 import torch
 
+from actors import node_shm
 from orchestrator import ConfigError, EngineConfig, RankError, ReloadOrchestrator
 from tests.support import (
     BASE,
@@ -45,6 +46,14 @@ def vsteps(tmp_path_factory) -> dict[str, Path]:
         steps[name] = write_checkpoint(root / name, "llama", seed=seed, dtype=torch.bfloat16,
                                        **HEAD)
     return steps
+
+
+def cpu_shm_group_name(rank_actor) -> str:
+    """In a vLLM rank: the shared-memory name vLLM's CPU communicator makes for its TP group."""
+    from vllm.distributed import get_tp_group
+    from vllm.distributed.device_communicators.cpu_communicator import _CPUSHMDistributed
+
+    return _CPUSHMDistributed.make_group_name(get_tp_group().device_communicator)
 
 
 def assert_serves(orch, path: Path, prompt: torch.Tensor, engine: int = 0):
@@ -82,14 +91,31 @@ def test_vllm_engine_serves_and_reloads_like_transformers(ray_cluster, vsteps, p
 
 
 def test_two_vllm_engines_reload_together(ray_cluster, vsteps, prompt):
-    """num_engines replicas: each its own placement group and vLLM group; a reload reaches
-    both before it commits."""
-    with start(vsteps["a"], 1, engine="vllm", num_engines=2) as orch:
+    """num_engines replicas at TP=2 side by side on one node: each its own placement group,
+    vLLM group and shared memory (named after its own instance: at TP=1 vLLM makes none, so
+    a TP=1 pair could never show a collision); a reload reaches both before it commits.
+    Closing removes every segment of theirs."""
+    found = {n for names in node_shm.instances().values() for n in names}
+    with start(vsteps["a"], 2, engine="vllm", num_engines=2) as orch:
+        for engine in (0, 1):
+            assert_serves(orch, vsteps["a"], prompt, engine=engine)
         report = orch.reload(load_tensors(vsteps["b"]))
         for engine in (0, 1):
             assert assert_serves(orch, vsteps["b"], prompt, engine=engine).version == 1
         pids = {rank["pid"] for ranks in orch.placements() for rank in ranks}
-    assert set(report.bytes_read) == {(0, 0), (1, 0)} and len(pids) == 2
+        instances = [e.instance for e in orch.engines]
+        live = node_shm.instances()
+        assert len(set(instances)) == 2 and all(any("psm_" in n for n in live[i])
+                                                for i in instances)
+        # The name vLLM's CPU SHM communicator gives its segments (AVX-512 builds use it;
+        # this one falls back to gloo, so ask it): the engine's own, on both of its ranks.
+        for engine, instance in zip(orch.engines, instances, strict=True):
+            names = ray.get([rank.__ray_call__.remote(cpu_shm_group_name)
+                             for rank in engine.ranks])
+            assert names == [f"/{instance}-tp:0-[0-1]-cpushm"] * 2
+    assert set(report.bytes_read) == {(e, r) for e in (0, 1) for r in (0, 1)}
+    assert len(pids) == 4
+    assert {n for names in node_shm.instances().values() for n in names} == found
 
 
 @pytest.mark.parametrize("method", ["fp8_per_channel", "int8_per_channel_weight_only"])

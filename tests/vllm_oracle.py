@@ -1,9 +1,13 @@
 """The independent oracle for the vLLM engine: a fresh vLLM engine that vLLM itself builds
-from a checkpoint with its own loader, one plain Ray actor per TP rank (no tp-reload code),
-asked for greedy tokens and their log-probs."""
+from a checkpoint with its own loader, one plain Ray actor per TP rank, asked for greedy
+tokens and their log-probs. The only tp-reload code it runs names its shared memory after
+an engine instance of its own (``actors.vllm.shm``) and removes it when it is done, so
+oracles never collide with each other or with the engines under test, and leave nothing
+behind; vLLM loads and runs the weights alone."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from pathlib import Path
@@ -12,20 +16,29 @@ from typing import Any
 import ray
 import torch
 
+from actors.node_shm import new_instance, release
 from tests.support import VLLM_ARGS
 
 
 @ray.remote(num_cpus=0.5)
 class OracleRank:
-    def __init__(self, rank: int, world_size: int, port: int, path: str, kwargs: dict) -> None:
+    def __init__(self, rank: int, world_size: int, port: int, path: str, kwargs: dict,
+                 instance: str) -> None:
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                           VLLM_ENABLE_V1_MULTIPROCESSING="0")
         from vllm import LLM
 
+        from actors.vllm.shm import prepare
+
+        self.instance = instance
+        prepare(instance, rank, world_size, torch.device("cpu"))
         self.llm = LLM(model=path, tensor_parallel_size=world_size,
                        distributed_executor_backend="external_launcher",
                        skip_tokenizer_init=True, enforce_eager=True, seed=0, **kwargs)
+
+    def close(self) -> None:
+        release(self.instance, logging.getLogger("tests.vllm_oracle"))
 
     def greedy(self, prompts: list[list[int]], new_tokens: int) -> tuple[list, list]:
         from vllm import SamplingParams
@@ -46,12 +59,14 @@ def vllm_greedy(path: Path, tp: int, prompts: torch.Tensor, new_tokens: int, **k
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    ranks = [OracleRank.remote(r, tp, port, str(path), {**VLLM_ARGS, **kwargs})
+    instance = new_instance(0)
+    ranks = [OracleRank.remote(r, tp, port, str(path), {**VLLM_ARGS, **kwargs}, instance)
              for r in range(tp)]
     try:
         tokens, logprobs = ray.get([r.greedy.remote(prompts.tolist(), new_tokens)
                                     for r in ranks])[0]
     finally:
+        ray.wait([r.close.remote() for r in ranks], num_returns=len(ranks), timeout=60)
         for rank in ranks:
             ray.kill(rank)
     return torch.tensor(tokens), torch.tensor(logprobs)

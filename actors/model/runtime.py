@@ -85,7 +85,8 @@ class NativeRuntime(RankRuntime):
     def _timeout(self) -> timedelta:
         return timedelta(seconds=self.context.timeout_s)
 
-    def join(self, host: str, port: int) -> None:
+    def join(self, host: str, port: int, instance: str) -> None:
+        # The native engine creates no shared memory: ``instance`` names nothing here.
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if self.context.world_size == 1:

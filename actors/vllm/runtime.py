@@ -6,6 +6,9 @@ after setting the torch.distributed environment (``RANK``, ``WORLD_SIZE``, ``MAS
 is SPMD in this mode: every rank must receive the same ``generate`` calls, which the driver
 guarantees by sending each call to every rank of the engine.
 
+Before it builds, the rank records itself as an owner of its engine instance on its node and
+names vLLM's shared memory after it (``actors.vllm.shm``), so the segments go with the engine.
+
 The engine is built with ``load_format="dummy"``: its kernel tensors exist from the start and
 every load, version 0 included, goes through tp-reload's reload engine into them (so a bad
 first checkpoint is refused the same way as a bad reload). After each commit the prefix cache
@@ -24,6 +27,7 @@ import torch
 from actors.engines import EngineOptions
 from actors.reload import ReloadableModel
 from actors.runtime import RankContext, RankRuntime, Sampled, SamplingRequest
+from actors.vllm import shm
 
 # vLLM's CPU build compiles every model with torch.compile unless told otherwise (~40 s per
 # engine on a 2-core machine); eager mode builds in seconds.
@@ -69,7 +73,7 @@ class VllmRuntime(RankRuntime):
         host = ray.util.get_node_ip_address()
         return host, free_port_below_ephemeral(host)
 
-    def join(self, host: str, port: int) -> None:
+    def join(self, host: str, port: int, instance: str) -> None:
         if self.llm is not None:
             raise RuntimeError("a vLLM rank forms its process group once: restart every rank "
                                "of the engine to form a new one")
@@ -83,7 +87,14 @@ class VllmRuntime(RankRuntime):
         torch.set_num_threads(max(1, int(self.options.num_cpus)))
         from vllm import LLM
 
-        self.llm = LLM(**self._llm_args())
+        shm.prepare(instance, rank, self.context.world_size, self.device)
+        try:
+            self.llm = LLM(**self._llm_args())
+        except Exception as exc:
+            unavailable = shm.explain(exc, rank)
+            if unavailable is None:
+                raise
+            raise unavailable from exc
         self.model = self.llm.llm_engine.model_executor.driver_worker.worker.get_model()
         self.context.log.info("built vLLM TP rank %d/%d (%s, quantization=%s)", rank,
                               self.context.world_size, self.options.dtype,
