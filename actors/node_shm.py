@@ -79,17 +79,15 @@ def claim(instance: str, rank: int, shm_dir: Path = SHM_DIR) -> None:
     if not shm_dir.is_dir():  # not Linux: no /dev/shm to keep clean
         return
     record = shm_dir / f"{instance}-owner-r{rank}"
+    fd = -1
     try:
         fd = os.open(shm_dir, os.O_TMPFILE | os.O_RDWR, 0o600)
-    except OSError as exc:
-        raise SharedMemoryUnavailable(f"cannot create {record} ({exc.strerror}): free space "
-                                      f"in {shm_dir} or make it writable") from exc
-    try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         os.write(fd, json.dumps({"pid": os.getpid()}).encode())
         _link(fd, record)
     except OSError as exc:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
         raise SharedMemoryUnavailable(f"cannot create {record} ({exc.strerror}): free space "
                                       f"in {shm_dir} or make it writable") from exc
     _held[instance] = fd
