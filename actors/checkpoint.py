@@ -1,7 +1,7 @@
 """Rank-side reading of safetensors checkpoints: lazy slices, so a rank reads only its shard.
 
-The driver resolves which file holds which tensor (``orchestrator.inventory``) and sends the
-names; each rank opens the files itself (``actors.transport``) and hands ``CheckpointSlice``
+The driver resolves which file holds which tensor (``actors.transports.files``) and sends the
+names; each rank opens the files itself (``FileBucket.read``) and hands ``CheckpointSlice``
 objects (``actors.lazy``) to the model's weight loaders, which narrow them to the rank's
 shard before any byte is read.
 """

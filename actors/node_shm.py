@@ -6,7 +6,7 @@ An engine *instance* is one formation of an engine's process group. The driver n
 afresh every time the engine's ranks form their group (``new_instance``: the first start and
 every rebuild), so two live engines never share a name and a rebuilt engine never reuses a
 dead one's. Everything a rank of the instance creates in ``/dev/shm`` carries the name as
-its prefix (the engine sees to that: ``actors/vllm/shm.py``), and before it creates anything
+its prefix (the engine sees to that: ``actors/engines/vllm/shm.py``), and before it creates anything
 each rank records itself beside it, in ``<instance>-owner-r<rank>``, and holds an exclusive
 ``flock`` on that record for the rest of its life. The kernel drops the lock when the
 process dies, however it dies, so "is this owner alive?" is "is its record locked?": no pid

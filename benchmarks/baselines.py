@@ -29,10 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from actors.model import TPGroup, build_model, load_spec
-from actors.rank import process_memory, reset_peak_rss
-from actors.transport import BucketReader, FileBucket
-from orchestrator.inventory import checkpoint_inventory
+from actors.engines.native import TPGroup, build_model, load_spec
+from actors.rank_actor import process_memory, reset_peak_rss
+from actors.transports import BucketReader
+from actors.transports.files import FileBucket, checkpoint_inventory, file_entry
 from quant import QuantConfig
 
 
@@ -48,7 +48,8 @@ class RankWork:
                     real.__dict__.update(param.__dict__)
                     module._parameters[name] = real
         self.quantized = [m for m in self.model.modules()
-                          if getattr(getattr(m, "quant_method", None), "converts_weights", False)]
+                          if getattr(m, "quant_method", None) is not None
+                          and m.quant_method.policy.converts_weights]
         self.kernel = {id(m): {n: torch.empty_like(t) for n, t in self._quantize(m).items()}
                        for m in self.quantized}
 
@@ -74,7 +75,7 @@ class RankWork:
 
 
 def file_entries(model_dir: Path) -> FileBucket:
-    return FileBucket(tuple(i.file_entry() for i in checkpoint_inventory(model_dir)))
+    return FileBucket(tuple(file_entry(i) for i in checkpoint_inventory(model_dir)))
 
 
 def _one_rank(work: RankWork, model_dir: Path | None,

@@ -29,6 +29,7 @@ import ray
 import torch
 from safetensors.torch import load_file
 
+from actors.transports.files import checkpoint_files
 from benchmarks.baselines import (
     RankWork,
     concurrent_floor_seconds,
@@ -50,7 +51,6 @@ from orchestrator import (
     TrainerEndpoint,
     TrainerSource,
 )
-from orchestrator.inventory import checkpoint_files
 
 log = logging.getLogger("tp_reload.bench")
 PEERS = ("dcp", "full")
@@ -194,7 +194,8 @@ def run_engine_cases(path: Path, tp: int, quantization: str | None, tensors: dic
             log.warning("ours %-28s min %.3fs", case.name, min(case.ours))
         if opts.engine == "vllm":
             measure_vllm_peer(orch, path, tensors, cases, opts.repeats)
-        staged = measure_pause(orch, path, cases, opts.repeats) if orch.kind.stages else None
+        stages = orch.config.plugin.supports("staging")
+        staged = measure_pause(orch, path, cases, opts.repeats) if stages else None
     ray.kill(trainer)
     return cases, staged
 
@@ -302,7 +303,7 @@ def depth_check(path: Path, opts: Options) -> list[dict[str, Any]]:
                                               "native")) as orch:
             report = orch.reload(str(model), order="plan")
             plan = orch.plan(str(model))
-            layers = orch.model_spec.num_layers
+            layers = json.loads((Path(model) / "config.json").read_text())["num_hidden_layers"]
         bound = plan.largest_layer_rank_bytes + opts.bucket_bytes
         peak = report.peak_buffered_bytes
         rows.append({"layers": layers, "peak_buffered_bytes": peak,

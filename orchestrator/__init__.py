@@ -1,39 +1,46 @@
-"""tp-reload driver side: configure, place and drive tensor-parallel engines on Ray."""
+"""tp-reload driver side: configure, place and drive tensor-parallel engines on Ray.
 
-from orchestrator.config import EngineConfig
-from orchestrator.coordinator import ReloadOrchestrator
-from orchestrator.errors import (
-    CheckpointError,
-    ConfigError,
-    RankError,
-    RecoveryError,
-    ReloadInProgressError,
-    SharedMemoryError,
-    TPReloadError,
-    TrainerError,
-)
-from orchestrator.report import ReloadReport, Samples
-from orchestrator.service import ServiceClient, connect
-from orchestrator.trainer import TrainerEndpoint, TrainerSource
-from orchestrator.yaml_config import ServiceConfig, load_engine_config
+Names are imported on first use (PEP 562), so ``import orchestrator.errors`` (which rank
+processes do, through the transports) does not import the driver."""
 
-__all__ = [
-    "CheckpointError",
-    "ConfigError",
-    "EngineConfig",
-    "ReloadReport",
-    "RankError",
-    "RecoveryError",
-    "ReloadInProgressError",
-    "ReloadOrchestrator",
-    "Samples",
-    "ServiceClient",
-    "ServiceConfig",
-    "SharedMemoryError",
-    "TPReloadError",
-    "TrainerEndpoint",
-    "TrainerError",
-    "TrainerSource",
-    "connect",
-    "load_engine_config",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOMES = {
+    "EngineConfig": "orchestrator.config",
+    "ReloadOrchestrator": "orchestrator.reload_orchestrator",
+    "CheckpointError": "orchestrator.errors",
+    "ConfigError": "orchestrator.errors",
+    "RankError": "orchestrator.errors",
+    "RecoveryError": "orchestrator.errors",
+    "ReloadInProgressError": "orchestrator.errors",
+    "SharedMemoryError": "orchestrator.errors",
+    "TPReloadError": "orchestrator.errors",
+    "TrainerError": "orchestrator.errors",
+    "ReloadReport": "orchestrator.report",
+    "Samples": "orchestrator.report",
+    "ServingAPI": "orchestrator.serving",
+    "ServiceClient": "orchestrator.service",
+    "connect": "orchestrator.service",
+    "TrainerEndpoint": "actors.transports.trainer_stream",
+    "TrainerSource": "actors.transports.trainer_stream",
+    "ServiceConfig": "orchestrator.yaml_config",
+    "load_engine_config": "orchestrator.yaml_config",
+    "register_engine": "actors.engines",
+    "register_transport": "actors.transports",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'orchestrator' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOMES[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from actors.engines import ENGINES
+from actors.engines import engine_names
 from orchestrator.config import DTYPES, KV_CACHE_DTYPES, EngineConfig
 from orchestrator.demo import (
     DEMO_MODELS,
@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="serve a small random model with TP, reload it, "
                                             "check both against transformers")
     defaults = DemoOptions()
-    demo.add_argument("--engine", default=defaults.engine, choices=tuple(ENGINES),
+    demo.add_argument("--engine", default=defaults.engine, choices=tuple(engine_names()),
                       help="inference engine (default: %(default)s)")
     demo.add_argument("--tp", type=int, default=defaults.tensor_parallel_size)
     demo.add_argument("--layers", type=int, default=defaults.num_layers)
@@ -40,13 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default=defaults.model, choices=tuple(DEMO_MODELS),
                       help="random model family (default: %(default)s)")
     demo.add_argument("--json", action="store_true", help="print the result as JSON")
-    serve = commands.add_parser("serve", help="run the service: a named coordinator actor "
+    serve = commands.add_parser("serve", help="run the service: a named service actor "
                                               "owning the engines (the Ray job entrypoint)")
     serve.add_argument("--config", required=True, help="YAML config (see configs/)")
     serve.add_argument("--model", help="first checkpoint; overrides engine.model")
     serve.add_argument("--watch", help="reload each step_* directory published here once "
                                        "it holds the marker file; overrides service.watch_dir")
-    serve.add_argument("--name", help="coordinator actor name; overrides service.name")
+    serve.add_argument("--name", help="service actor name; overrides service.name")
     serve.add_argument("--namespace", help="Ray namespace; overrides service.namespace")
     plan = commands.add_parser("plan", help="print the reload schedule of a checkpoint and its "
                                             "predicted buffering (no Ray)")
@@ -117,8 +117,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def print_plan(args: argparse.Namespace) -> int:
     """The native engine's schedule, planned in this process on meta copies of its ranks."""
-    from orchestrator.coordinator import ReloadOrchestrator
     from orchestrator.errors import TPReloadError
+    from orchestrator.reload_orchestrator import ReloadOrchestrator
 
     try:
         config = EngineConfig(model=args.checkpoint, tensor_parallel_size=args.tp,

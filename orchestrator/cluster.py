@@ -10,7 +10,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.node_shm import SharedMemoryUnavailable, describe, new_instance
-from actors.rank import CONTROL_GROUP, SERVE_GROUP, RankActor
+from actors.rank_actor import CONTROL_GROUP, SERVE_GROUP, RankActor
 from actors.reload import PeerFailedError, ReloadError
 from orchestrator.config import EngineConfig
 from orchestrator.errors import CheckpointError, RankError, SharedMemoryError
@@ -92,10 +92,11 @@ class Engine:
     """Name of the engine's current formation (``actors.node_shm``), set when its ranks
     connect: what they create in the node's shared memory carries it."""
 
-    def submit(self, method: str, *args: Any, only_rank: int | None = None
-               ) -> dict[RankKey, ray.ObjectRef]:
+    def submit(self, method: Callable[..., Any], *args: Any, only_rank: int | None = None,
+               **kwargs: Any) -> dict[RankKey, ray.ObjectRef]:
+        """``method`` (a ``RankActor`` method, named by reference) on every rank, or one."""
         return {
-            (self.index, r): getattr(actor, method).remote(*args)
+            (self.index, r): getattr(actor, method.__name__).remote(*args, **kwargs)
             for r, actor in enumerate(self.ranks)
             if only_rank is None or r == only_rank
         }
@@ -175,13 +176,13 @@ def create_engine(index: int, cfg: EngineConfig, dtype: str,
         remote.options(
             num_cpus=cfg.num_cpus_per_rank,
             num_gpus=1 if cfg.device == "cuda" else 0,
-            # A dead rank comes back empty; the coordinator rebuilds it (never retries a call).
+            # A dead rank comes back empty; the orchestrator rebuilds it (never retries a call).
             max_restarts=cfg.max_rank_restarts, max_task_retries=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=group, placement_group_bundle_index=rank
             ),
-        ).remote(engine=index, rank=rank, options=options, timeout_s=cfg.timeout_s,
-                 check_finite=cfg.check_finite)
+        ).remote(engine=index, rank=rank, plugin=cfg.plugin, options=options,
+                 timeout_s=cfg.timeout_s, check_finite=cfg.check_finite)
         for rank in range(tp)
     ]
     return Engine(index, group, ranks)
@@ -193,7 +194,7 @@ def rank_pids(engines: list[Engine], timeout_s: float) -> dict[RankKey, int]:
     pids: dict[RankKey, int] = {}
     deadline = time.monotonic() + timeout_s
     while True:
-        missing = {k: ref for e in engines for k, ref in e.submit("ping").items()
+        missing = {k: ref for e in engines for k, ref in e.submit(RankActor.ping).items()
                    if k not in pids}
         ray.wait(list(missing.values()), num_returns=len(missing),
                  timeout=max(0.0, deadline - time.monotonic()))
@@ -243,14 +244,15 @@ def connect_engines(engines: list[Engine], timeout_s: float) -> None:
     as a new engine instance (``actors.node_shm``): what dead instances left in the ranks'
     shared memory is removed first, and logged here."""
     addresses = gather(
-        {k: v for e in engines for k, v in e.submit("store_address", only_rank=0).items()},
+        {k: v for e in engines for k, v in e.submit(RankActor.store_address, only_rank=0).items()},
         timeout_s,
     )
     calls: dict[RankKey, ray.ObjectRef] = {}
     for engine in engines:
         host, port = addresses[(engine.index, 0)]
         previous, engine.instance = engine.instance, new_instance(engine.index)
-        calls.update(engine.submit("init_distributed", host, port, engine.instance, previous))
+        calls.update(engine.submit(RankActor.init_distributed, host, port, engine.instance,
+                                   previous))
     for (index, rank), removed in sorted(gather(calls, timeout_s).items()):
         if removed:
             log.warning("engine %d rank %d removed the shared memory that dead engine "
@@ -260,7 +262,7 @@ def connect_engines(engines: list[Engine], timeout_s: float) -> None:
 def close_engines(engines: list[Engine], timeout_s: float) -> None:
     """Ask every rank to release its node's shared memory before it is killed; a rank that
     is dead or does not answer in time is skipped (the next start on its node sweeps)."""
-    calls = {ref: key for e in engines for key, ref in e.submit("close").items()}
+    calls = {ref: key for e in engines for key, ref in e.submit(RankActor.close).items()}
     ready, _ = ray.wait(list(calls), num_returns=len(calls), timeout=timeout_s)
     for ref in ready:
         engine, rank = calls[ref]

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.dtypes import ENGINE_DTYPE_NAMES
-from actors.engines import ENGINES, EngineOptions, engine_kind, load_object
+from actors.engines import EngineOptions, EnginePlugin, engine_names, engine_plugin
 from orchestrator.errors import ConfigError
 from orchestrator.fields import check_types
 from quant import QuantConfig
@@ -85,9 +85,14 @@ class EngineConfig:
         self.model = str(self.model)
         self._check_values()
         try:
-            load_object(engine_kind(self.engine).check_options)(self.options(self.dtype))
+            self.plugin.check_options(self.options(self.dtype))
         except ValueError as exc:
             raise ConfigError(f"EngineConfig: {exc}") from exc
+
+    @property
+    def plugin(self) -> EnginePlugin:
+        """The engine named by ``engine`` (``actors.engines``)."""
+        return engine_plugin(self.engine)
 
     @property
     def quant(self) -> QuantConfig:
@@ -113,7 +118,7 @@ class EngineConfig:
                 raise ConfigError(f"EngineConfig.{name} must be > 0, got {getattr(self, name)!r}")
         choices = {"dtype": DTYPES, "device": DEVICES, "kv_cache_dtype": KV_CACHE_DTYPES,
                    "kv_scales": KV_SCALES, "placement_strategy": PLACEMENT_STRATEGIES,
-                   "engine_placement": ENGINE_PLACEMENTS, "engine": tuple(ENGINES),
+                   "engine_placement": ENGINE_PLACEMENTS, "engine": tuple(engine_names()),
                    "serve_during_reload": ("wait", "fail")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -122,5 +127,6 @@ class EngineConfig:
                 )
         if self.kv_scales == "calibrate" and self.kv_cache_dtype != "fp8":
             raise ConfigError("EngineConfig.kv_scales='calibrate' needs kv_cache_dtype='fp8'")
-        if self.kv_scales == "calibrate" and self.engine != "native":
-            raise ConfigError("EngineConfig.kv_scales='calibrate' is a native-engine option")
+        if self.kv_scales == "calibrate" and not self.plugin.supports("kv_calibration"):
+            raise ConfigError(f"EngineConfig.kv_scales='calibrate': engine={self.engine!r} "
+                              "cannot calibrate KV scales (the native engine can)")

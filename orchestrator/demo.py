@@ -17,7 +17,7 @@ import ray
 import torch
 
 from orchestrator.config import EngineConfig
-from orchestrator.coordinator import ReloadOrchestrator
+from orchestrator.reload_orchestrator import ReloadOrchestrator
 from orchestrator.report import ReloadReport, Samples
 
 NEW_TOKENS = 8

@@ -1,14 +1,20 @@
-"""What the coordinator hands back: ``ReloadReport`` (one load or reload) and ``Samples``
+"""What the orchestrator hands back: ``ReloadReport`` (one load or reload) and ``Samples``
 (rollouts)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from actors.reload import RANK_STAGES
-from orchestrator.cluster import RankKey
+
+if TYPE_CHECKING:
+    from actors.transports.base import Source
+    from orchestrator.plan import Plan
+
+RankKey = tuple[int, int]
 
 STAGES = ("plan", *RANK_STAGES)
 """A reload's stages: the driver's planning, then each rank's."""
@@ -55,6 +61,34 @@ class ReloadReport:
     staging_bytes: int = 0
     """Staged reloads: the most staging memory any rank held (one more copy of the layers
     the source touched)."""
+
+    @classmethod
+    def from_ranks(cls, stats: dict[RankKey, dict[str, Any]], *, version: int, seconds: float,
+                   stage_seconds: dict[str, float], plan: Plan, source: Source,
+                   bytes_sent: dict[int, int], layer_kinds: dict[str, str]) -> ReloadReport:
+        """The report of one load from every rank's ``finish_reload`` statistics."""
+        first = stats[min(stats)]
+        bytes_by_kind: dict[str, int] = {}
+        for tensor in plan.tensors:
+            kind = layer_kinds[tensor.layer]
+            bytes_by_kind[kind] = bytes_by_kind.get(kind, 0) + tensor.nbytes
+        seconds_by_kind: dict[str, float] = {}
+        for rank_stats in stats.values():
+            for layer, spent in rank_stats["layer_seconds"].items():
+                kind = layer_kinds[layer]
+                seconds_by_kind[kind] = seconds_by_kind.get(kind, 0.0) + spent
+        return cls(
+            version=version, seconds=seconds,
+            stage_seconds={name: stage_seconds[name] for name in STAGES},
+            bytes_read={key: s["bytes_read"] for key, s in sorted(stats.items())},
+            peak_buffered_bytes=max(s["peak_buffered_bytes"] for s in stats.values()),
+            predicted_peak_buffered_bytes=plan.predicted_peak_buffered_bytes,
+            layers_reloaded=first["layers_reloaded"], layers_kept=first["layers_kept"],
+            warnings=[f"engine {e} rank {r}: {w}" for (e, r), s in sorted(stats.items())
+                      for w in s["warnings"]],
+            order=plan.order, source=source.description, source_bytes=source.nbytes,
+            buckets=len(plan.buckets), buffered_timeline=first["buffered_timeline"],
+            bytes_sent=bytes_sent, bytes_by_kind=bytes_by_kind, seconds_by_kind=seconds_by_kind)
 
     def share(self, kind: str) -> tuple[float, float]:
         """(fraction of source bytes, fraction of rank seconds) spent on layers of ``kind``,

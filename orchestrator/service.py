@@ -1,153 +1,137 @@
-"""Service mode for RL pipelines: a named, detached coordinator actor owning the engines
-(``Coordinator``), the client RL drivers reach it with (``connect``), and the loop behind
+"""Service mode for RL pipelines: a named, detached actor owning the engines (``Service``),
+the client RL drivers reach it with (``connect``), and the loop behind
 ``tp-reload serve`` that starts it and reloads each checkpoint a trainer publishes.
 
 Lifecycle: ``tp-reload serve`` (usually the entrypoint of ``ray job submit``) creates the
 actor under ``ServiceConfig.name`` / ``namespace``; the actor places the engines and loads
-the first checkpoint (version 0). Clients call ``reload`` / ``forward`` / ``generate`` /
-``version`` / ``status`` from any driver of the cluster. ``ray job stop`` sends the serve
+the first checkpoint (version 0). Clients call the ``ServingAPI`` (``reload``, ``sample``,
+``version``, ``status``, ...) from any driver of the cluster. ``ray job stop`` sends the serve
 process SIGTERM: it shuts the engines down and kills the actor before exiting, so nothing
 outlives the job.
 """
 
 from __future__ import annotations
 
+import abc
+import functools
 import logging
 import re
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import ray
 
 from orchestrator.config import EngineConfig
-from orchestrator.coordinator import ReloadOrchestrator
 from orchestrator.errors import ConfigError, TPReloadError
-from orchestrator.report import ReloadReport, Samples
+from orchestrator.reload_orchestrator import ReloadOrchestrator
+from orchestrator.report import ReloadReport
+from orchestrator.serving import SERVING_CALLS, ServingAPI
 from orchestrator.yaml_config import FileConfig, ServiceConfig
 
 log = logging.getLogger("tp_reload.serve")
 STEP_NAME = re.compile(r"^step_(\d+)$")
-# Concurrent calls on the coordinator: status and version answer during a reload (the
+# Concurrent calls on the service actor: status and version answer during a reload (the
 # orchestrator's own lock orders reloads and serving calls).
-COORDINATOR_CONCURRENCY = 8
+SERVICE_CONCURRENCY = 8
 
 
-class Coordinator:
-    """Runs inside the detached actor: one ReloadOrchestrator and what the service reports."""
+class Service(ServingAPI):
+    """Runs inside the detached actor: one ReloadOrchestrator, served to clients through
+    ``call`` (the ``ServingAPI`` by name), and what the service reports."""
 
     def __init__(self, config: EngineConfig, service: ServiceConfig) -> None:
         logging.basicConfig(level=logging.INFO,
-                            format="%(asctime)s %(levelname)s [coordinator] %(message)s")
+                            format="%(asctime)s %(levelname)s [service] %(message)s")
         self.service = service
         self.started_at = time.time()
         self.orch = ReloadOrchestrator(config).start()
-        self.last_report: ReloadReport | None = self.orch.load_report
         self.last_step: str | None = None
+
+    def call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """One ``ServingAPI`` call of a client."""
+        if name == "version":
+            return self.version
+        if name not in SERVING_CALLS:
+            raise AttributeError(f"the service serves {SERVING_CALLS} and version, not {name!r}")
+        return getattr(self, name)(*args, **kwargs)
 
     def ready(self) -> dict[str, Any]:
         return self.status()
 
+    @property
+    def version(self) -> int:
+        return self.orch.version
+
     def reload(self, source: Any, order: str = "plan", strict: bool = True,
-               step: str | None = None, staged: bool | None = None) -> ReloadReport:
-        """``staged``: None takes the service config's ``staged``."""
+               staged: bool | None = None, staging: str | None = None,
+               step: str | None = None) -> ReloadReport:
+        """``staged``/``staging`` None take the service config's; ``step`` names the
+        watched directory it came from."""
         report = self.orch.reload(
             source, order=order, strict=strict,
             staged=self.service.staged if staged is None else staged,
-            staging=self.service.staging)
-        self.last_report = report
+            staging=staging or self.service.staging)
         if step is not None:
             self.last_step = step
         return report
 
-    def forward(self, token_ids: Any, engine: int = 0):
-        return self.orch.forward(token_ids, engine=engine)
-
-    def generate(self, token_ids: Any, max_new_tokens: int = 8, engine: int = 0):
-        return self.orch.generate(token_ids, max_new_tokens=max_new_tokens, engine=engine)
-
-    def sample(self, token_ids: Any, max_new_tokens: int, **kwargs: Any) -> Samples:
-        return self.orch.sample(token_ids, max_new_tokens, **kwargs)
-
-    def version(self) -> int:
-        return self.orch.version
-
-    def placements(self) -> list[list[dict[str, Any]]]:
-        return self.orch.placements()
-
     def status(self) -> dict[str, Any]:
-        cfg = self.orch.config
-        report = self.last_report
-        return {
-            "name": self.service.name, "namespace": self.service.namespace,
-            "version": self.orch.version, "model": cfg.model,
-            "tensor_parallel_size": cfg.tensor_parallel_size, "num_engines": cfg.num_engines,
-            "engine": cfg.engine, "quantization": cfg.quantization, "dtype": self.orch.dtype,
-            "watch_dir": self.service.watch_dir, "last_step": self.last_step,
-            "uptime_s": round(time.time() - self.started_at, 1),
-            "last_reload": None if report is None else {
-                "version": report.version, "seconds": report.seconds,
-                "source": report.source, "peak_buffered_bytes": report.peak_buffered_bytes,
-                "staged": report.staged, "pause_seconds": report.pause_seconds},
-        }
+        return {**self.orch.status(), "name": self.service.name,
+                "namespace": self.service.namespace, "watch_dir": self.service.watch_dir,
+                "last_step": self.last_step,
+                "uptime_s": round(time.time() - self.started_at, 1)}
 
     def shutdown(self) -> None:
         self.orch.shutdown()
 
 
-class ServiceClient:
-    """What an RL driver holds: calls go to the named coordinator actor; errors arrive as
-    the project's exception types (CheckpointError, RankError, ...)."""
+class ServiceClient(ServingAPI):
+    """What an RL driver holds: the ``ServingAPI`` of the named service actor; errors arrive
+    as the project's exception types (CheckpointError, RankError, ...). A checkpoint
+    directory must be readable on every node; a dict name -> tensor travels through the
+    object store."""
 
     def __init__(self, handle: Any, timeout_s: float | None = None) -> None:
         self.handle = handle
         self.timeout_s = timeout_s
 
-    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return ray.get(getattr(self.handle, method).remote(*args, **kwargs),
-                       timeout=self.timeout_s)
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return ray.get(self.handle.call.remote(name, *args, **kwargs), timeout=self.timeout_s)
 
-    def reload(self, source: Any, order: str = "plan", strict: bool = True,
-               staged: bool | None = None) -> ReloadReport:
-        """A checkpoint directory (readable on every node) or a dict name -> tensor (sent
-        through the object store); ``staged`` (None: the service's config) keeps serving
-        while it streams in."""
-        return self._call("reload", source, order, strict, None, staged)
-
-    def forward(self, token_ids: Any, engine: int = 0):
-        return self._call("forward", token_ids, engine)
-
-    def generate(self, token_ids: Any, max_new_tokens: int = 8, engine: int = 0):
-        return self._call("generate", token_ids, max_new_tokens, engine)
-
-    def sample(self, token_ids: Any, max_new_tokens: int, temperature: float = 1.0,
-               top_p: float = 1.0, seed: int | None = None, logprobs: bool = True,
-               engine: int = 0) -> Samples:
-        """Rollouts with their log-probs and the version that produced them (as
-        ``ReloadOrchestrator.sample``)."""
-        return self._call("sample", token_ids, max_new_tokens, temperature=temperature,
-                          top_p=top_p, seed=seed, logprobs=logprobs, engine=engine)
-
+    @property
     def version(self) -> int:
         return self._call("version")
 
-    def status(self) -> dict[str, Any]:
-        return self._call("status")
-
-    def placements(self) -> list[list[dict[str, Any]]]:
-        return self._call("placements")
-
     def shutdown(self) -> None:
         """Stop the service from a client: engines shut down, the actor is killed."""
-        stop_coordinator(self.handle)
+        stop_service(self.handle)
+
+
+def _serving_call(name: str, make: Callable[[str], Callable[..., Any]], cls: type) -> None:
+    method = functools.wraps(getattr(ServingAPI, name))(make(name))
+    method.__qualname__ = f"{cls.__name__}.{name}"
+    method.__isabstractmethod__ = False  # wraps copied the interface's abstract marker
+    setattr(cls, name, method)
+
+
+# The service forwards the calls it does not specialize to its orchestrator, the client
+# every call to the service: the interface is written once, in ServingAPI.
+for _name in ("forward", "generate", "sample", "placements"):
+    _serving_call(_name, lambda n: lambda self, *a, **k: getattr(self.orch, n)(*a, **k), Service)
+for _name in SERVING_CALLS:
+    _serving_call(_name, lambda n: lambda self, *a, **k: self._call(n, *a, **k), ServiceClient)
+abc.update_abstractmethods(Service)
+abc.update_abstractmethods(ServiceClient)
 
 
 def connect(name: str = "tp-reload", namespace: str = "tp-reload", *,
             address: str = "auto", wait_s: float = 60.0,
             timeout_s: float | None = None) -> ServiceClient:
-    """Reach the coordinator named ``name``; waits up to ``wait_s`` for it to finish its
+    """Reach the service actor named ``name``; waits up to ``wait_s`` for it to finish its
     first load (a freshly submitted job takes a while). Joins the cluster at ``address``
     when this process is not yet connected to Ray."""
     if not ray.is_initialized():
@@ -160,17 +144,17 @@ def connect(name: str = "tp-reload", namespace: str = "tp-reload", *,
             return ServiceClient(handle, timeout_s)
         except ValueError:
             if time.monotonic() >= deadline:
-                raise TPReloadError(f"no tp-reload coordinator named '{name}' in namespace "
+                raise TPReloadError(f"no tp-reload service named '{name}' in namespace "
                                     f"'{namespace}' (is `tp-reload serve` running?)") from None
             time.sleep(0.5)
 
 
-def stop_coordinator(handle: Any, timeout_s: float = 2.0) -> None:
+def stop_service(handle: Any, timeout_s: float = 2.0) -> None:
     """Shut the engines down (bounded wait) and kill the actor; its rank actors die with it."""
     try:
         ray.get(handle.shutdown.remote(), timeout=timeout_s)
     except Exception as exc:  # noqa: BLE001 - stopping goes on whatever the actor says
-        log.warning("coordinator shutdown did not finish cleanly: %s", exc)
+        log.warning("service shutdown did not finish cleanly: %s", exc)
     ray.kill(handle, no_restart=True)
 
 
@@ -214,7 +198,7 @@ class StepWatcher:
 
 
 def serve(config: FileConfig, stop: threading.Event | None = None) -> int:
-    """Entrypoint of ``tp-reload serve``: start the coordinator, then watch until stopped."""
+    """Entrypoint of ``tp-reload serve``: start the service actor, then watch until stopped."""
     service = config.service
     stop = stop or threading.Event()
     if not ray.is_initialized():
@@ -227,15 +211,15 @@ def serve(config: FileConfig, stop: threading.Event | None = None) -> int:
     except ValueError:
         pass
     else:
-        raise ConfigError(f"a coordinator named '{service.name}' already runs in namespace "
+        raise ConfigError(f"a service named '{service.name}' already runs in namespace "
                           f"'{service.namespace}': stop it or choose another service.name")
-    actor = ray.remote(Coordinator).options(
+    actor = ray.remote(Service).options(
         name=service.name, namespace=service.namespace, lifetime="detached", num_cpus=0,
-        max_concurrency=COORDINATOR_CONCURRENCY)
+        max_concurrency=SERVICE_CONCURRENCY)
     handle = actor.remote(config.engine, service)
     try:
         status = ray.get(handle.ready.remote())
-        log.info("coordinator '%s' (namespace '%s') serving %s as version %d: %d engine(s) x "
+        log.info("service %s (namespace '%s') serving %s as version %d: %d engine(s) x "
                  "TP=%d", service.name, service.namespace, status["model"], status["version"],
                  status["num_engines"], status["tensor_parallel_size"])
         watcher = StepWatcher(service.watch_dir, service.marker) if service.watch_dir else None
@@ -251,7 +235,7 @@ def serve(config: FileConfig, stop: threading.Event | None = None) -> int:
             stop.wait(service.poll_s)
         log.info("stop requested: shutting the engines down")
     finally:
-        stop_coordinator(handle)
+        stop_service(handle)
     log.info("stopped")
     return 0
 

@@ -1,86 +1,237 @@
-"""The commit log: how every rank gets back to the last committed version.
+"""The transaction: how the fleet goes from one committed version to the next, all or
+nothing.
 
-A reload commits only when every rank of every engine finished it. Each committed source is
-logged with the exact bucket messages the ranks received: the first load (or the last reload
-that covered every layer) and the partial reloads since. Replaying the log through the normal
-load path rebuilds the committed weights bit for bit, because loading and quantization are
-deterministic. It serves two failures:
-
-  * a failed reload: every rank is rolled back by replaying the log;
-  * a dead rank: Ray restarts the actor empty, it rejoins a new process group and replays
-    the log from its first entry.
-
-Memory cost: in-memory sources stay in the Ray object store (one copy per node, shared by all
-ranks and engines) while they are in the log; a trainer stream stays in the engine ranks,
-each keeping the boxes it received (its share), and a restarted rank cannot rebuild it;
-checkpoint directories cost nothing but must stay unchanged until superseded; replay checks
-their files' size and mtime, and refuses to rebuild from a directory that changed.
+A load streams a plan's buckets to every rank of every engine (start -> buckets -> finish),
+each layer processed on a rank the moment its last tensor arrives; it commits only when every
+rank finished, and then every rank drops what it computed with the old weights. A failure
+rolls every rank back by replaying the commit log (``orchestrator.commit_log``), rebuilding
+ranks that died first. A staged load streams into staging tensors while the engines serve,
+then flips them into the kernel tensors under the gate.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+import json
+import logging
+import time
+from collections import deque
+from dataclasses import replace
+from pathlib import Path
 
-from actors.stream import KeptBucket
-from actors.transport import BucketMessage
-from orchestrator.errors import RecoveryError
-from orchestrator.inventory import Source
+import torch
 
-Fingerprint = tuple[int, int]
+from actors.rank_actor import RankActor
+from actors.reload import RANK_STAGES
+from actors.transports.base import Delivery, DeliveryContext, Source
+from orchestrator.commit_log import CommitLog, CommittedSource, committed
+from orchestrator.config import EngineConfig
+from orchestrator.errors import RankError, RecoveryError
+from orchestrator.fleet import Calls, Fleet
+from orchestrator.gate import Gate
+from orchestrator.plan import Plan
+from orchestrator.progress import Progress
+from orchestrator.report import ReloadReport
+from orchestrator.router import Router
+
+log = logging.getLogger("tp_reload")
 
 
-@dataclass(frozen=True, slots=True)
-class CommittedSource:
-    description: str
-    messages: tuple[BucketMessage, ...]
-    fingerprints: dict[str, Fingerprint]
-    """Checkpoint file -> (size, mtime_ns) when it was committed."""
+class Transaction:
+    def __init__(self, config: EngineConfig, fleet: Fleet, router: Router, gate: Gate) -> None:
+        self.config = config
+        self.fleet = fleet
+        self.router = router
+        self.gate = gate
+        self.log = CommitLog()
+        self.version: int | None = None
+        """The committed version every rank serves (None before the first load)."""
+
+    # ---- loading -----------------------------------------------------------------------
+
+    def load(self, source: Source, plan: Plan, plan_seconds: float, *, first: bool = False
+             ) -> ReloadReport:
+        """Stream ``source`` into the kernel tensors and commit it (version 0 when
+        ``first``). The caller holds the gate; a failed reload is rolled back before the
+        error is raised (a failed first load is the caller's to clean up)."""
+        version = 0 if first else self.current + 1
+        try:
+            report, delivery = self.transfer(source, plan, plan_seconds, version, first=first)
+            entry, covers = committed(source, delivery), first or not report.layers_kept
+            self.commit(entry, covers)
+        except BaseException as error:
+            if not first:
+                self.recover(error)
+            raise
+        self.log.record(entry, covers)
+        self.version = version
+        return replace(report, pause_seconds=report.seconds)
+
+    def load_staged(self, source: Source, plan: Plan, plan_seconds: float, place: str
+                    ) -> ReloadReport:
+        """Stream ``source`` into staging tensors while the engines serve, then flip them in
+        under the gate: serving waits only for the flip (``pause_seconds``)."""
+        begin = time.perf_counter() - plan_seconds
+        version = self.current + 1
+        try:
+            staged = self.fleet.run(RankActor.prepare_staging, list(plan.layers), place)
+            report, delivery = self.transfer(source, plan, plan_seconds, version, staged=True)
+        except BaseException as error:
+            self._drop_staging(error)
+            raise
+        with self.gate.hold(reloading=True):  # waits for the serving call in flight
+            flip_begin = time.perf_counter()
+            try:
+                self.fleet.run(RankActor.flip_staged)
+                entry, covers = committed(source, delivery), not report.layers_kept
+                self.commit(entry, covers)
+                if self.config.kv_scales == "calibrate":
+                    self.calibrate(calibration_tokens(self.config))
+            except BaseException as error:
+                self.recover(error)
+                raise
+            self.log.record(entry, covers)
+            self.version = version
+            pause = time.perf_counter() - flip_begin
+        return replace(report, seconds=time.perf_counter() - begin, staged=True,
+                       pause_seconds=pause, staging_bytes=max(staged.values()))
 
     @property
-    def stream(self) -> int | None:
-        """The trainer stream whose kept boxes replay this source, if it was one."""
-        kept = [m.stream for m in self.messages if isinstance(m, KeptBucket)]
-        return kept[0] if kept else None
+    def current(self) -> int:
+        if self.version is None:
+            raise RuntimeError("orchestrator is not started")
+        return self.version
 
-    def check_unchanged(self) -> None:
-        for path, expected in self.fingerprints.items():
-            try:
-                stat = os.stat(path)
-            except FileNotFoundError as exc:
-                raise RecoveryError(f"cannot restore {self.description}: {path} was deleted "
-                                    "after it was committed") from exc
-            if (stat.st_size, stat.st_mtime_ns) != expected:
-                raise RecoveryError(f"cannot restore {self.description}: {path} changed on "
-                                    "disk after it was committed")
+    def transfer(self, source: Source, plan: Plan, plan_seconds: float, version: int, *,
+               first: bool = False, staged: bool = False) -> tuple[ReloadReport, Delivery]:
+        """Every rank: start, the plan's buckets as the source's transport delivers them,
+        finish. A rank runs its calls in submission order, so they are queued back to back
+        and awaited together: no round trip waits on another."""
+        begin = time.perf_counter() - plan_seconds
+        progress = Progress(f"load v{version}", sum(b.nbytes for b in plan.buckets),
+                            len(plan.buckets), enabled=self.config.progress)
+        started = self.fleet.call(RankActor.start_reload, first, staged)
+        context = DeliveryContext(self.fleet, self.router.routing, self.config.device,
+                                  self.config.timeout_s)
+        delivery = source.transport.deliver(source, plan, context)
+        try:
+            pending, send_seconds = self._queue(delivery, source.transport.max_in_flight,
+                                                progress)
+            finishing = self.fleet.call(RankActor.finish_reload)
+            self.fleet.wait(started)
+            for calls, nbytes in pending:
+                self.fleet.wait(calls)
+                progress.advance(nbytes)
+            stats = self.fleet.wait(finishing)
+            sent = delivery.finish(self.config.timeout_s)
+        except BaseException as error:
+            blamed = delivery.blame(error, self.config.timeout_s)
+            if blamed is error:
+                raise
+            raise blamed from error
+        finally:
+            progress.close()
+        stage = {name: max(s["stage_seconds"][name] for s in stats.values())
+                 for name in RANK_STAGES}
+        stage["plan"] = plan_seconds
+        stage["transfer"] += send_seconds
+        if self.config.kv_scales == "calibrate" and not staged:  # staged: after the flip
+            calibrate_begin = time.perf_counter()
+            self.calibrate(calibration_tokens(self.config))
+            stage["finalize"] += time.perf_counter() - calibrate_begin
+        report = ReloadReport.from_ranks(
+            stats, version=version, seconds=time.perf_counter() - begin, stage_seconds=stage,
+            plan=plan, source=source, bytes_sent=dict(enumerate(sent)),
+            layer_kinds=self.router.routing.layer_kinds)
+        for warning in report.warnings:
+            log.warning(warning)
+        return report, delivery
+
+    def _queue(self, delivery: Delivery, max_in_flight: int | None, progress: Progress
+               ) -> tuple[deque[tuple[Calls, int]], float]:
+        """Queue every step; a transport whose steps hold memory has at most
+        ``max_in_flight`` pending. Returns the pending steps and the seconds spent
+        producing them (packing, ``ray.put``)."""
+        pending: deque[tuple[Calls, int]] = deque()
+        seconds = 0.0
+        while True:
+            begin = time.perf_counter()
+            step = next(delivery.steps, None)
+            seconds += time.perf_counter() - begin
+            if step is None:
+                return pending, seconds
+            pending.append(step)
+            if max_in_flight is not None and len(pending) >= max_in_flight:
+                calls, nbytes = pending.popleft()
+                self.fleet.wait(calls)
+                progress.advance(nbytes)
+
+    def commit(self, entry: CommittedSource, covers_every_layer: bool) -> None:
+        """Every rank finished: each drops what it computed with the old weights, and what
+        it kept for sources the commit log will no longer hold (the caller records ``entry``
+        once nothing else can fail)."""
+        self.fleet.run(RankActor.commit, self.log.rank_kept_after(entry, covers_every_layer))
+
+    def calibrate(self, token_ids: torch.Tensor) -> list[list[list[float]]]:
+        """FP8 KV scales of every engine from a forward of ``token_ids``; per engine
+        [[k, v], ...]."""
+        results = self.fleet.run(RankActor.calibrate_kv_scales, token_ids)
+        return [results[(e.index, 0)] for e in self.fleet.engines]
+
+    # ---- rolling back ------------------------------------------------------------------
+
+    def recover(self, error: BaseException) -> None:
+        """After a failed reload: restarted ranks rejoin their engine, and every rank
+        replays the commit log back to the last committed version."""
+        try:
+            restarted = self.fleet.rejoin_restarted()
+            self.fleet.run(RankActor.abort_reload)
+            self._replay(restarted)
+            self.fleet.run(RankActor.commit, self.log.rank_kept())
+        except BaseException as exc:
+            self.gate.broken = (f"a failed reload ({error}) could not be rolled back ({exc}); "
+                                "restart the orchestrator")
+            raise RecoveryError(self.gate.broken) from exc
+        if restarted:
+            error.add_note(f"restarted rank(s) {sorted(restarted)} were rebuilt")
+        error.add_note(f"every rank of every engine is back on version {self.version}")
+        log.warning("reload failed (%s); restored version %s on every rank", error, self.version)
+
+    def recover_if_restarted(self, error: RankError) -> None:
+        """A rank that died while serving comes back empty: rebuild it before the error
+        reaches the caller, so the next call is served at the committed version."""
+        if self.fleet.restarted():
+            self.recover(error)
+
+    def _replay(self, restarted: set[tuple[int, int]]) -> None:
+        for index, entry in enumerate(self.log.entries):
+            entry.check_unchanged()
+            started = self.fleet.call_each(RankActor.start_reload, {
+                key: (index == 0 and key in restarted,) for key in self.fleet.rank_keys()})
+            loading = [self.fleet.load_bucket(message) for message in entry.messages]
+            finishing = self.fleet.call(RankActor.finish_reload)
+            for calls in (started, *loading, finishing):
+                self.fleet.wait(calls)
+        if self.config.kv_scales == "calibrate":
+            self.calibrate(calibration_tokens(self.config))
+
+    def _drop_staging(self, error: BaseException) -> None:
+        """A staged reload failed before its flip: every rank drops its staging. Only a
+        rank that died (and was restarted) makes its engine wait, for its rebuild."""
+        try:
+            if not self.fleet.restarted():
+                self.fleet.run(RankActor.abort_reload)
+                return
+        except RankError:
+            pass
+        with self.gate.hold(reloading=True):
+            self.recover(error)
 
 
-def committed(source: Source, messages: list[BucketMessage]) -> CommittedSource:
-    files = {t.file for t in source.tensors if t.file is not None}
-    fingerprints = {f: (os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in sorted(files)}
-    return CommittedSource(source.description, tuple(messages), fingerprints)
+def calibration_tokens(config: EngineConfig) -> torch.Tensor:
+    """``kv_calibration_tokens``, or a fixed seeded random 4 x 64 batch over the vocab."""
+    from orchestrator.serving import as_token_tensor
 
-
-@dataclass(slots=True)
-class CommitLog:
-    entries: list[CommittedSource] = field(default_factory=list)
-
-    def record(self, entry: CommittedSource, covers_every_layer: bool) -> None:
-        """A source that covered every layer makes the older entries unnecessary."""
-        self.entries = self._after(entry, covers_every_layer)
-
-    def _after(self, entry: CommittedSource, covers_every_layer: bool) -> list[CommittedSource]:
-        return [entry] if covers_every_layer else [*self.entries, entry]
-
-    def streams(self) -> tuple[int, ...]:
-        """The trainer streams the log replays from what the engine ranks kept."""
-        return _streams(self.entries)
-
-    def streams_after(self, entry: CommittedSource, covers_every_layer: bool
-                      ) -> tuple[int, ...]:
-        """``streams()`` once ``entry`` is recorded (the ranks learn it at commit)."""
-        return _streams(self._after(entry, covers_every_layer))
-
-
-def _streams(entries: list[CommittedSource]) -> tuple[int, ...]:
-    return tuple(e.stream for e in entries if e.stream is not None)
+    if config.kv_calibration_tokens is not None:
+        return as_token_tensor(config.kv_calibration_tokens)
+    vocab = json.loads((Path(config.model) / "config.json").read_text())["vocab_size"]
+    return torch.randint(0, vocab, (4, 64), generator=torch.Generator().manual_seed(0))

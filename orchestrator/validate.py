@@ -8,8 +8,8 @@ from collections import defaultdict
 
 from actors.dtypes import ENGINE_DTYPE_NAMES, ENGINE_DTYPES
 from actors.reload import Routing
+from actors.transports.base import Source
 from orchestrator.errors import CheckpointError
-from orchestrator.inventory import Source
 
 MAX_LISTED = 20
 

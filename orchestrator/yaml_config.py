@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from actors.reload.staged import STAGING_PLACES
+from actors.reload.staging_area import STAGING_PLACES
 from orchestrator.config import EngineConfig
 from orchestrator.errors import ConfigError
 from orchestrator.fields import check_types
@@ -27,7 +27,7 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
 @dataclass(kw_only=True, slots=True)
 class ServiceConfig:
     name: str = "tp-reload"
-    """Name of the detached coordinator actor that RL pipelines ``connect`` to."""
+    """Name of the detached service actor that RL pipelines ``connect`` to."""
     namespace: str = "tp-reload"
     """Ray namespace of that actor."""
     watch_dir: str | Path | None = None

@@ -3,7 +3,8 @@
 ``EngineConfig.quantization`` picks a linear method (``LINEAR_METHODS``) and the fused-expert
 method of the same name (``MOE_METHODS``), ``EngineConfig.kv_cache_dtype`` a KV-cache method
 (``KV_CACHE_METHODS``). A new method is a class with ``create_weights`` /
-``process_weights_after_loading`` / ``apply`` added here; no other package changes.
+``process_weights_after_loading`` / ``apply`` and the ``LayerPolicy`` the reload engine
+treats its layers by, added here; no other package changes.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from quant.base import LinearMethod, UnquantizedLinearMethod
+from quant.base import LayerPolicy, LinearMethod, UnquantizedLinearMethod
 from quant.fp8 import Fp8BlockLinearMethod, Fp8LinearMethod, Fp8PerChannelLinearMethod
 from quant.kv_cache import Fp8KVCacheMethod, KVCacheMethod
 from quant.moe import (
@@ -72,5 +73,5 @@ class QuantConfig:
         return KV_CACHE_METHODS[self.kv_cache]()
 
 
-__all__ = ["KV_CACHE_METHODS", "LINEAR_METHODS", "MOE_METHODS", "LinearMethod", "MoEMethod",
-           "QuantConfig", "UnquantizedLinearMethod"]
+__all__ = ["KV_CACHE_METHODS", "LINEAR_METHODS", "MOE_METHODS", "LayerPolicy", "LinearMethod",
+           "MoEMethod", "QuantConfig", "UnquantizedLinearMethod"]

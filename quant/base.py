@@ -11,24 +11,53 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 WeightLoader = Callable[..., None]
+Role = Literal["qkv"]
+"""A layer named by what it does, not by any engine's module name: ``qkv`` is an attention
+layer's query/key/value projection. Each engine maps roles to its own modules."""
 
 
-class LinearMethod(ABC):
-    """How one linear layer stores, converts and applies its weight."""
+@dataclass(frozen=True, slots=True)
+class LayerPolicy:
+    """How the reload engine treats a layer whose weights a quant method owns: declared
+    once per method (``policy``), read by every engine when it records its layers."""
 
-    name: str = ""
     converts_weights: bool = True
     """False when kernel format equals model format (``process_weights_after_loading`` is
     the identity): the reload engine then replays loads straight into the kernel tensors."""
     screened_params: tuple[str, ...] = ()
     """Model-format params whose NaN/Inf the processed scales always reveal (an amax over
     them): the reload engine asks ``has_nonfinite`` instead of scanning them again."""
+    process_last: bool = False
+    """Processed in finalize, after every other layer (attention/KV scales)."""
+    reset_with: Role | None = None
+    """A ``process_last`` layer's sibling, by role, whose reload re-processes this one even
+    when the source carries none of its (optional) tensors."""
+
+
+def mark_optional(param: torch.Tensor, fill_value: float) -> None:
+    """A param the source may omit: it is filled with ``fill_value`` instead (the same
+    param-attribute convention as ``weight_loader``)."""
+    param.fill_value = fill_value
+
+
+def fill_value(param: torch.Tensor) -> float | None:
+    """What an optional param is filled with when the source lacks it (None: required)."""
+    return getattr(param, "fill_value", None)
+
+
+class LinearMethod(ABC):
+    """How one linear layer stores, converts and applies its weight."""
+
+    name: str = ""
+    policy: ClassVar[LayerPolicy] = LayerPolicy()
 
     def has_nonfinite(self, layer: nn.Module) -> bool:
         """After processing: whether a screened param held NaN or Inf."""
@@ -63,7 +92,7 @@ class UnquantizedLinearMethod(LinearMethod):
     """Weights kept in the engine dtype; model format equals kernel format."""
 
     name = "none"
-    converts_weights = False
+    policy = LayerPolicy(converts_weights=False)
 
     def create_weights(
         self,

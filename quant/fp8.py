@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant.base import UnquantizedLinearMethod, replace_parameter
+from quant.base import LayerPolicy, UnquantizedLinearMethod, replace_parameter
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -123,8 +123,7 @@ class Fp8LinearMethod(UnquantizedLinearMethod):
     """Reuses the unquantized model format (create_weights); converts it on processing."""
 
     name = "fp8"
-    converts_weights = True
-    screened_params = ("weight",)
+    policy = LayerPolicy(screened_params=("weight",))
     granularity = "tensor"
 
     def has_nonfinite(self, layer: nn.Module) -> bool:

@@ -15,20 +15,23 @@ skipped). Both are optional; a missing one is filled with -1 ("not loaded") and
   * one loaded: it is used for both (a single scale describes the pair);
   * none loaded: 1.0.
 
-The method asks for its attention layer to be processed last (``process_last``), after
-every linear layer, and re-resolved whenever its ``qkv_proj`` is reloaded (``reset_with``);
-the model declares both to the reload engine. New projections without new scales
-go back to the defaults rather than keep scales measured for other weights. With
-``kv_scales='calibrate'`` the coordinator instead measures amax(|k|), amax(|v|) per layer on a
-calibration batch after each load (max over TP ranks) and sets scale = amax / 448.
+The method's ``policy`` asks for its attention layer to be processed last, after every
+linear layer, and re-resolved whenever its query/key/value projection is reloaded (the
+``qkv`` role); the model declares both to the reload engine. New projections without new
+scales go back to the defaults rather than keep scales measured for other weights. With
+``kv_scales='calibrate'`` the engine instead measures amax(|k|), amax(|v|) per layer on a
+calibration batch after each load (``observe`` / ``observed``; max over TP ranks) and sets
+scale = amax / 448.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
-from quant.base import replace_parameter
+from quant.base import LayerPolicy, mark_optional, replace_parameter
 from quant.fp8 import FP8, FP8_MAX, MIN_AMAX
 
 NOT_LOADED = -1.0
@@ -49,10 +52,20 @@ class KVCacheMethod:
 
     name = "auto"
     has_scales = False
-    process_last = False
-    """The attention layer owning the scales is processed after every linear layer."""
-    reset_with: str | None = None
-    """Sibling layer whose reload re-resolves the scales (new weights, new defaults)."""
+    policy: ClassVar[LayerPolicy] = LayerPolicy()
+
+    def __init__(self) -> None:
+        self._amax: list[torch.Tensor] | None = None  # [k, v] while calibrating
+
+    def observe(self, device: torch.device) -> None:
+        """Calibrating: from now on, record amax(|k|) and amax(|v|) instead of quantizing."""
+        self._amax = [torch.zeros((), device=device) for _ in range(2)]
+
+    def observed(self) -> torch.Tensor:
+        """Stop observing; [amax(|k|), amax(|v|)] seen since ``observe``."""
+        assert self._amax is not None, "observe() first"
+        amax, self._amax = torch.stack(self._amax), None
+        return amax
 
     def create_weights(self, layer: nn.Module) -> None:
         """Register the model-format scale parameters on the attention layer."""
@@ -74,14 +87,13 @@ class KVCacheMethod:
 class Fp8KVCacheMethod(KVCacheMethod):
     name = "fp8"
     has_scales = True
-    process_last = True
-    reset_with = "qkv_proj"
+    policy = LayerPolicy(process_last=True, reset_with="qkv")
 
     def create_weights(self, layer: nn.Module) -> None:
         for name in KV_SCALE_NAMES:
             param = nn.Parameter(torch.empty((), dtype=torch.float32), requires_grad=False)
             param.weight_loader = _scalar_loader
-            param.fill_value = NOT_LOADED
+            mark_optional(param, NOT_LOADED)
             layer.register_parameter(name, param)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
@@ -95,7 +107,7 @@ class Fp8KVCacheMethod(KVCacheMethod):
 
     def encode(self, layer: nn.Module, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        observed = getattr(layer, "kv_amax", None)
+        observed = self._amax
         if observed is not None:
             # Calibrating: observe the model's own k/v and keep them unquantized, so the
             # measurement does not depend on the scales being replaced.

@@ -25,12 +25,13 @@ partial sum; the caller all-reduces it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant.base import WeightLoader, replace_parameter
+from quant.base import LayerPolicy, WeightLoader, replace_parameter
 from quant.fp8 import FP8, dequantize_weight, quantize_weight
 from quant.sync import DeviceSync
 from quant.w4a8 import NIBBLES, dequantize_w4a8, fake_quantize_fp8_per_token, quantize_w4a8
@@ -51,10 +52,7 @@ class MoEMethod(ABC):
     """How one fused-expert layer stores, converts and applies its weights."""
 
     name: str = ""
-    converts_weights: bool = True
-    """As ``LinearMethod.converts_weights``."""
-    screened_params: tuple[str, ...] = ()
-    """As ``LinearMethod.screened_params``."""
+    policy: ClassVar[LayerPolicy] = LayerPolicy()
 
     def has_nonfinite(self, layer: nn.Module) -> bool:
         return False
@@ -100,7 +98,7 @@ class MoEMethod(ABC):
 
 class UnquantizedMoEMethod(MoEMethod):
     name = "none"
-    converts_weights = False
+    policy = LayerPolicy(converts_weights=False)
 
     def expert_weight(self, layer: nn.Module, proj: str, expert: int, dtype: torch.dtype
                       ) -> torch.Tensor:
@@ -112,7 +110,7 @@ class Fp8MoEMethod(MoEMethod):
 
     name = "fp8"
     granularity = "tensor"
-    screened_params = ("w13_weight", "w2_weight")
+    policy = LayerPolicy(screened_params=("w13_weight", "w2_weight"))
 
     def has_nonfinite(self, layer: nn.Module) -> bool:
         return not all(bool(torch.isfinite(getattr(layer, f"{p}_weight_scale")).all())
@@ -150,7 +148,7 @@ class W4A8MoEMethod(MoEMethod):
     """int4 experts with FP8 activations, converted chunk by chunk on side streams."""
 
     name = "w4a8"
-    screened_params = ("w13_weight", "w2_weight")
+    policy = LayerPolicy(screened_params=("w13_weight", "w2_weight"))
 
     def has_nonfinite(self, layer: nn.Module) -> bool:
         return not all(bool(torch.isfinite(getattr(layer, f"{p}_weight_chan_scale")).all())

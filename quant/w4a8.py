@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant.base import UnquantizedLinearMethod, replace_parameter
+from quant.base import LayerPolicy, UnquantizedLinearMethod, replace_parameter
 from quant.fp8 import FP8, FP8_MAX, MIN_AMAX, abs_max, pad_to_multiple
 from quant.sync import DeviceSync
 
@@ -130,8 +130,7 @@ class W4A8LinearMethod(UnquantizedLinearMethod):
     """Reuses the unquantized model format (create_weights); converts it on processing."""
 
     name = "w4a8"
-    converts_weights = True
-    screened_params = ("weight",)
+    policy = LayerPolicy(screened_params=("weight",))
 
     def has_nonfinite(self, layer: nn.Module) -> bool:
         # NaN/Inf reach the group scale's amax, then the per-channel amax of those scales.

@@ -21,7 +21,7 @@ MARKER = "COMPLETE"
 
 def wait_for_version(client, version: int, timeout_s: float = 120.0) -> float:
     begin = time.monotonic()
-    while client.version() < version:
+    while client.version < version:
         if time.monotonic() - begin > timeout_s:
             raise TimeoutError(f"version {version} not served after {timeout_s}s")
         time.sleep(0.2)
@@ -32,20 +32,20 @@ def main(address: str, name: str, namespace: str, watch: str, unmarked_s: str) -
     watch_dir = Path(watch)
     client = connect(name, namespace=namespace, address=address, wait_s=180)
     prompt = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(8))
-    seen = {"start": client.version()}
+    seen = {"start": client.version}
 
     step1 = write_checkpoint(watch_dir / "step_1", "llama", seed=72)
     (step1 / MARKER).touch()
     seen["step_1_after_s"] = wait_for_version(client, 1)
-    seen["after_step_1"] = client.version()
+    seen["after_step_1"] = client.version
     error_1 = rel_l2(client.forward(prompt), reference_logits(step1, prompt))
 
     step2 = write_checkpoint(watch_dir / "step_2", "llama", seed=73)  # no marker yet
     time.sleep(float(unmarked_s))
-    seen["step_2_unmarked"] = client.version()
+    seen["step_2_unmarked"] = client.version
     (step2 / MARKER).touch()
     wait_for_version(client, 2)
-    seen["after_step_2"] = client.version()
+    seen["after_step_2"] = client.version
     logits = client.forward(prompt)
     tokens = client.generate(prompt, max_new_tokens=4)
     rollout = client.sample(prompt, 4, temperature=0)

@@ -10,14 +10,10 @@ import torch
 from safetensors.torch import save_file
 
 from actors.reload.meta import read_window
-from actors.transport import (
-    BucketReader,
-    FileBucket,
-    pack_tensors,
-    unpack_tensors,
-)
+from actors.transports import BucketReader, open_source
+from actors.transports.files import FileBucket, checkpoint_files, checkpoint_inventory, file_entry
+from actors.transports.object_store import pack_tensors, unpack_tensors
 from orchestrator import CheckpointError
-from orchestrator.inventory import checkpoint_files, checkpoint_inventory, open_source
 
 
 @pytest.fixture
@@ -40,7 +36,7 @@ def reader():
 
 def lazy_slices(path, reader):
     infos = checkpoint_inventory(path)
-    return dict(reader.items(FileBucket(tuple(i.file_entry() for i in infos))))
+    return dict(reader.items(FileBucket(tuple(file_entry(i) for i in infos))))
 
 
 def test_narrowed_slice_reads_its_window(weights, reader):

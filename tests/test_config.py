@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from dataclasses import replace
 
 import pytest
 
-from actors.engines import ENGINES
-from actors.model import check_tp, load_spec
+from actors.engines import EnginePlugin, register_engine
+from actors.engines.native import check_tp, load_spec
 from orchestrator import ConfigError, EngineConfig, ReloadOrchestrator
-from tests.support import write_checkpoint
+from tests.support import expected_rank_bytes, parent_layer, write_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +101,13 @@ def test_plan_reads_the_checkpoint_without_ray(tmp_path, llama_dir):
         ReloadOrchestrator(EngineConfig(model=unknown)).plan(str(unknown))
     plan = ReloadOrchestrator(EngineConfig(model=llama_dir, tensor_parallel_size=2)).plan(
         str(llama_dir))
-    assert plan.layers and plan.buckets
+    # Against the test's own reading of the checkpoint: every tensor, in the module that
+    # owns its (fused) parameter, with the bytes each rank must read of it.
+    expected = [expected_rank_bytes(llama_dir, 2, rank) for rank in range(2)]
+    assert {t.name for t in plan.tensors} == set(expected[0])
+    for tensor in plan.tensors:
+        assert tensor.layer == parent_layer(tensor.name)
+        assert tensor.rank_bytes == (expected[0][tensor.name], expected[1][tensor.name])
 
 
 def test_tp_above_kv_heads_must_be_a_multiple(tmp_path, llama_dir):
@@ -133,13 +138,17 @@ def test_bad_config_json_field_is_named(tmp_path, llama_dir, changes, message):
 
 
 def test_staged_reload_options_are_refused_before_anything_moves(llama_dir, monkeypatch):
-    """No Ray and no engine: an engine without a twin (both of ours have one: a stand-in
-    declares none), or an unknown staging place, is refused by name before the source is
-    even listed."""
-    monkeypatch.setitem(ENGINES, "vllm", replace(ENGINES["vllm"], stages=False))
-    vllm = ReloadOrchestrator(EngineConfig(model=str(llama_dir), engine="vllm"))
-    with pytest.raises(ConfigError, match="engine='vllm' cannot stage reloads yet"):
-        vllm.reload(str(llama_dir), staged=True)
+    """No Ray and no engine: an engine without a twin (both of ours have one: a registered
+    stand-in declares no 'staging'), or an unknown staging place, is refused by name before
+    the source is even listed."""
+
+    class NoTwin(EnginePlugin):
+        name, runtime = "no-twin", "tests.test_config:NoSuchRuntime"
+
+    register_engine(NoTwin())
+    no_twin = ReloadOrchestrator(EngineConfig(model=str(llama_dir), engine="no-twin"))
+    with pytest.raises(ConfigError, match="engine='no-twin' cannot stage reloads"):
+        no_twin.reload(str(llama_dir), staged=True)
     native = ReloadOrchestrator(EngineConfig(model=str(llama_dir)))
     with pytest.raises(ValueError, match=r"staging must be one of \('device', 'host'\)"):
         native.reload(str(llama_dir), staged=True, staging="disk")

@@ -290,8 +290,8 @@ def test_reload_waits_for_a_running_generate(engine, steps, prompt):
 
     worker = threading.Thread(target=generate)
     worker.start()
-    while engine._lock.acquire(blocking=False):  # wait until generate holds the engines
-        engine._lock.release()
+    while engine.gate._lock.acquire(blocking=False):  # wait until generate holds the engines
+        engine.gate._lock.release()
         time.sleep(0.001)
     version = engine.version
     next_valid_reload(engine, steps, prompt)

@@ -132,8 +132,8 @@ def _w4a8_expert_rank(rank: int, tp: int, gate: torch.Tensor, up: torch.Tensor,
 
 def _convert_expert_rank(rank: int, tp: int, gate: torch.Tensor, up: torch.Tensor,
                          down: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
-    from actors.model.moe import FusedMoE
-    from actors.model.parallel import TPGroup
+    from actors.engines.native.moe import FusedMoE
+    from actors.engines.native.parallel import TPGroup
     from quant.moe import W4A8MoEMethod
     from quant.sync import DeviceSync
 

@@ -68,5 +68,6 @@ def test_the_core_imports_without_vllm():
     """Only rank actors hosting a vLLM engine import vLLM."""
     # A None entry makes any import of vllm fail.
     code = ("import sys; sys.modules['vllm'] = None\n"
-            "import orchestrator, actors.rank, actors.vllm.platform, benchmarks.reload_bench\n")
+            "import orchestrator, actors.rank_actor, actors.engines.vllm.platform\n"
+            "import orchestrator.reload_orchestrator, benchmarks.reload_bench\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from actors import node_shm
+from actors.engines.vllm.shm import explain
 from actors.node_shm import SHM_DIR, SharedMemoryUnavailable, new_instance
-from actors.vllm.shm import explain
 from orchestrator import RankError, SharedMemoryError
 from tests.support import process_alive, start, write_checkpoint
 

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from actors.model import load_spec
-from actors.model.reloadable import route_on_meta
+from actors.engines.native import load_spec
+from actors.engines.native.reloadable import route_on_meta
 from orchestrator.plan import (
     PlannedTensor,
     cut_buckets,
@@ -109,7 +109,7 @@ def deep_llama(tmp_path_factory):
 
 
 def routed(path, tp):
-    from orchestrator.inventory import open_source
+    from actors.transports import open_source
 
     tensors = [(i.name, i.shape, i.torch_dtype) for i in open_source(str(path)).tensors]
     return route_on_meta(load_spec(path), tp, torch.float32, QuantConfig(), tensors, LOG)
@@ -135,7 +135,7 @@ def test_routing_rank_bytes_follow_the_shard_rules(deep_llama, tp):
 
 def test_routing_skips_tied_head_and_rotary_cache(tmp_path):
     path = write_checkpoint(tmp_path / "tied", "qwen2")
-    from orchestrator.inventory import open_source
+    from actors.transports import open_source
 
     tensors = [(i.name, i.shape, i.torch_dtype) for i in open_source(str(path)).tensors]
     tensors += [("lm_head.weight", (130, 64), torch.float32),

@@ -1,7 +1,7 @@
 """One rank's reload without Ray: the native model of a TP=1 rank and its reload engine, fed
 from a checkpoint directory through the rank's own reader, on the CPU and (gpu marker) on
 CUDA, where windows are staged in pinned memory and copied on side streams
-(``actors.reload.staging``). These are the GPU machine's tests: it has no Ray."""
+(``actors.reload.pinned_host``). These are the GPU machine's tests: it has no Ray."""
 
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from actors.dtypes import SAFETENSORS_DTYPES, dtype_name
-from actors.model import TPGroup, load_spec
-from actors.model.reloadable import build_reloadable
+from actors.engines.native import TPGroup, load_spec
+from actors.engines.native.reloadable import build_reloadable
 from actors.reload import ReloadEngine, ReloadError
-from actors.reload.staged import StagingArea
-from actors.reload.staging import copy_into
-from actors.transport import BucketReader, FileBucket, FileEntry
+from actors.reload.pinned_host import copy_into
+from actors.reload.staging_area import StagingArea
+from actors.transports import BucketReader
+from actors.transports.files import FileBucket, FileEntry
 from quant import QuantConfig
 from tests.quant_reference import rank_linears, reference_kernel, same_bytes
 from tests.support import load_tensors, reference_logits, rel_l2, write_checkpoint
@@ -45,7 +46,7 @@ def file_bucket(path: Path) -> FileBucket:
 
 
 class InProcessRank:
-    """What a rank actor does for a reload (``actors.rank``), minus Ray and the group."""
+    """What a rank actor does for a reload (``actors.rank_actor``), minus Ray and the group."""
 
     def __init__(self, path: Path, device: str, quantization: str | None = None) -> None:
         self.device = torch.device(device)
@@ -88,7 +89,7 @@ def test_reload_in_place_matches_transformers(tmp_path, prompt, device):
     assert {n: t.data_ptr() for n, t in rank.kernel().items()} == pointers
     assert rel_l2(rank.forward(prompt), reference_logits(b, prompt)) <= 1e-4
     # A CUDA rank stages every byte it reads in pinned memory once; a CPU rank none.
-    staged = rank.engine.staging.staged_bytes
+    staged = rank.engine.pinned.pinned_bytes
     assert staged == (stats.bytes_read if device == "cuda" else 0)
     assert stats.bytes_read > 0
 
@@ -143,7 +144,7 @@ def test_staging_loads_beside_the_serving_model_then_flips_in_place(tmp_path, pr
     area = StagingArea(rank.engine.model, rank.device, logging.getLogger("test"), True)
     layers = [r.name for r in rank.engine.records]
     assert area.prepare(layers, place) == sum(t.nbytes for t in kernel.values())
-    rank.load(b, engine=area.engine)
+    rank.load(b, engine=area.reloader)
     staged = [t for tensors in area.staged.values() for t in tensors.values()]
     assert all(t.is_pinned() == (device == "cuda" and place == "host") for t in staged)
     assert torch.equal(rank.forward(prompt), old)  # the live model never saw the new weights
@@ -154,7 +155,7 @@ def test_staging_loads_beside_the_serving_model_then_flips_in_place(tmp_path, pr
 
 
 def test_staging_that_does_not_fit_is_refused_before_anything_moves(tmp_path, monkeypatch):
-    import actors.reload.staged as staged_module
+    import actors.reload.staging_area as staged_module
 
     rank = InProcessRank(write_checkpoint(tmp_path / "a", "llama", seed=1), "cpu")
     area = StagingArea(rank.engine.model, rank.device, logging.getLogger("test"), True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from actors.model.parallel import default_weight_loader, to_tensor
+from actors.engines.native.parallel import default_weight_loader, to_tensor
 from actors.reload import (
     LayerRecord,
     ReloadableModel,
@@ -189,8 +189,8 @@ def test_first_load_with_a_missing_layer_fails():
 def test_processing_never_uses_the_ambient_default_device(tmp_path, method):
     """Scales and temporaries must land on the layer's recorded device: with the ambient
     default device set to meta, anything created without an explicit device would be on meta."""
-    from actors.model import TPGroup, load_spec
-    from actors.model.reloadable import build_reloadable
+    from actors.engines.native import TPGroup, load_spec
+    from actors.engines.native.reloadable import build_reloadable
     from quant import QuantConfig
     from tests.support import load_tensors, reference_logits, rel_l2, write_checkpoint
 
@@ -222,11 +222,11 @@ def test_reported_peak_is_what_the_rank_really_held(tmp_path, monkeypatch, order
     import weakref
 
     from actors.checkpoint import CheckpointSlice
-    from actors.model import TPGroup, load_spec
-    from actors.model.reloadable import build_reloadable
-    from actors.transport import BucketReader, FileBucket
+    from actors.engines.native import TPGroup, load_spec
+    from actors.engines.native.reloadable import build_reloadable
+    from actors.transports import BucketReader
+    from actors.transports.files import FileBucket, checkpoint_inventory, file_entry
     from orchestrator import EngineConfig, ReloadOrchestrator
-    from orchestrator.inventory import checkpoint_inventory
     from quant import QuantConfig
     from tests.support import expected_rank_bytes, parent_layer, write_checkpoint, write_shuffled
 
@@ -259,7 +259,7 @@ def test_reported_peak_is_what_the_rank_really_held(tmp_path, monkeypatch, order
         engine.start(mode)
         reader = BucketReader()
         for bucket in plan.buckets:
-            engine.load(reader.items(FileBucket(tuple(infos[t.name].file_entry()
+            engine.load(reader.items(FileBucket(tuple(file_entry(infos[t.name])
                                                       for t in bucket.tensors))))
             engine.own_buffers()
         stats = engine.finish()

@@ -11,7 +11,8 @@ from dataclasses import replace
 import pytest
 
 import orchestrator.progress as progress_module
-from actors.transport import BucketReader, FileBucket, FileEntry
+from actors.transports import BucketReader
+from actors.transports.files import FileBucket, FileEntry
 from orchestrator.cli import main as cli_main
 from orchestrator.progress import Progress
 from orchestrator.report import ReloadReport

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from actors.transports.files import checkpoint_inventory
 from orchestrator import ConfigError, ReloadOrchestrator, load_engine_config
 from tests.support import write_checkpoint
 
@@ -178,9 +179,10 @@ def test_every_preset_plans_its_checkpoint(preset, eight_head_checkpoint):
     """With a checkpoint that fits every preset: the native engine's plan reads it (no Ray);
     the vLLM engine's plan needs its ranks and says so."""
     orch = ReloadOrchestrator.from_yaml(str(preset), model=str(eight_head_checkpoint))
-    if orch.kind.routes_on_driver:
+    if orch.config.engine == "native":
         plan = orch.plan(str(eight_head_checkpoint))
-        assert orch.model_spec.num_heads == 8 and plan.buckets
+        listed = {t.name for t in checkpoint_inventory(eight_head_checkpoint)}
+        assert orch.router.on_driver and {t.name for t in plan.tensors} == listed
     else:
         with pytest.raises(RuntimeError, match="plans on its ranks: start"):
             orch.plan(str(eight_head_checkpoint))
@@ -223,3 +225,22 @@ def test_rlhf_example_runs_short(ray_cluster, capsys, args):
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert [int(r[4]) for r in rows] == [1, 2], out  # versions advance once per step
     assert "OK: the engine serves what the trainer trained" in out
+
+
+def test_the_client_and_the_service_serve_the_whole_serving_api():
+    """No Ray: ServiceClient and the service actor implement every ServingAPI call (their
+    forwarding methods are generated from it), with the interface's own signatures."""
+    import inspect
+
+    from orchestrator.service import Service, ServiceClient
+    from orchestrator.serving import SERVING_CALLS, ServingAPI
+
+    assert set(SERVING_CALLS) | {"version"} == ServingAPI.__abstractmethods__
+    assert not Service.__abstractmethods__ and not ServiceClient.__abstractmethods__
+    client = ServiceClient(handle=None)
+    for name in SERVING_CALLS:
+        expected = inspect.signature(getattr(ServingAPI, name))
+        assert inspect.signature(getattr(ServiceClient, name)) == expected
+        if name != "reload":  # the service's reload also takes the watched step's name
+            assert inspect.signature(getattr(Service, name)) == expected
+    assert callable(client.sample)

@@ -15,8 +15,9 @@ import pytest
 import ray
 import torch
 
+from actors.transports.trainer_stream.schedule import schedule
+from actors.transports.trainer_stream.trainer import ListedTrainer, _check_holdings
 from orchestrator import CheckpointError, TrainerEndpoint, TrainerError, TrainerSource
-from orchestrator.trainer import ListedTrainer, _check_holdings, schedule
 from tests.support import load_tensors, reference_logits, rel_l2, start, write_checkpoint
 
 BOUND = 1e-4
@@ -71,7 +72,7 @@ def test_pieces_arrive_where_the_receiver_reads():
 
     import torch.distributed as dist
 
-    from actors.stream import LinkAddress, receive_bucket, send_buckets
+    from actors.transports.trainer_stream.wire import LinkAddress, receive_bucket, send_buckets
 
     full = {"w": torch.randn(6, 8).to(torch.bfloat16), "s": torch.tensor(2.5)}
     holders = {"w": [(0, ((0, 6), (0, 4))), (1, ((0, 6), (4, 8)))], "s": [(0, ()), (1, ())]}
@@ -90,7 +91,7 @@ def test_pieces_arrive_where_the_receiver_reads():
 
     def member(rank: int) -> None:
         try:
-            from actors.stream import join
+            from actors.transports.trainer_stream.wire import join
 
             group = join(address, rank)
             if rank < 2:

@@ -266,7 +266,7 @@ def refused_before_placing(message: str, **kwargs: object) -> None:
          r"needs dtype 'bfloat16' or 'float16', got 'float32'"),
         pytest.param(dict(kv_cache_dtype="fp8"), r"needs AVX-512 or AMX",
                      marks=pytest.mark.skipif(AVX512, reason="this CPU runs an FP8 KV cache")),
-        (dict(kv_cache_dtype="fp8", kv_scales="calibrate"), r"native-engine option"),
+        (dict(kv_cache_dtype="fp8", kv_scales="calibrate"), r"cannot calibrate KV scales"),
         (dict(engine_args={"enforce_eager": False}, engine="native"), r"takes none"),
     ],
 )

@@ -1,7 +1,7 @@
 """The independent oracle for the vLLM engine: a fresh vLLM engine that vLLM itself builds
 from a checkpoint with its own loader, one plain Ray actor per TP rank, asked for greedy
 tokens and their log-probs. The only tp-reload code it runs names its shared memory after
-an engine instance of its own (``actors.vllm.shm``) and removes it when it is done, so
+an engine instance of its own (``actors.engines.vllm.shm``) and removes it when it is done, so
 oracles never collide with each other or with the engines under test, and leave nothing
 behind; vLLM loads and runs the weights alone."""
 
@@ -29,7 +29,7 @@ class OracleRank:
                           VLLM_ENABLE_V1_MULTIPROCESSING="0")
         from vllm import LLM
 
-        from actors.vllm.shm import prepare
+        from actors.engines.vllm.shm import prepare
 
         self.instance = instance
         prepare(instance, rank, world_size, torch.device("cpu"))

@@ -16,18 +16,19 @@ Limitations:
      (narrow, chunk, unsqueeze, select, ...); anything else reads the whole window they hold.
   2. A layer counts as complete when the elements its loaders wrote reach its element count;
      a quant method that pads model-format tensors must write (zero-fill) the padding too.
-  3. Layers processed before a failure keep their new weights; the coordinator's transaction
+  3. Layers processed before a failure keep their new weights; the orchestrator's transaction
      (not this engine) is what makes a failed reload invisible.
 """
 
-from actors.reload.engine import RANK_STAGES, ReloadEngine
 from actors.reload.errors import PeerFailedError, ReloadError, UnknownTensorError
 from actors.reload.model import (
     LayerRecord,
     ReloadableModel,
+    StageableModel,
     in_processing_order,
     param_owners,
 )
+from actors.reload.reload_engine import RANK_STAGES, ReloadEngine
 from actors.reload.routes import RankRoute, Routing, TensorSpec, merge_routes, route_rank
 from actors.reload.types import RankReloadStats
 
@@ -40,6 +41,7 @@ __all__ = [
     "ReloadEngine",
     "ReloadError",
     "ReloadableModel",
+    "StageableModel",
     "Routing",
     "TensorSpec",
     "UnknownTensorError",

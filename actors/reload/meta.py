@@ -24,7 +24,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from actors.lazy import Bounds, LazyWindow
-from actors.reload.staging import copy_into
+from actors.reload.pinned_host import copy_into
 
 aten = torch.ops.aten
 
@@ -71,7 +71,7 @@ class PrefetchedWeight(LazyWindow):
     def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: Any = None
                            ) -> Any:
         # The loader's copy of a staged (pinned) window into a device tensor: an asynchronous
-        # DMA (actors.reload.staging). Any other use reads the window as usual.
+        # DMA (actors.reload.pinned_host). Any other use reads the window as usual.
         if (func is torch.Tensor.copy_ and not kwargs and len(args) == 2
                 and isinstance(args[1], PrefetchedWeight)
                 and isinstance(args[0], torch.Tensor)):

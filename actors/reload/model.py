@@ -1,6 +1,6 @@
 """The one interface between the reload engine and an engine's model.
 
-The reload engine (``actors.reload.engine``) knows nothing about model families, quantization
+The reload engine (``actors.reload.reload_engine``) knows nothing about model families, quantization
 or inference engines. A model takes part in layerwise reloading by implementing
 ``ReloadableModel``:
 
@@ -16,11 +16,11 @@ or inference engines. A model takes part in layerwise reloading by implementing
     ``record.module``, into its kernel-format tensors (quantization, repacking);
   * ``has_nonfinite(record)``: after ``process``, whether the params in ``record.screened``
     held NaN or Inf (the processed scales reveal it, so they need no scan of their own);
-  * ``twin()`` and ``hand_over(staged, live)`` (optional): the same model again on meta,
-    for staged reloads, and what processing left on a twin's layer besides its tensors,
-    given to the live layer at the flip.
+  * ``twin()`` and ``hand_over(staged, live)`` (``StageableModel``, an engine's ``staging``
+    capability): the same model again on meta, for staged reloads, and what processing
+    left on a twin's layer besides its tensors, given to the live layer at the flip.
 
-The native runtime implements it in ``actors/model/``, the vLLM engine in ``actors/vllm/``.
+The native engine implements it in ``actors/engines/native/``, vLLM in ``actors/engines/vllm/``.
 """
 
 from __future__ import annotations
@@ -33,12 +33,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from quant.base import fill_value
+
 Owner = tuple[nn.Module, str]
 
 
 def is_optional(param: torch.Tensor) -> bool:
     """An optional param is filled with its ``fill_value`` when the source lacks it."""
-    return getattr(param, "fill_value", None) is not None
+    return fill_value(param) is not None
 
 
 @dataclass(slots=True)
@@ -137,12 +139,15 @@ class ReloadableModel(ABC):
         """After ``process``: whether a ``screened`` param held NaN or Inf."""
         return False
 
+
+class StageableModel(ReloadableModel):
+    """A model that can build its twin: the ``staging`` capability of an engine."""
+
+    @abstractmethod
     def twin(self) -> ReloadableModel:
         """The same model built again on meta, sharing no module or tensor with this one:
         staged reloads load and process into it while this one serves
-        (``actors.reload.staged``)."""
-        raise NotImplementedError(f"{type(self).__name__} cannot build a twin for staged "
-                                  "reloads")
+        (``actors.reload.staging_area``)."""
 
     def hand_over(self, staged: LayerRecord, live: LayerRecord) -> None:  # noqa: B027
         """Called on a twin at the flip, after ``staged``'s tensors were copied into

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from actors.lazy import Bounds, LazyWindow, box_numel
-from actors.reload.model import is_optional
+from quant.base import fill_value
 
 
 def geometry(weight: Any) -> tuple:
@@ -50,6 +50,7 @@ def param_like(placeholder: nn.Parameter, storage: torch.Tensor) -> nn.Parameter
     if type(placeholder) is not nn.Parameter and isinstance(placeholder, nn.Parameter):
         param.__class__ = type(placeholder)
     param.__dict__.update(placeholder.__dict__)
-    if is_optional(placeholder):
-        param.data.fill_(placeholder.fill_value)
+    value = fill_value(placeholder)
+    if value is not None:
+        param.data.fill_(value)
     return param

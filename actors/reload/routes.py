@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from actors.lazy import Bounds
-from actors.reload.engine import ReloadEngine
 from actors.reload.errors import ReloadError, UnknownTensorError
 from actors.reload.model import is_optional
+from actors.reload.reload_engine import ReloadEngine
 from actors.reload.types import PlannedRead
 
 TensorSpec = tuple[str, tuple[int, ...], torch.dtype]

@@ -1,0 +1,155 @@
+"""One TP rank of an inference engine, as the rank actor (``actors.rank_actor``) drives it.
+
+The rank actor owns the lifecycle, the reload engine, fault drills and reporting; a runtime
+owns the engine: forming the rank's process group, building the model, serving it, and
+handing the reload engine its ``ReloadableModel``. Serving calls are SPMD: every rank of an
+engine receives the same call, and rank 0 returns the result (other ranks return None).
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from actors.engines.plugin import Capability, EngineOptions, EnginePlugin
+from actors.reload import ReloadableModel
+
+
+@dataclass(frozen=True, slots=True)
+class RankContext:
+    engine: int
+    """Index of the engine (data-parallel replica) this rank belongs to."""
+    rank: int
+    world_size: int
+    """Ranks of the engine (its tensor-parallel size)."""
+    timeout_s: float
+    """Longest wait for a collective or the rendezvous."""
+    log: logging.LoggerAdapter
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingRequest:
+    max_new_tokens: int
+    temperature: float
+    """0 picks the most likely token (greedy)."""
+    top_p: float
+    """Nucleus sampling: draw from the smallest set of tokens whose probability reaches it."""
+    seed: int
+    """Every rank draws the same tokens from the same seed; row i of a batch uses seed + i."""
+    logprobs: bool
+    """Return each drawn token's log-probability under the model (log-softmax of the raw
+    logits, before temperature and top-p), as vLLM does by default."""
+
+
+class Sampled(NamedTuple):
+    tokens: torch.Tensor
+    """[B, N] int64 new tokens."""
+    logprobs: torch.Tensor
+    """[B, N] float32 log-probs of those tokens (NaN when not asked for)."""
+    cached_tokens: list[int]
+    """Per prompt: prompt tokens served from a prefix cache instead of computed again."""
+
+
+class RankRuntime(ABC):
+    builds_loaded: bool = False
+    """The engine initializes its own weights when built: every load, the first included,
+    copies into the kernel tensors it already has."""
+
+    def __init__(self, options: EngineOptions, context: RankContext) -> None:
+        self.options = options
+        self.context = context
+        # Ray gives a cuda rank actor exactly one visible GPU, so its index is always 0.
+        self.device = (torch.device("cuda", 0) if options.device == "cuda"
+                       else torch.device("cpu"))
+
+    # ---- group and model ---------------------------------------------------------------
+
+    @abstractmethod
+    def rendezvous(self) -> tuple[str, int]:
+        """Rank 0 only: the address every rank of the engine meets at."""
+
+    @abstractmethod
+    def join(self, host: str, port: int, instance: str) -> None:
+        """Form (or, after a peer restarted, re-form) the engine's process group; builds
+        the engine the first time. ``instance`` names this formation of the group, fresh
+        each time (``actors.node_shm``): an engine that creates shared memory on its node
+        records itself as its owner and names its segments after it."""
+
+    @abstractmethod
+    def reloadable(self) -> ReloadableModel:
+        """The model, as the reload engine sees it (after ``join``)."""
+
+    def consensus(self, ok: bool) -> bool:
+        """Whether every rank of the engine is ``ok`` (a collective: all ranks call it)."""
+        return ok
+
+    def after_commit(self) -> None:  # noqa: B027 - optional: engines without caches
+        """A new version is served: drop state computed with the old weights."""
+
+    # ---- serving -----------------------------------------------------------------------
+
+    @abstractmethod
+    def sample(self, token_ids: torch.Tensor, request: SamplingRequest) -> Sampled | None:
+        """Rank 0: the new tokens with their log-probs."""
+
+    @abstractmethod
+    def kernel_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor the engine serves from, by name (parameters and buffers)."""
+
+
+# ---- capabilities: a runtime implements the mixin of each capability its plugin declares ----
+
+class Rejoins(ABC):
+    """``rejoin``: after a peer restarted, leave the group so a new one can form."""
+
+    @abstractmethod
+    def leave(self) -> None:
+        """Leave the engine's process group (``join`` forms the new one)."""
+
+
+class ServesLogits(ABC):
+    """``logits``: raw logits."""
+
+    @abstractmethod
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor | None:
+        """float32 CPU logits [B, T, vocab] on rank 0."""
+
+
+class CalibratesKvScales(ABC):
+    """``kv_calibration``: FP8 KV-cache scales from a forward of calibration tokens."""
+
+    @abstractmethod
+    def calibrate_kv_scales(self, token_ids: torch.Tensor) -> list[list[float]]:
+        """Set every attention layer's k/v scales in place; returns [[k, v], ...]."""
+
+
+class CapturesCudaGraphs(ABC):
+    """``cuda_graphs``: capture a forward once, replay it on whatever weights are served."""
+
+    @abstractmethod
+    def capture_cuda_graph(self, token_ids: torch.Tensor) -> None: ...
+
+    @abstractmethod
+    def replay_cuda_graph(self) -> torch.Tensor | None:
+        """Rank 0: float32 CPU logits of the replayed forward."""
+
+
+MIXINS: dict[Capability, type] = {"rejoin": Rejoins, "logits": ServesLogits,
+                                  "kv_calibration": CalibratesKvScales,
+                                  "cuda_graphs": CapturesCudaGraphs}
+"""Capabilities with rank-side calls (``staging`` is the model's: ``actors.reload``)."""
+
+
+def check_capabilities(plugin: EnginePlugin, runtime: RankRuntime) -> None:
+    """A runtime implements exactly the capabilities its plugin declares, so the driver,
+    which reads only the declaration, never sends a call the rank cannot serve."""
+    for capability, mixin in MIXINS.items():
+        if plugin.supports(capability) != isinstance(runtime, mixin):
+            declared, has = (("declares", "lacks") if plugin.supports(capability)
+                             else ("does not declare", "implements"))
+            raise TypeError(f"engine {plugin.name!r} {declared} {capability!r} but its runtime "
+                            f"{type(runtime).__name__} {has} {mixin.__name__}")

@@ -1,0 +1,204 @@
+"""The transport interface: how a source's tensors reach the engine ranks.
+
+A transport has a driver side and a rank side, in one module each:
+  * driver: ``accepts`` a user's reload argument, ``open``s it into a ``Source`` (names,
+    shapes, dtypes: no data), and ``send``s each bucket of the plan as a ``BucketMessage``
+    (or, for a transport that needs the whole plan, ``deliver``s them all). What the commit
+    log keeps to replay the source is the messages sent, the source's files'
+    ``fingerprints``, and what the ranks keep (``Delivery.rank_kept``);
+  * rank: ``BucketMessage.read`` turns a message into ``(name, weight)`` pairs, through the
+    rank's ``BucketReader`` (one per reload: open files, a stream's group, fetch timing).
+The registry (``actors.transports``) picks the first transport that accepts a source.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from actors.dtypes import SAFETENSORS_DTYPES
+from actors.lazy import LazyWindow, TensorEntry
+
+if TYPE_CHECKING:
+    from actors.reload import Routing
+    from orchestrator.fleet import Fleet
+    from orchestrator.plan import Bucket, Plan
+
+Fingerprint = tuple[int, int]
+"""A checkpoint file's (size, mtime_ns) when it was listed."""
+Items = list[tuple[str, LazyWindow]]
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    """safetensors dtype code, e.g. ``BF16``."""
+    nbytes: int
+    file: str | None
+    """Absolute path of the file holding the tensor; None when it is not in a file."""
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return SAFETENSORS_DTYPES[self.dtype]
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """A reload source, listed but not read, with the transport that carries it."""
+
+    transport: Transport
+    tensors: tuple[TensorInfo, ...]
+    """In the source's own order (files in index order, tensors by position in the file)."""
+    description: str
+    handle: Any = None
+    """What the transport needs to send it later (in-memory tensors, a listed trainer)."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+# ---- rank side ---------------------------------------------------------------------------
+
+class BucketMessage(ABC):
+    """One bucket as a rank receives it. Frozen dataclasses in practice (they are pickled
+    to every rank and kept by the commit log)."""
+
+    entries: tuple[TensorEntry, ...]
+    """The bucket's tensors in stream order: a rank that already failed keeps count of the
+    bucket with their shapes, without reading a byte."""
+    must_read: ClassVar[bool] = False
+    """Read even after this rank failed: a peer process blocks until the bytes are taken
+    (a trainer's sends)."""
+
+    @abstractmethod
+    def read(self, reader: BucketReader) -> Items:
+        """The bucket's tensors as lazily read windows."""
+
+
+class BucketReader:
+    """Rank side, one per reload: reads bucket messages, keeping what they open (files, a
+    stream's group) until ``close``."""
+
+    def __init__(self, kept: dict[int, Any] | None = None,
+                 device: torch.device | None = None) -> None:
+        self.stack = ExitStack()
+        self.device = device or torch.device("cpu")
+        self.fetch_seconds = 0.0
+        """Time spent waiting for bytes to arrive (object store fetches, stream receives)."""
+        self.state: dict[str, Any] = {}
+        """Per transport, what its messages share during this reload (open file handles)."""
+        self.kept = {} if kept is None else kept
+        """What the rank keeps across reloads for replay, by id (trainer streams)."""
+        self.to_keep: tuple[int, Any] | None = None
+        """What this reload asks the rank to keep once it commits."""
+
+    def items(self, bucket: BucketMessage) -> Items:
+        return bucket.read(self)
+
+    def timed(self, fetch: Callable[[], Any]) -> Any:
+        """``fetch()``, its seconds counted as transfer time."""
+        begin = time.perf_counter()
+        try:
+            return fetch()
+        finally:
+            self.fetch_seconds += time.perf_counter() - begin
+
+    def close(self) -> None:
+        self.stack.close()
+        self.state.clear()
+
+
+class LinkMessage(ABC):
+    """Sent to every rank before a reload's buckets by transports that connect the ranks to
+    a peer (a trainer): ``open`` joins it."""
+
+    @abstractmethod
+    def open(self, reader: BucketReader) -> None: ...
+
+
+# ---- driver side -------------------------------------------------------------------------
+
+RankCalls = dict[tuple[int, int], Any]
+"""(engine, rank) -> pending Ray call."""
+
+
+@dataclass(slots=True)
+class Delivery:
+    """A source on its way: the rank calls of each step and what replays it."""
+
+    steps: Iterator[tuple[RankCalls, int]]
+    """Per step (a bucket, or a link): every rank's call and the step's source bytes;
+    produced lazily, so a transport that holds memory per step is throttled."""
+    replay: list[BucketMessage] = field(default_factory=list)
+    """Messages that rebuild this source on every rank (filled as steps are produced)."""
+    rank_kept: int | None = None
+    """Id of what each rank keeps to replay it (``BucketReader.to_keep``), if anything."""
+    finish: Callable[[float], list[int]] = lambda timeout_s: []
+    """After every rank finished: wait for the sending side; bytes each sender sent."""
+    blame: Callable[[BaseException, float], BaseException] = lambda error, timeout_s: error
+    """After a failure: the error to report (a failed sender rather than its receivers)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryContext:
+    """What a transport that needs the whole plan may use to deliver it."""
+
+    fleet: Fleet
+    routing: Routing
+    device: str
+    """The engines' device (``cpu``/``cuda``)."""
+    timeout_s: float
+
+
+class Transport(ABC):
+    """One way bytes reach the ranks (see the module doc)."""
+
+    name: ClassVar[str]
+    max_in_flight: ClassVar[int | None] = None
+    """Steps pending at once; None: every step is queued at once (nothing is held per
+    step). Bounded for transports whose steps hold memory until the ranks read them."""
+
+    @abstractmethod
+    def accepts(self, source: Any) -> bool:
+        """Whether ``source`` (a ``reload`` argument) is this transport's to carry."""
+
+    @abstractmethod
+    def open(self, source: Any, timeout_s: float) -> Source:
+        """List ``source``; CheckpointError names what is wrong with it."""
+
+    @abstractmethod
+    def deliver(self, source: Source, plan: Plan, context: DeliveryContext) -> Delivery:
+        """Queue the plan on every rank of every engine."""
+
+    def fingerprints(self, source: Source) -> dict[str, Fingerprint]:
+        """Files the commit log replays this source from, which must stay unchanged."""
+        return {}
+
+
+class BucketTransport(Transport):
+    """A transport that sends each bucket as one message every rank reads."""
+
+    @abstractmethod
+    def send(self, source: Source, bucket: Bucket) -> BucketMessage:
+        """The message every rank reads ``bucket`` from."""
+
+    def deliver(self, source: Source, plan: Plan, context: DeliveryContext) -> Delivery:
+        delivery = Delivery(iter(()))
+
+        def steps() -> Iterator[tuple[RankCalls, int]]:
+            for bucket in plan.buckets:
+                message = self.send(source, bucket)
+                delivery.replay.append(message)
+                yield context.fleet.load_bucket(message), bucket.nbytes
+
+        delivery.steps = steps()
+        return delivery

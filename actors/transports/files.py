@@ -1,0 +1,201 @@
+"""Checkpoint directories every rank can read (a shared filesystem, or one node).
+
+Driver: the directory is listed from its safetensors headers (and index), without reading
+tensor data and without ever unpickling anything; each bucket is sent as names, files and
+shapes, never data. Rank: each opens the files itself, and its loaders read just the rank's
+windows (``actors.checkpoint``). The commit log replays from the files, which must stay
+unchanged until superseded (their size and mtime are checked).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+
+from actors.checkpoint import CheckpointSlice
+from actors.dtypes import SAFETENSORS_DTYPES, dtype_name, itemsize
+from actors.lazy import TensorEntry
+from actors.transports.base import (
+    BucketMessage,
+    BucketReader,
+    BucketTransport,
+    Fingerprint,
+    Items,
+    Source,
+    TensorInfo,
+)
+from orchestrator.errors import CheckpointError
+from orchestrator.plan import Bucket
+
+INDEX_FILE = "model.safetensors.index.json"
+# A safetensors header is JSON metadata; anything this large is a corrupt length field.
+MAX_HEADER_BYTES = 100 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry(TensorEntry):
+    file: str
+    """Absolute path of the safetensors file holding it."""
+
+
+def file_entry(info: TensorInfo) -> FileEntry:
+    """What a rank needs to read this tensor from its file."""
+    assert info.file is not None, f"'{info.name}' is not in a file"
+    return FileEntry(info.name, dtype_name(info.torch_dtype), info.shape, info.file)
+
+
+@dataclass(frozen=True, slots=True)
+class FileBucket(BucketMessage):
+    entries: tuple[FileEntry, ...]
+    """In stream order."""
+
+    def read(self, reader: BucketReader) -> Items:
+        handles = reader.state.setdefault("files", {})
+        return [(e.name, _slice(reader, handles, e.name, e.file)) for e in self.entries]
+
+
+def _slice(reader: BucketReader, handles: dict[str, Any], name: str, path: str
+           ) -> CheckpointSlice:
+    if path not in handles:
+        if not os.path.isfile(path):
+            # The driver listed the file; this rank may run on another node.
+            raise FileNotFoundError(
+                f"checkpoint file {path} is not readable on node {socket.gethostname()}: "
+                "checkpoint directories must be at the same path on every node (a shared "
+                "filesystem), or pass the weights in memory")
+        handles[path] = reader.stack.enter_context(safe_open(path, framework="pt"))
+    return CheckpointSlice(handles[path].get_slice(name), path, name)
+
+
+class FilesTransport(BucketTransport):
+    name = "files"
+
+    def accepts(self, source: Any) -> bool:
+        return isinstance(source, (str, Path))
+
+    def open(self, source: Any, timeout_s: float) -> Source:
+        infos = tuple(checkpoint_inventory(source))
+        return Source(self, infos, str(source), handle={t.name: t for t in infos})
+
+    def send(self, source: Source, bucket: Bucket) -> FileBucket:
+        return FileBucket(tuple(file_entry(source.handle[t.name]) for t in bucket.tensors))
+
+    def fingerprints(self, source: Source) -> dict[str, Fingerprint]:
+        files = sorted({t.file for t in source.tensors if t.file is not None})
+        return {f: (os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files}
+
+
+# ---- listing a checkpoint directory ------------------------------------------------------
+
+def read_safetensors_header(path: Path) -> list[TensorInfo]:
+    """Parse one file's header; CheckpointError names the file on any inconsistency."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file (no header length)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > min(MAX_HEADER_BYTES, size - 8):
+            raise CheckpointError(f"{path}: corrupt safetensors header length {header_len}")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    data_size = size - 8 - header_len
+    entries = sorted(((n, e) for n, e in header.items() if n != "__metadata__"),
+                     key=lambda item: _data_start(path, *item))
+    # Physical order: the order a sequential reader of this file meets the tensors.
+    return [_tensor_info(path, name, entry, data_size) for name, entry in entries]
+
+
+def _data_start(path: Path, name: str, entry: Any) -> int:
+    try:
+        return int(entry["data_offsets"][0])
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise CheckpointError(f"{path}: tensor '{name}' has a malformed header entry") from exc
+
+
+def _tensor_info(path: Path, name: str, entry: dict, data_size: int) -> TensorInfo:
+    try:
+        dtype, shape, (start, stop) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: tensor '{name}' has a malformed header entry") from exc
+    if dtype not in SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {dtype}")
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    if stop - start != numel * itemsize(dtype) or stop > data_size:
+        raise CheckpointError(
+            f"{path}: tensor '{name}' data [{start}, {stop}) does not fit its shape {shape} "
+            f"or the file's {data_size} data bytes (truncated?)"
+        )
+    return TensorInfo(name, shape, dtype, stop - start, str(path))
+
+
+def checkpoint_files(model_dir: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint dir, via the index when there is one. Index
+    entries must stay inside the directory; pickle checkpoints are refused, never read."""
+    root = Path(model_dir).resolve()
+    if not root.is_dir():
+        raise CheckpointError(f"{model_dir}: checkpoint directory not found")
+    index = root / INDEX_FILE
+    if index.is_file():
+        return _files_from_index(root, index)
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in root.iterdir() if p.suffix in {".bin", ".pt", ".pth"})
+        hint = f" (found pickle files {pickles}, which are never loaded)" if pickles else ""
+        raise CheckpointError(f"{root}: no *.safetensors files{hint}; convert to safetensors")
+    return files
+
+
+def _files_from_index(root: Path, index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index}: malformed index, expected a 'weight_map' object") from exc
+    # Each distinct entry is checked once: an index names a few files for many tensors.
+    files: dict[str, Path] = {}
+    for name, rel in weight_map.items():
+        if rel not in files:
+            files[rel] = _indexed_file(root, index, name, rel)
+    return list(dict.fromkeys(files.values()))
+
+
+def _indexed_file(root: Path, index: Path, name: str, rel: str) -> Path:
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root):
+        raise CheckpointError(
+            f"{index}: tensor '{name}' points outside the checkpoint dir: {rel}")
+    if path.suffix != ".safetensors":
+        raise CheckpointError(
+            f"{index}: tensor '{name}' is in {rel}; only safetensors are loaded")
+    if not path.is_file():
+        raise CheckpointError(f"{index}: tensor '{name}' points to missing file {rel}")
+    return path
+
+
+def checkpoint_inventory(model_dir: str | Path) -> list[TensorInfo]:
+    """Every tensor of the checkpoint, from headers only. Duplicate names are an error."""
+    seen: dict[str, str] = {}
+    infos = []
+    for path in checkpoint_files(model_dir):
+        for info in read_safetensors_header(path):
+            if info.name in seen:
+                raise CheckpointError(
+                    f"tensor '{info.name}' appears in both {seen[info.name]} and {info.file}"
+                )
+            seen[info.name] = info.file
+            infos.append(info)
+    return infos

@@ -1,0 +1,203 @@
+"""The trainer's side of a trainer stream (``TrainerEndpoint``, mixed into its Ray actors),
+the source that names them (``TrainerSource``) and the driver's listing of what every trainer
+rank holds."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import torch
+
+from actors.dtypes import SAFETENSORS_CODES, dtype_name
+from actors.lazy import Bounds
+from actors.reload.routes import covers
+from actors.transports.base import Source, TensorInfo, Transport
+from actors.transports.trainer_stream.wire import (
+    LinkAddress,
+    SendPiece,
+    intersect,
+    join,
+    send_buckets,
+)
+from orchestrator.errors import CheckpointError, TrainerError
+
+
+@dataclass(frozen=True, slots=True)
+class HeldTensor:
+    """What one trainer rank holds of one tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    """The full (unsharded) tensor's shape."""
+    dtype: str
+    """torch dtype name, e.g. ``bfloat16``."""
+    box: Bounds
+    """The part of the full tensor this rank holds, per dim [start, stop)."""
+    device: str
+    """``cpu`` or ``cuda``."""
+
+
+def held_tensor(name: str, tensor: torch.Tensor) -> tuple[HeldTensor, torch.Tensor]:
+    """The full shape and the box a rank holds of ``tensor``, and its local data. A DTensor
+    is cut by its ``Shard`` placements with ``torch.chunk``'s rule (as FSDP2 and DTensor
+    shard); ``Replicate`` holds the whole dim; anything else is refused by name."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if not isinstance(tensor, DTensor):
+        local = tensor.detach()
+        box = tuple((0, n) for n in local.shape)
+    else:
+        local = tensor.to_local().detach()
+        bounds = [[0, n] for n in tensor.shape]
+        coordinate = tensor.device_mesh.get_coordinate()
+        for mesh_dim, placement in enumerate(tensor.placements):
+            if isinstance(placement, Replicate):
+                continue
+            if not isinstance(placement, Shard) or coordinate is None:
+                raise ValueError(f"trainer tensor '{name}': placement {placement} is not "
+                                 "supported (Shard or Replicate)")
+            dim = placement.dim % tensor.ndim
+            lo, hi = bounds[dim]
+            step = -(-(hi - lo) // tensor.device_mesh.size(mesh_dim))
+            start = min(hi, lo + coordinate[mesh_dim] * step)
+            bounds[dim] = [start, min(hi, start + step)]
+        box = tuple((lo, hi) for lo, hi in bounds)
+        if tuple(hi - lo for lo, hi in box) != tuple(local.shape):
+            raise ValueError(f"trainer tensor '{name}': local shard {tuple(local.shape)} is "
+                             f"not the chunk {box} of {tuple(tensor.shape)} its placements "
+                             f"{tensor.placements} give (uneven sharding is not supported)")
+    info = HeldTensor(name, tuple(tensor.shape), dtype_name(tensor.dtype), box,
+                      local.device.type)
+    return info, local
+
+
+class TrainerEndpoint:
+    """Mix into a trainer's Ray actor class to reload engines from it directly:
+    ``orch.reload(TrainerSource([actor, ...]))``. Implement ``tp_reload_weights``."""
+
+    def tp_reload_weights(self) -> Mapping[str, torch.Tensor]:
+        """The weights to send, in checkpoint format (``model.layers.0.mlp.up_proj.weight``):
+        full tensors, or this rank's DTensor shards (e.g. an FSDP2 model's ``state_dict()``).
+        Called once to list and once to send; both calls must give the same tensors."""
+        raise NotImplementedError("a TrainerEndpoint implements tp_reload_weights()")
+
+    def tp_reload_manifest(self) -> list[HeldTensor]:
+        return [held_tensor(n, t)[0] for n, t in self.tp_reload_weights().items()]
+
+    def tp_reload_send(self, address: LinkAddress, rank: int,
+                       buckets: list[list[SendPiece]]) -> int:
+        """Join the reload's group and send this rank's pieces; returns the bytes sent."""
+        held = {}
+        for name, tensor in self.tp_reload_weights().items():
+            info, local = held_tensor(name, tensor)
+            if address.backend == "gloo" and local.device.type != "cpu":
+                local = local.cpu()  # gloo moves host memory
+            held[name] = (local, info.box)
+        group = join(address, rank)
+        try:
+            return send_buckets(group, held, buckets)
+        finally:
+            del group
+
+
+class TrainerSource:
+    """A reload source: the Ray actors of a trainer (each a ``TrainerEndpoint``), one per
+    trainer rank, in rank order."""
+
+    def __init__(self, actors: Any) -> None:
+        self.actors = tuple(actors)
+
+
+@dataclass
+class ListedTrainer:
+    """A trainer source after listing: who holds which box of every tensor."""
+
+    source: TrainerSource
+    holders: dict[str, list[tuple[int, Bounds]]]
+    """Tensor -> (trainer rank, box held), in rank order."""
+    on_cuda: bool
+
+    def wait(self, sending: list[Any], timeout_s: float) -> list[int]:
+        """Bytes each trainer rank sent (``sending``: this reload's ``tp_reload_send``
+        calls, one per trainer rank); TrainerError naming the rank that failed."""
+        sent = []
+        for rank, call in enumerate(sending):
+            try:
+                sent.append(ray.get(call, timeout=timeout_s))
+            except Exception as exc:  # noqa: BLE001 - any failure of a trainer rank
+                raise TrainerError(rank, _error_text(exc),
+                                   died=isinstance(exc, ray.exceptions.RayActorError)) from exc
+        return sent
+
+    def blame(self, sending: list[Any], error: BaseException, timeout_s: float
+              ) -> BaseException:
+        """What a failed stream reports: a trainer rank that died, or that failed while no
+        engine rank died (engine ranks receive every piece even after failing, so a trainer
+        fails only by itself or because an engine rank died); else the engines' error."""
+        try:
+            self.wait(sending, timeout_s)
+        except TrainerError as failure:
+            if failure.died or not isinstance(error.__cause__ or error,
+                                              ray.exceptions.RayActorError):
+                return failure
+        return error
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, ray.exceptions.RayActorError):
+        return f"the trainer actor died mid-stream ({type(exc).__name__})"
+    return str(exc)
+
+
+def list_trainer(transport: Transport, source: TrainerSource, timeout_s: float) -> Source:
+    """Every trainer rank's holdings as a plannable ``Source``; CheckpointError names a
+    tensor the ranks disagree on, leave partly unheld, or hold overlapping parts of."""
+    if not source.actors:
+        raise CheckpointError("trainer source: no trainer actors given")
+    manifests = []
+    for rank, actor in enumerate(source.actors):
+        try:
+            manifests.append(ray.get(actor.tp_reload_manifest.remote(), timeout=timeout_s))
+        except Exception as exc:  # noqa: BLE001 - a trainer that cannot list is refused
+            raise TrainerError(rank, _error_text(exc)) from exc
+    first: dict[str, HeldTensor] = {}
+    holders: dict[str, list[tuple[int, Bounds]]] = {}
+    for rank, manifest in enumerate(manifests):
+        for held in manifest:
+            known = first.setdefault(held.name, held)
+            if (known.shape, known.dtype) != (held.shape, held.dtype):
+                raise CheckpointError(
+                    f"trainer tensor '{held.name}': rank {rank} holds {held.shape} "
+                    f"{held.dtype}, an earlier rank {known.shape} {known.dtype}")
+            holders.setdefault(held.name, []).append((rank, held.box))
+    infos = []
+    for name, held in first.items():
+        _check_holdings(name, held.shape, holders[name])
+        dtype = getattr(torch, held.dtype)
+        if dtype not in SAFETENSORS_CODES:
+            raise CheckpointError(f"trainer tensor '{name}' has unsupported dtype {dtype}")
+        numel = 1
+        for n in held.shape:
+            numel *= n
+        infos.append(TensorInfo(name, held.shape, SAFETENSORS_CODES[dtype],
+                                numel * dtype.itemsize, None))
+    on_cuda = all(h.device == "cuda" for m in manifests for h in m)
+    listed = ListedTrainer(source, holders, on_cuda)
+    return Source(transport, tuple(infos),
+                  f"trainer of {len(source.actors)} rank(s), {len(infos)} tensors", listed)
+
+
+def _check_holdings(name: str, shape: tuple[int, ...], held: list[tuple[int, Bounds]]) -> None:
+    """Distinct boxes must not overlap (replicas hold equal boxes) and must cover the tensor."""
+    boxes = list(dict.fromkeys(box for _, box in held))
+    for a, b in itertools.combinations(boxes, 2):
+        if intersect(a, b) is not None:
+            raise CheckpointError(f"trainer tensor '{name}': ranks hold overlapping parts "
+                                  f"{a} and {b}")
+    if not covers(shape, boxes):
+        raise CheckpointError(f"trainer tensor '{name}' {shape}: the trainer ranks together "
+                              f"hold only {boxes}")

@@ -1,0 +1,227 @@
+"""Trainer-to-engine streaming: a process group that spans a trainer's ranks and every engine
+rank, formed for one reload, carrying exactly the boxes each engine rank reads.
+
+The driver computes the schedule (``schedule``): for every bucket in plan order,
+each engine rank's read boxes of each tensor (from the routing's dry run) cut by the boxes the
+trainer ranks hold. Every piece has one sender (a trainer rank that holds it) and one receiver,
+and a global sequence number that both sides walk in the same order, which is also the tag:
+gloo matches pieces by (peer, tag), NCCL by issue order, and walking one global order means the
+lowest unfinished piece can always proceed, so no pair of ranks waits on each other.
+
+Nothing goes through the driver or the object store. The sender cuts each piece from its own
+tensor (a view when contiguous); the receiver gets each read box once, in memory of its own,
+and hands the reload engine a ``ReceivedWeight`` that serves those boxes.
+
+The group is a stateless ``ProcessGroupGloo`` (``ProcessGroupNCCL`` when every member is on
+CUDA) built from a ``PrefixStore`` over the driver's ``TCPStore``: it lives beside each
+process's own default group (an engine's TP group, a trainer's FSDP group) and is dropped
+after the reload. Its timeout bounds every wait; a member that dies is seen by its peers as a
+failed send or receive within milliseconds (a closed connection), never as a hang.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+
+from actors.lazy import Bounds, LazyWindow, TensorEntry, box_numel
+from actors.transports.base import BucketMessage, BucketReader, Items, LinkMessage
+
+BUCKETS_IN_FLIGHT = 2
+"""A sender posts the next bucket while the previous one drains; it holds at most this many
+buckets' cut pieces."""
+
+
+@dataclass(frozen=True, slots=True)
+class LinkAddress:
+    host: str
+    port: int
+    prefix: str
+    """Unique per reload: each reload forms a group of its own on the same store."""
+    world: int
+    backend: str
+    """``gloo`` or ``nccl``."""
+    timeout_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class SendPiece:
+    name: str
+    box: Bounds
+    """Source coordinates of the piece (inside the sender's held box)."""
+    dst: int
+    tag: int
+
+
+@dataclass(frozen=True, slots=True)
+class RecvPiece:
+    name: str
+    read_box: Bounds
+    """The receiver's read box the piece belongs to."""
+    box: Bounds
+    src: int
+    tag: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamLink(LinkMessage):
+    """Join this reload's group as link rank ``link_rank``; StreamBuckets follow."""
+
+    address: LinkAddress
+    link_rank: int
+    stream: int
+    """Id of the stream: what the rank keeps of it once committed is kept under it."""
+
+    def open(self, reader: BucketReader) -> None:
+        device = reader.device if self.address.backend == "nccl" else torch.device("cpu")
+        received: list[Items] = []
+        reader.state["stream"] = (join(self.address, self.link_rank), device, received)
+        reader.to_keep = (self.stream, received)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamBucket(BucketMessage):
+    """One bucket as one engine rank receives it."""
+
+    entries: tuple[TensorEntry, ...]
+    pieces: tuple[RecvPiece, ...]
+    """In global order."""
+    must_read: ClassVar[bool] = True  # the trainer's sends complete only when received
+
+    def read(self, reader: BucketReader) -> Items:
+        if "stream" not in reader.state:
+            raise RuntimeError("a stream bucket arrived before the rank joined the stream")
+        group, device, received = reader.state["stream"]
+        items: Items = reader.timed(lambda: receive_bucket(group, self, device))
+        received.append(items)
+        return items
+
+
+@dataclass(frozen=True, slots=True)
+class KeptBucket(BucketMessage):
+    """Replay of a committed stream's bucket from what each engine rank kept of it."""
+
+    stream: int
+    index: int
+    entries: tuple[TensorEntry, ...]
+
+    def read(self, reader: BucketReader) -> Items:
+        if self.stream not in reader.kept:
+            raise RuntimeError(
+                f"this rank no longer holds trainer stream {self.stream} (it was restarted): "
+                "a committed version that came from a trainer cannot be rebuilt; reload from "
+                "the trainer or a checkpoint")
+        return reader.kept[self.stream][self.index]
+
+
+def join(address: LinkAddress, rank: int) -> dist.ProcessGroup:
+    """This process's member of the reload's group (blocks until every member joined)."""
+    timeout = datetime.timedelta(seconds=address.timeout_s)
+    store = dist.PrefixStore(address.prefix, dist.TCPStore(
+        address.host, address.port, is_master=False, timeout=timeout))
+    if address.backend == "nccl":
+        return dist.ProcessGroupNCCL(store, rank, address.world, dist.ProcessGroupNCCL.Options())
+    return dist.ProcessGroupGloo(store, rank, address.world, timeout)
+
+
+def cut(box: Bounds, inside: Bounds) -> tuple[slice, ...]:
+    """Index of ``box`` within a tensor that holds ``inside`` (both in source coordinates)."""
+    return tuple(slice(lo - base, hi - base)
+                 for (lo, hi), (base, _) in zip(box, inside, strict=True))
+
+
+def intersect(a: Bounds, b: Bounds) -> Bounds | None:
+    box = tuple((max(lo1, lo2), min(hi1, hi2)) for (lo1, hi1), (lo2, hi2) in zip(a, b, strict=True))
+    return box if all(lo < hi for lo, hi in box) else None
+
+
+def box_shape(box: Bounds) -> tuple[int, ...]:
+    return tuple(hi - lo for lo, hi in box)
+
+
+def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """The bytes of a contiguous tensor: every dtype (bf16, fp8) travels as uint8."""
+    return tensor.reshape(-1).view(torch.uint8)
+
+
+# ---- the sender (a trainer rank) -------------------------------------------------------------
+
+def send_buckets(group: dist.ProcessGroup, held: dict[str, tuple[torch.Tensor, Bounds]],
+                 buckets: list[list[SendPiece]]) -> int:
+    """Send every piece, bucket by bucket, at most BUCKETS_IN_FLIGHT buckets posted at once.
+    ``held``: name -> (the local tensor, the box of the full tensor it holds). Returns the
+    bytes sent."""
+    pending: list[list[tuple[Any, torch.Tensor]]] = []
+    sent = 0
+    for pieces in buckets:
+        posted = []
+        for piece in pieces:
+            local, inside = held[piece.name]
+            # A view when the box is contiguous in the local tensor, else the sender's one cut.
+            data = local[cut(piece.box, inside)].contiguous()
+            posted.append((group.send([_as_bytes(data)], piece.dst, piece.tag), data))
+            sent += data.numel() * data.element_size()
+        pending.append(posted)
+        if len(pending) >= BUCKETS_IN_FLIGHT:
+            _wait(pending.pop(0))
+    for posted in pending:
+        _wait(posted)
+    return sent
+
+
+def _wait(posted: list[tuple[Any, torch.Tensor]]) -> None:
+    for work, _ in posted:
+        work.wait()
+
+
+# ---- the receiver (an engine rank) -----------------------------------------------------------
+
+class ReceivedWeight(LazyWindow):
+    """A source tensor of which this rank received exactly the boxes it reads."""
+
+    def __init__(self, entry: TensorEntry, windows: dict[Bounds, torch.Tensor]) -> None:
+        super().__init__(entry.shape, getattr(torch, entry.dtype), entry.name)
+        self.windows = windows
+
+    def _read(self, bounds: Bounds) -> torch.Tensor:
+        if bounds in self.windows:
+            return self.windows[bounds]
+        if box_numel(bounds) == 0:
+            return torch.empty(box_shape(bounds), dtype=self.dtype)
+        for box, window in self.windows.items():
+            if all(lo >= b_lo and hi <= b_hi for (lo, hi), (b_lo, b_hi) in zip(bounds, box,
+                                                                                strict=True)):
+                return window[cut(bounds, box)]
+        # The routing's dry run and this read disagree: a loader broke the read contract.
+        raise AssertionError(f"'{self.name}': box {bounds} was not received")
+
+
+def receive_bucket(group: dist.ProcessGroup, bucket: StreamBucket, device: torch.device
+                   ) -> list[tuple[str, ReceivedWeight]]:
+    """Post every receive of the bucket, wait for all, and return its tensors as windows."""
+    entries = {e.name: e for e in bucket.entries}
+    windows: dict[str, dict[Bounds, torch.Tensor]] = {e.name: {} for e in bucket.entries}
+    posted, scattered = [], []
+    for piece in bucket.pieces:
+        dtype = getattr(torch, entries[piece.name].dtype)
+        boxes = windows[piece.name]
+        if piece.read_box not in boxes:
+            boxes[piece.read_box] = torch.empty(box_shape(piece.read_box), dtype=dtype,
+                                                device=device)
+        target = boxes[piece.read_box][cut(piece.box, piece.read_box)]
+        if not target.is_contiguous():
+            # A piece that is not one run of the read box (a column slab of rows): received
+            # whole, then put in place.
+            staged = torch.empty(box_shape(piece.box), dtype=dtype, device=device)
+            scattered.append((target, staged))
+            target = staged
+        posted.append(group.recv([_as_bytes(target)], piece.src, piece.tag))
+    for work in posted:
+        work.wait()
+    for target, staged in scattered:
+        target.copy_(staged)
+    return [(e.name, ReceivedWeight(e, windows[e.name])) for e in bucket.entries]

@@ -1,0 +1,184 @@
+"""ReloadOrchestrator: the driver-side handle on a fleet of TP engines.
+
+Usage::
+
+    with ReloadOrchestrator(EngineConfig(model="ckpt/step0", tensor_parallel_size=2)) as orch:
+        tokens = orch.generate([[1, 2, 3]], max_new_tokens=8)
+        rollout = orch.sample([[1, 2, 3]], max_new_tokens=64, temperature=1.0)
+        report = orch.reload("ckpt/step1")          # or a dict / iterable of (name, tensor)
+
+It composes parts with one job each: the fleet (``orchestrator.fleet``: engines, ranks and
+typed calls to them), the router (``orchestrator.router``: plans), the transaction
+(``orchestrator.transaction``: stream, commit, roll back, stage, flip), the gate
+(``orchestrator.gate``) and the serving calls it inherits (``orchestrator.serving``).
+
+Ordering invariants:
+  * ``start`` (or entering the context) must be called before any other method; it places
+    the engines, forms each engine's process group and performs the first load (version 0).
+  * every call reaches all ranks of one engine, because forward passes use collectives; a
+    rank that fails raises ``RankError`` naming engine and rank with its traceback text.
+  * ``reload`` reaches every rank of every engine; the version increments only when every
+    rank finished, and on any failure every rank is rolled back first.
+  * ``shutdown`` (or leaving the context) has every rank release its node's shared memory,
+    kills the rank actors and frees their placement groups; it cannot be restarted.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from actors.reload.staging_area import STAGING_PLACES
+from orchestrator.config import EngineConfig
+from orchestrator.errors import ConfigError
+from orchestrator.fleet import Fleet
+from orchestrator.gate import Gate
+from orchestrator.plan import ORDERS, Order, Plan
+from orchestrator.report import ReloadReport
+from orchestrator.router import Router
+from orchestrator.serving import EngineServing
+from orchestrator.transaction import Transaction
+
+log = logging.getLogger("tp_reload")
+
+
+class ReloadOrchestrator(EngineServing):
+    def __init__(self, config: EngineConfig) -> None:
+        fleet, gate = Fleet(config), Gate(config.serve_during_reload)
+        self.router = Router(config, fleet)
+        super().__init__(config, fleet, gate, Transaction(config, fleet, self.router, gate))
+        self.load_report: ReloadReport | None = None
+        self.last_report: ReloadReport | None = None
+        self._reloads = threading.Lock()  # one reload at a time; staged ones hold the gate
+        # only for their flip
+
+    @classmethod
+    def from_yaml(cls, path: str, **overrides: Any) -> ReloadOrchestrator:
+        """An orchestrator (not yet started) from the ``engine`` section of a YAML config;
+        ``overrides`` replace engine fields (e.g. ``model=``)."""
+        from orchestrator.yaml_config import load_engine_config
+
+        return cls(load_engine_config(path, **overrides))
+
+    @property
+    def dtype(self) -> str:
+        """The engine dtype, resolved from ``config.model`` (empty before it is read)."""
+        return self.router.dtype
+
+    @property
+    def engines(self) -> list[Any]:
+        return self.fleet.engines
+
+    def __enter__(self) -> ReloadOrchestrator:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
+
+    def start(self) -> ReloadOrchestrator:
+        """Read ``config.model``, place the engines, form their process groups and load it
+        (version 0). A checkpoint the engine cannot run is refused before anything is placed."""
+        cfg = self.config
+        if self.fleet.engines:
+            raise RuntimeError("orchestrator is already started")
+        first = self.router.prepare()
+        # Engines routed in the driver validate the first source before anything is placed;
+        # the others as soon as their ranks are up, before any byte moves.
+        begin = time.perf_counter()
+        plan = self.router.plan(first, "plan", require_all=True) if self.router.on_driver \
+            else None
+        plan_seconds = time.perf_counter() - begin
+        try:
+            self.fleet.place(self.router.dtype)
+            if plan is None:
+                begin = time.perf_counter()
+                plan = self.router.plan(first, "plan", require_all=True)
+                plan_seconds = time.perf_counter() - begin
+            with self.gate.hold(reloading=True):
+                self.load_report = self.transaction.load(first, plan, plan_seconds, first=True)
+        except BaseException:
+            self.shutdown()
+            raise
+        self.last_report = self.load_report
+        log.info("%d engine(s) x TP=%d serving %s (%s) as version 0", cfg.num_engines,
+                 cfg.tensor_parallel_size, cfg.model, self.dtype)
+        return self
+
+    def shutdown(self) -> None:
+        """Every rank releases what it created on its node (vLLM's shared memory), then
+        the rank actors are killed and their placement groups freed."""
+        self.fleet.close()
+        self.transaction.version = None
+
+    def reload(self, source: Any, order: Order = "plan", strict: bool = True,
+               staged: bool | None = None, staging: str | None = None) -> ReloadReport:
+        """Stream new weights into every rank of every engine, in place, all or nothing.
+
+        ``source``: a checkpoint directory, a dict name -> tensor, an iterable of
+        (name, tensor) in checkpoint format (full, unsharded), a ``TrainerSource`` (the
+        trainer's Ray actors stream their shards straight to the engine ranks), or anything
+        a registered transport accepts (``actors.transports``). ``order="plan"`` streams in
+        parent-layer order (one layer buffered at a time); ``"source"`` keeps the source's
+        own order. Layers the source does not touch keep their weights (``layers_kept``);
+        ``strict=False`` ignores names that match no parameter. The version increments only
+        when every rank finished; on any failure every rank is rolled back to the last
+        committed version before the error is raised. Serving calls wait meanwhile.
+
+        ``staged=True``: serving goes on at the committed version while every rank streams
+        and processes the new one into staging tensors (``staging``: 'device', or 'host' for
+        pinned host memory on CUDA; one more copy of the layers the source touches, refused
+        before any byte moves if it does not fit). The flip waits for the serving call in
+        flight, copies the staging into the kernel tensors in place and commits: serving
+        waits only for the flip (``report.pause_seconds``). A failure before the flip drops
+        the staging; the engines never stopped serving and were never touched."""
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        place = staging or "device"
+        if staged and place not in STAGING_PLACES:
+            raise ValueError(f"staging must be one of {STAGING_PLACES}, got {place!r}")
+        if staged and not self.config.plugin.supports("staging"):
+            raise ConfigError(f"engine={self.config.engine!r} cannot stage reloads (its model "
+                              "has no twin to stage into): reload unstaged")
+        with self._reloads:
+            if staged:  # routed in the driver, or on the ranks' twins: serving goes on
+                source, plan, seconds = self._plan(source, order, strict, staged=True)
+                report = self.transaction.load_staged(source, plan, seconds, place)
+            else:
+                with self.gate.hold(reloading=True):
+                    source, plan, seconds = self._plan(source, order, strict)
+                    report = self.transaction.load(source, plan, seconds)
+        self.last_report = report
+        return report
+
+    def _plan(self, source: Any, order: Order, strict: bool, staged: bool = False
+              ) -> tuple[Any, Plan, float]:
+        begin = time.perf_counter()
+        opened = self.router.open(source)
+        plan = self.router.plan(opened, order, strict=strict, staged=staged)
+        return opened, plan, time.perf_counter() - begin
+
+    def plan(self, source: Any, order: Order = "plan", strict: bool = True) -> Plan:
+        """The schedule a reload of ``source`` would follow (validated; nothing is sent).
+        Engines routed in the driver (native) plan before ``start()`` too, without Ray."""
+        with self.gate.hold():
+            if not self.fleet.engines:
+                if not self.router.dtype:
+                    self.router.prepare()
+                if not self.router.on_driver:
+                    raise RuntimeError(f"engine={self.config.engine!r} plans on its ranks: "
+                                       "start() the orchestrator first")
+            return self._plan(source, order, strict)[1]
+
+    def status(self) -> dict[str, Any]:
+        cfg, report = self.config, self.last_report
+        return {
+            "version": self.transaction.version, "model": cfg.model, "engine": cfg.engine,
+            "tensor_parallel_size": cfg.tensor_parallel_size, "num_engines": cfg.num_engines,
+            "quantization": cfg.quantization, "dtype": self.dtype,
+            "last_reload": None if report is None else {
+                "version": report.version, "seconds": report.seconds,
+                "source": report.source, "peak_buffered_bytes": report.peak_buffered_bytes,
+                "staged": report.staged, "pause_seconds": report.pause_seconds},
+        }
