@@ -172,13 +172,14 @@ actor on the same node streaming to the engine ranks (``TrainerSource``)."""
 
 
 def run_engine_cases(path: Path, tp: int, quantization: str | None, tensors: dict,
-                     opts: Options) -> tuple[list[Case], dict[str, Any] | None]:
+                     opts: Options) -> tuple[list[Case], dict[str, Any] | None, dict[str, Any]]:
     """Per source: untimed reloads, then the two orders taken in turn, so both meet the
     same machine state. The in-memory source warms up until the object store's memory was
     all used once (``store_warmup_reloads``): until then ray.put lands on fresh pages at
     ~2 GB/s instead of ~12 GB/s here, and whichever case ran first looked 2-3x slower
     (issue 14's "plan order is 3x slower"). A long RL run lives in the warm state.
-    Also returns the staged-reload row (``measure_pause``) where the engine stages."""
+    Also returns the staged-reload row (``measure_pause``) where the engine stages, and
+    what ``same_engine_rows`` measures on this engine when it is the unquantized one."""
     cases = [Case(opts.engine, tp, quantization, s, o)
              for s in SOURCES for o in ("plan", "source")]
     trainer = ray.remote(num_cpus=0)(BenchTrainer).remote(tensors)
@@ -196,8 +197,25 @@ def run_engine_cases(path: Path, tp: int, quantization: str | None, tensors: dic
             measure_vllm_peer(orch, path, tensors, cases, opts.repeats)
         stages = orch.config.plugin.supports("staging")
         staged = measure_pause(orch, path, cases, opts.repeats) if stages else None
+        extras = same_engine_rows(orch, path, tensors, tp, quantization, opts)
     ray.kill(trainer)
-    return cases, staged
+    return cases, staged, extras
+
+
+def same_engine_rows(orch: ReloadOrchestrator, path: Path, tensors: dict, tp: int,
+                     quantization: str | None, opts: Options) -> dict[str, Any]:
+    """On the unquantized engine already started for the cases (no engine of their own):
+    the fixed cost at FIXED_COST_TP and, on the native engine at the largest TP, the
+    buffered timelines and the full-depth row of the depth check."""
+    if quantization is not None:
+        return {}
+    rows: dict[str, Any] = {}
+    if tp == FIXED_COST_TP:
+        rows["fixed_cost"] = fixed_cost(orch, path, opts)
+    if opts.engine == "native" and tp == max(opts.tps):
+        rows["buffered_timelines"] = buffered_timelines(orch, tensors)
+        rows["full_depth"] = depth_row(orch, path, opts)
+    return rows
 
 
 def measure_pause(orch: ReloadOrchestrator, path: Path, cases: list[Case], repeats: int
@@ -280,36 +298,39 @@ def run_peers(path: Path, tp: int, quantization: str | None, cases: list[Case],
                 case.peak_rss[kind] = peak
 
 
-def buffered_timelines(path: Path, tensors: dict, opts: Options) -> dict[str, list[int]]:
-    """Rank 0 of a TP=2 engine: buffered bytes through one reload, per source and order.
-    'shuffled' is the dict in a random order, as an unordered trainer export would be."""
+def buffered_timelines(orch: ReloadOrchestrator, tensors: dict) -> dict[str, list[int]]:
+    """Rank 0 of the unquantized native engine at the largest TP: buffered bytes through one
+    reload, per source and order. 'shuffled' is the dict in a random order, as an unordered
+    trainer export would be."""
     names = list(tensors)
     random.Random(0).shuffle(names)
     shuffled = {n: tensors[n] for n in names}
     timelines = {}
-    with ReloadOrchestrator(engine_config(path, max(opts.tps), None, opts, "native")) as orch:
-        for label, source in (("dir", str(path)), ("shuffled dict", shuffled)):
-            for order in ("plan", "source"):
-                report = orch.reload(source, order=order)
-                timelines[f"{label}, {order} order"] = report.buffered_timeline
+    for label, source in (("dir", orch.config.model), ("shuffled dict", shuffled)):
+        for order in ("plan", "source"):
+            report = orch.reload(source, order=order)
+            timelines[f"{label}, {order} order"] = report.buffered_timeline
     return timelines
 
 
-def depth_check(path: Path, opts: Options) -> list[dict[str, Any]]:
-    """Plan-order peak buffered bytes at two depths of the same width."""
-    rows = []
-    for model in (half_depth(path), path):
-        with ReloadOrchestrator(engine_config(model, max(opts.tps), None, opts,
-                                              "native")) as orch:
-            report = orch.reload(str(model), order="plan")
-            plan = orch.plan(str(model))
-            layers = json.loads((Path(model) / "config.json").read_text())["num_hidden_layers"]
-        bound = plan.largest_layer_rank_bytes + opts.bucket_bytes
-        peak = report.peak_buffered_bytes
-        rows.append({"layers": layers, "peak_buffered_bytes": peak,
-                     "largest_layer_rank_bytes": plan.largest_layer_rank_bytes,
-                     "bucket_bytes": opts.bucket_bytes, "holds": peak <= bound})
-    return rows
+def depth_row(orch: ReloadOrchestrator, model: Path, opts: Options) -> dict[str, Any]:
+    """Plan-order peak buffered bytes of ``model`` on ``orch`` against the bound."""
+    report = orch.reload(str(model), order="plan")
+    plan = orch.plan(str(model))
+    bound = plan.largest_layer_rank_bytes + opts.bucket_bytes
+    return {"layers": json.loads((Path(model) / "config.json").read_text())["num_hidden_layers"],
+            "peak_buffered_bytes": report.peak_buffered_bytes,
+            "largest_layer_rank_bytes": plan.largest_layer_rank_bytes,
+            "bucket_bytes": opts.bucket_bytes,
+            "holds": report.peak_buffered_bytes <= bound}
+
+
+def depth_check(path: Path, full_depth: dict[str, Any], opts: Options) -> list[dict[str, Any]]:
+    """Plan-order peak buffered bytes at two depths of the same width: half of ``path``'s
+    layers on an engine of its own, beside the full depth measured on the cases' engine."""
+    half = half_depth(path)
+    with ReloadOrchestrator(engine_config(half, max(opts.tps), None, opts, "native")) as orch:
+        return [depth_row(orch, half, opts), full_depth]
 
 
 FIXED_COST_TP = 2
@@ -317,13 +338,17 @@ FIXED_COST_TARGET_S = 0.010
 FIXED_COST_REPEATS = 15
 
 
-def fixed_cost(path: Path, opts: Options) -> dict[str, Any]:
+def fixed_cost(orch: ReloadOrchestrator | None, path: Path, opts: Options) -> dict[str, Any]:
     """Seconds of a reload that carries one small tensor (``one_tensor``) at TP=2: the
-    cost every reload pays whatever its size, on the engine benchmarked."""
+    cost every reload pays whatever its size, on the engine benchmarked (``orch``, or one
+    of its own when the cases had none at that TP)."""
+    if orch is None:
+        with ReloadOrchestrator(engine_config(path, FIXED_COST_TP, None, opts)) as orch:
+            return fixed_cost(orch, path, opts)
     small = one_tensor(path)
-    with ReloadOrchestrator(engine_config(path, FIXED_COST_TP, None, opts)) as orch:
-        orch.reload(str(small))
-        seconds = [orch.reload(str(small)).seconds for _ in range(FIXED_COST_REPEATS)]
+    orch.reload(str(small))
+    seconds = [orch.reload(str(small)).seconds for _ in range(FIXED_COST_REPEATS)]
+    orch.reload(str(path))  # the engine serves the whole checkpoint again
     return {"tp": FIXED_COST_TP, "engine": opts.engine, "repeats": FIXED_COST_REPEATS,
             "seconds_min": min(seconds), "seconds_median": statistics.median(seconds)}
 
@@ -335,10 +360,12 @@ def run(opts: Options) -> dict[str, Any]:
              ignore_reinit_error=True)
     cases: list[Case] = []
     staged: list[dict[str, Any]] = []
+    extras: dict[str, Any] = {}
     for tp in opts.tps:
         for quantization in QUANTIZATIONS[opts.engine]:
-            group, pause = run_engine_cases(path, tp, quantization, tensors, opts)
+            group, pause, more = run_engine_cases(path, tp, quantization, tensors, opts)
             staged += [pause] if pause else []
+            extras.update(more)
             run_floor(path, tp, quantization, tensors, group, opts.repeats)
             if opts.engine == "native":
                 run_peers(path, tp, quantization, group, opts.repeats)
@@ -346,8 +373,7 @@ def run(opts: Options) -> dict[str, Any]:
     # Buffering is the planner's and the reload engine's: the same for every engine, so it is
     # measured on the native one (an --engine vllm run compares against vLLM instead).
     native = opts.engine == "native"
-    timelines = buffered_timelines(path, tensors, opts) if native else {}
-    depths = depth_check(path, opts) if native else []
+    depths = depth_check(path, extras["full_depth"], opts) if native else []
     fields, _ = SIZES[opts.size]
     return {
         "machine": machine_description(),
@@ -359,8 +385,8 @@ def run(opts: Options) -> dict[str, Any]:
         "check_finite": opts.check_finite,
         "cases": [c.summary() for c in cases],
         "staged": staged,
-        "fixed_cost": fixed_cost(path, opts),
-        "buffered_timelines": timelines,
+        "fixed_cost": extras.get("fixed_cost") or fixed_cost(None, path, opts),
+        "buffered_timelines": extras.get("buffered_timelines", {}),
         "depths": depths,
     }
 

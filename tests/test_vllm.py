@@ -4,6 +4,7 @@ quantization a fresh vLLM engine built by vLLM's own loader (``tests.vllm_oracle
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import replace
@@ -48,6 +49,22 @@ def vsteps(tmp_path_factory) -> dict[str, Path]:
     return steps
 
 
+@pytest.fixture(scope="module")
+def shared_tp2(ray_cluster, vsteps):
+    """One float32 TP=2 engine for the tests that leave it serving (vLLM engines are the
+    suite's most expensive part); drills that break engines start their own."""
+    with start(vsteps["a"], 2, engine="vllm") as orch:
+        yield orch
+
+
+@pytest.fixture
+def tp2_at_a(shared_tp2, vsteps):
+    """The shared engine serving step a (a reload back to it if a test left another)."""
+    if shared_tp2.last_report.source != str(vsteps["a"]):
+        shared_tp2.reload(str(vsteps["a"]))
+    return shared_tp2
+
+
 def cpu_shm_group_name(rank_actor) -> str:
     """In a vLLM rank: the shared-memory name vLLM's CPU communicator makes for its TP group."""
     from vllm.distributed import get_tp_group
@@ -68,21 +85,26 @@ def assert_serves(orch, path: Path, prompt: torch.Tensor, engine: int = 0):
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-def test_vllm_engine_serves_and_reloads_like_transformers(ray_cluster, vsteps, prompt, tp):
-    with start(vsteps["a"], tp, engine="vllm") as orch:
-        assert assert_serves(orch, vsteps["a"], prompt).version == 0
+def test_vllm_engine_serves_and_reloads_like_transformers(ray_cluster, vsteps, prompt, tp,
+                                                          request):
+    """TP=1 on an engine of its own, TP=2 on the module's shared one."""
+    with contextlib.ExitStack() as own:
+        orch = (request.getfixturevalue("tp2_at_a") if tp == 2
+                else own.enter_context(start(vsteps["a"], tp, engine="vllm")))
+        v0 = orch.version
+        assert assert_serves(orch, vsteps["a"], prompt).version == v0
         with pytest.raises(NotImplementedError, match="not raw logits"):
             orch.forward(prompt)
         before = orch.inspect()
         report = orch.reload(str(vsteps["shuffled"]))  # 6 files, tensors scattered at random
-        assert assert_serves(orch, vsteps["b"], prompt).version == report.version == 1
+        assert assert_serves(orch, vsteps["b"], prompt).version == report.version == v0 + 1
         assert orch.inspect() == before, "a kernel tensor moved or changed"
         # About total/TP each (replicated norms on top); together, every byte at least once.
         read = [report.bytes_read[(0, r)] for r in range(tp)]
         print(f"TP={tp}: bytes read per rank {read} of {report.source_bytes}")
         assert max(read) < 1.25 * report.source_bytes / tp and sum(read) >= report.source_bytes
         report = orch.reload(load_tensors(vsteps["a"]))
-        assert assert_serves(orch, vsteps["a"], prompt).version == 2
+        assert assert_serves(orch, vsteps["a"], prompt).version == v0 + 2
         assert orch.inspect() == before
         seeded = [orch.sample(prompt, NEW_TOKENS, temperature=1.0, top_p=0.9, seed=7)
                   for _ in range(2)]
@@ -177,7 +199,7 @@ def assert_same_samples(actual, expected) -> None:
     assert torch.equal(actual.logprobs, expected.logprobs)
 
 
-def test_staged_reload_keeps_vllm_serving_and_switches_exactly(ray_cluster, vsteps, prompt,
+def test_staged_reload_keeps_vllm_serving_and_switches_exactly(tp2_at_a, vsteps, prompt,
                                                               tmp_path):
     """While a staged reload streams into the ranks' twins, a rollout thread keeps sampling
     from the TP=2 engine, and rollouts complete while rank 1 is held in the middle of
@@ -185,34 +207,35 @@ def test_staged_reload_keeps_vllm_serving_and_switches_exactly(ray_cluster, vste
     which (``Samples.version``); requests in flight finish on the old version (the flip
     waits for them). After the flip the engine serves what transformers computes, from the
     same kernel tensors, with its prefix cache started over."""
-    with start(vsteps["a"], 2, engine="vllm") as orch:
-        old = assert_serves(orch, vsteps["a"], prompt)
-        before = orch.inspect()
-        server = Server(lambda: orch.sample(prompt, NEW_TOKENS, temperature=0))
-        server.start()
-        signal = tmp_path / "held"
-        orch.inject_fault("process", "hold", rank=1, signal_path=str(signal))
-        worker, outcome = reload_until_paused(orch, str(vsteps["shuffled"]), signal,
-                                             "rank 1 never held", staged=True)
-        begin = time.perf_counter()
-        while len(within(server.answers, begin, time.perf_counter())) < 2:
-            time.sleep(0.05)  # the test's timeout bounds this: serving must go on
-        assert orch.memory(staging=True)[0][0] > 0
-        signal.unlink()
-        worker.join(timeout=120)
-        answers = server.stop()
-        (report,) = outcome
-        new = assert_serves(orch, vsteps["b"], prompt)
-        assert orch.inspect() == before
-        assert orch.memory(staging=True) == [[0, 0]]
-        again = orch.reload(str(vsteps["a"]), staged=True)  # the twin is reused
-        assert_same_samples(orch.sample(prompt, NEW_TOKENS, temperature=0),
-                            replace(old, version=2))
-    assert report.staged and new.version == report.version == 1 and again.version == 2
+    orch = tp2_at_a
+    v0 = orch.version
+    old = assert_serves(orch, vsteps["a"], prompt)
+    before = orch.inspect()
+    server = Server(lambda: orch.sample(prompt, NEW_TOKENS, temperature=0))
+    server.start()
+    signal = tmp_path / "held"
+    orch.inject_fault("process", "hold", rank=1, signal_path=str(signal))
+    worker, outcome = reload_until_paused(orch, str(vsteps["shuffled"]), signal,
+                                         "rank 1 never held", staged=True)
+    begin = time.perf_counter()
+    while len(within(server.answers, begin, time.perf_counter())) < 2:
+        time.sleep(0.05)  # the test's timeout bounds this: serving must go on
+    assert orch.memory(staging=True)[0][0] > 0
+    signal.unlink()
+    worker.join(timeout=120)
+    answers = server.stop()
+    (report,) = outcome
+    new = assert_serves(orch, vsteps["b"], prompt)
+    assert orch.inspect() == before
+    assert orch.memory(staging=True) == [[0, 0]]
+    again = orch.reload(str(vsteps["a"]), staged=True)  # the twin is reused
+    assert_same_samples(orch.sample(prompt, NEW_TOKENS, temperature=0),
+                        replace(old, version=v0 + 2))
+    assert report.staged and new.version == report.version == v0 + 1 and again.version == v0 + 2
     print(f"vLLM staged: {report.seconds:.3f} s (rank 1 held part of it), paused "
           f"{report.pause_seconds:.4f} s; {len(answers)} rollouts beside it")
     for answer in answers:
-        assert_same_samples(answer.value, old if answer.value.version == 0 else new)
+        assert_same_samples(answer.value, old if answer.value.version == v0 else new)
     assert report.pause_seconds < report.seconds / 2
     # vLLM's CPU kernels keep every linear's weight prepacked in a closure (its registered
     # weight is empty) and the embeddings' in one beside their registered weight: staging
@@ -224,16 +247,17 @@ def test_staged_reload_keeps_vllm_serving_and_switches_exactly(ray_cluster, vste
     assert report.staging_bytes == dense + 2 * 2 * embedding
 
 
-def test_prefix_cache_is_dropped_at_every_commit(ray_cluster, vsteps):
+def test_prefix_cache_is_dropped_at_every_commit(tp2_at_a, vsteps):
     """A prompt served before a reload is computed again after it, from the new weights."""
     long = torch.randint(0, 250, (1, 140), generator=torch.Generator().manual_seed(9))
-    with start(vsteps["a"], 2, engine="vllm") as orch:
-        orch.sample(long, 4, temperature=0)
-        again = orch.sample(long, 4, temperature=0)
-        orch.reload(str(vsteps["b"]))
-        after = orch.sample(long, 4, temperature=0)
+    orch = tp2_at_a
+    v0 = orch.version
+    orch.sample(long, 4, temperature=0)
+    again = orch.sample(long, 4, temperature=0)
+    orch.reload(str(vsteps["b"]))
+    after = orch.sample(long, 4, temperature=0)
     assert again.cached_tokens[0] >= 128, "within a version the prompt's full block is reused"
-    assert after.cached_tokens == [0] and after.version == 1
+    assert after.cached_tokens == [0] and after.version == v0 + 1
     tokens, logprobs = reference_sample(vsteps["b"], long, 4)
     assert torch.equal(after.tokens, tokens)
     assert (after.logprobs - logprobs).abs().max().item() <= LOGPROB_BOUND

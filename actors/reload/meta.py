@@ -128,3 +128,17 @@ class WriteCounter(TorchDispatchMode):
         if func is aten.index_fill_.int_Scalar or func is aten.index_fill_.int_Tensor:
             return args[2].numel() * dest.numel() // max(1, dest.shape[args[1]])
         return 0
+
+
+def _skip_dynamo_import(mode: type[TorchDispatchMode]) -> None:
+    """torch wraps every dispatch mode's ``__torch_dispatch__`` so that it is never traced by
+    torch.compile, and that wrapper imports torch._dynamo on its first call: about a second
+    per rank process, on the first load. A dry run never runs under torch.compile, so the
+    method is its own untraced version; this fills the wrapper's cache with it (a private
+    torch detail: should it change, the first call just pays the import again)."""
+    raw = getattr(mode.__dict__["__torch_dispatch__"], "__wrapped__", None)
+    if raw is not None:
+        raw.__dynamo_disable = raw
+
+
+_skip_dynamo_import(WriteCounter)

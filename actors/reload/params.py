@@ -39,7 +39,15 @@ def read_bytes(dtype: torch.dtype, reads: list[Bounds]) -> int:
 
 
 def materialize(_name: str, placeholder: nn.Parameter, device: torch.device) -> nn.Parameter:
-    return param_like(placeholder, torch.empty_like(placeholder, device=device))
+    return param_like(placeholder, empty_like_on(placeholder, device))
+
+
+def empty_like_on(placeholder: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``torch.empty_like(placeholder, device=device)`` for a meta placeholder, without its
+    cost: empty_like of a meta tensor runs torch's Python reference, whose first call imports
+    sympy (about half a second per rank process)."""
+    return torch.empty_strided(placeholder.shape, placeholder.stride(), dtype=placeholder.dtype,
+                               device=device)
 
 
 def param_like(placeholder: nn.Parameter, storage: torch.Tensor) -> nn.Parameter:

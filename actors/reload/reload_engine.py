@@ -37,7 +37,14 @@ from actors.reload.errors import PeerFailedError, ReloadError
 from actors.reload.finite import nonfinite_error, screen_written
 from actors.reload.meta import PrefetchedWeight, ProbeWeight, WriteCounter, read_window
 from actors.reload.model import LayerRecord, ReloadableModel, is_optional
-from actors.reload.params import geometry, materialize, mirror, param_like, read_bytes
+from actors.reload.params import (
+    empty_like_on,
+    geometry,
+    materialize,
+    mirror,
+    param_like,
+    read_bytes,
+)
 from actors.reload.pinned_host import PinnedHost
 from actors.reload.side_streams import SideStreams
 from actors.reload.tracker import BufferTracker
@@ -128,7 +135,7 @@ class ReloadEngine:
         return self._armed_params[record.name]
 
     def _armed_param(self, layer: str, name: str, placeholder: nn.Parameter) -> nn.Parameter:
-        armed = param_like(placeholder, torch.empty_like(placeholder, device="meta"))
+        armed = param_like(placeholder, empty_like_on(placeholder, "meta"))
 
         # The parameter names are the loader convention's: engines pass them by keyword.
         def weight_loader(param: torch.Tensor, loaded_weight: Any, *args: Any, **kwargs: Any
