@@ -76,5 +76,26 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def llama32(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two float32 Llama checkpoints, steps 'a' and 'b', with head size 32 (one vLLM's CPU
+    attention supports), shared by the vLLM, fault and shared-memory tests."""
+    root = tmp_path_factory.mktemp("llama32")
+    return {name: write_checkpoint(root / name, "llama", seed=seed, head_dim=32)
+            for name, seed in (("a", 41), ("b", 42))}
+
+
+@pytest.fixture(scope="session")
+def vllm_tp2(ray_cluster, llama32):
+    """One float32 TP=2 vLLM engine for the session, first serving llama32['a']. vLLM
+    engines are the suite's dearest part (each rank imports vLLM for about 10 s here): the
+    tests that leave an engine serving share this one (``serving`` brings it to the
+    checkpoint they expect); drills that kill or break ranks start engines of their own."""
+    from tests.support import start
+
+    with start(llama32["a"], 2, engine="vllm") as orch:
+        yield orch
+
+
+@pytest.fixture(scope="session")
 def prompt() -> torch.Tensor:
     return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1234))

@@ -129,6 +129,14 @@ def start(path: Path, tp: int, **kwargs: Any) -> ReloadOrchestrator:
     return ReloadOrchestrator(EngineConfig(model=str(path), tensor_parallel_size=tp, **kwargs))
 
 
+def serving(orch: ReloadOrchestrator, path: Path) -> ReloadOrchestrator:
+    """``orch`` serving the checkpoint directory ``path``: reloaded to it unless its last
+    load was that directory (a shared engine between tests)."""
+    if orch.last_report.source != str(path):
+        orch.reload(str(path))
+    return orch
+
+
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted(path.glob("*.safetensors")):

@@ -32,19 +32,21 @@ from tests.support import (
 pytestmark = pytest.mark.ray
 ENGINES = ["native", pytest.param("vllm", marks=pytest.mark.vllm)]
 NEW_TOKENS = 6
-# head_dim 32: a head size vLLM's CPU attention supports (hidden 64, 4 heads of 32).
-SHAPE = dict(head_dim=32)
 
 
 @pytest.fixture(scope="module")
-def steps(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("fault-steps")
-    return {n: write_checkpoint(root / n, "llama", seed=s, **SHAPE)
-            for n, s in (("a", 31), ("b", 32))}
+def steps(llama32) -> dict[str, Path]:
+    """Steps a and b of the session's head-size-32 Llama (``llama32``)."""
+    return llama32
 
 
 @pytest.fixture(scope="module", params=ENGINES)
 def engine(ray_cluster, steps, request):
+    """A TP=2 engine the bad-input table runs on, whatever it serves (each test reloads the
+    step it does not serve): native of its own, vLLM the session's shared one."""
+    if request.param == "vllm":
+        yield request.getfixturevalue("vllm_tp2")
+        return
     with start(steps["a"], 2, engine=request.param) as orch:
         yield orch
 

@@ -26,7 +26,7 @@ from actors import node_shm
 from actors.engines.vllm.shm import explain
 from actors.node_shm import SHM_DIR, SharedMemoryUnavailable, new_instance
 from orchestrator import RankError, SharedMemoryError
-from tests.support import process_alive, start, write_checkpoint
+from tests.support import process_alive, serving, start
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG = logging.getLogger("tests.node_shm")
@@ -182,19 +182,21 @@ def test_vllms_own_shared_memory_failures_read_as_one_line(text, expected):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return write_checkpoint(tmp_path_factory.mktemp("shm") / "a", "llama", seed=41,
-                            head_dim=32)
+def checkpoint(llama32) -> Path:
+    return llama32["a"]
 
 
 @pytest.mark.ray
 @pytest.mark.vllm
 def test_sigkilled_vllm_rank_is_rebuilt_and_leaves_nothing(ray_cluster, checkpoint, prompt,
-                                                           caplog):
+                                                           caplog, vllm_tp2):
     """SIGKILL (no Ray, no cleanup) on a TP=2 rank: the engine is rebuilt under a new name
-    after removing the dead instance's segments, and serves the same tokens bit for bit. A
-    brand-new orchestrator then starts beside it on the node; after both close, nothing of
-    theirs is left in /dev/shm."""
+    after removing the dead instance's segments, and serves the same tokens bit for bit.
+    Another orchestrator serves beside it on the node throughout (the session's shared
+    engine): the rebuild's sweep leaves its live segments alone, and it serves the same
+    tokens. After the drill's engine closes, nothing of its is left in /dev/shm."""
+    other = serving(vllm_tp2, checkpoint)
+    beside = set(node_shm.instances()[other.engines[0].instance])
     found = ours()
     with start(checkpoint, 2, engine="vllm") as orch:
         served = orch.sample(prompt, NEW_TOKENS, temperature=0)
@@ -214,13 +216,13 @@ def test_sigkilled_vllm_rank_is_rebuilt_and_leaves_nothing(ray_cluster, checkpoi
         again = orch.sample(prompt, NEW_TOKENS, temperature=0)
         assert torch.equal(again.tokens, served.tokens)
         assert torch.equal(again.logprobs, served.logprobs)
-        with start(checkpoint, 2, engine="vllm") as other:
-            assert other.engines[0].instance not in (dead, rebuilt)
-            fresh = other.sample(prompt, NEW_TOKENS, temperature=0)
-            assert torch.equal(fresh.tokens, served.tokens)
-            assert torch.equal(fresh.logprobs, served.logprobs)
-            names = {other.engines[0].instance, rebuilt}
-            assert {i for i in node_shm.instances() if i in names} == names
+        assert other.engines[0].instance not in (dead, rebuilt)
+        assert set(node_shm.instances()[other.engines[0].instance]) == beside
+        fresh = other.sample(prompt, NEW_TOKENS, temperature=0)
+        assert torch.equal(fresh.tokens, served.tokens)
+        assert torch.equal(fresh.logprobs, served.logprobs)
+        names = {other.engines[0].instance, rebuilt}
+        assert {i for i in node_shm.instances() if i in names} == names
     assert ours() == found, f"left behind: {sorted(ours() - found)}"
 
 

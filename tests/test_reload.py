@@ -3,6 +3,7 @@ order, from directories, dicts and iterables; checked against transformers."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from tests.support import (
     reference_logits,
     reference_model,
     rel_l2,
+    serving,
     start,
     write_checkpoint,
     write_shuffled,
@@ -33,6 +35,24 @@ def steps(tmp_path_factory) -> dict[str, Path]:
             for name, seed in (("a", 10), ("b", 11), ("c", 12))}
 
 
+@pytest.fixture(scope="module")
+def shared(ray_cluster, steps):
+    """One TP=2 engine for the tests below that leave it serving (``serving`` brings it to
+    step a first)."""
+    with start(steps["a"], 2) as orch:
+        yield orch
+
+
+@contextlib.contextmanager
+def engine_at_a(request, steps, tp: int = 2, engines: int = 1):
+    """The module's shared engine serving step a at TP=2, else one of the test's own."""
+    if (tp, engines) == (2, 1):
+        yield serving(request.getfixturevalue("shared"), steps["a"])
+        return
+    with start(steps["a"], tp, num_engines=engines) as orch:
+        yield orch
+
+
 def assert_serves(orch, path: Path, prompt: torch.Tensor, engine: int = 0) -> None:
     assert rel_l2(orch.forward(prompt, engine=engine), reference_logits(path, prompt)) <= BOUND
     tokens = orch.generate(prompt, max_new_tokens=8, engine=engine)
@@ -42,11 +62,12 @@ def assert_serves(orch, path: Path, prompt: torch.Tensor, engine: int = 0) -> No
 @pytest.mark.parametrize(("tp", "engines"), [
     (1, 1), (2, 1), pytest.param(4, 1, marks=pytest.mark.slow),
     pytest.param(2, 2, marks=pytest.mark.slow)])
-def test_reload_directory_in_place(ray_cluster, steps, prompt, tp, engines):
-    with start(steps["a"], tp, num_engines=engines) as orch:
+def test_reload_directory_in_place(ray_cluster, steps, prompt, tp, engines, request):
+    with engine_at_a(request, steps, tp, engines) as orch:
+        v0 = orch.version
         before = [orch.inspect(engine=e) for e in range(engines)]
         report = orch.reload(str(steps["b"]))
-        assert report.version == orch.version == 1
+        assert report.version == orch.version == v0 + 1
         for e in range(engines):
             assert orch.inspect(engine=e) == before[e], "a kernel tensor moved or changed"
             assert_serves(orch, steps["b"], prompt, engine=e)
@@ -70,14 +91,15 @@ def test_reload_other_families(ray_cluster, tmp_path, prompt, family):
         assert_serves(orch, b, prompt)
 
 
-def test_reload_from_dict_and_iterable(ray_cluster, steps, prompt):
-    with start(steps["a"], 2) as orch:
+def test_reload_from_dict_and_iterable(ray_cluster, steps, prompt, request):
+    with engine_at_a(request, steps) as orch:
+        v0 = orch.version
         before = orch.inspect()
         report = orch.reload(load_tensors(steps["b"]))
-        assert report.version == 1 and report.source.startswith("in-memory dict")
+        assert report.version == v0 + 1 and report.source.startswith("in-memory dict")
         assert_serves(orch, steps["b"], prompt)
         report = orch.reload(iter(load_tensors(steps["c"]).items()))
-        assert report.version == 2 and report.source.startswith("in-memory iterable")
+        assert report.version == v0 + 2 and report.source.startswith("in-memory iterable")
         assert_serves(orch, steps["c"], prompt)
         assert orch.inspect() == before
         # bf16 in-memory weights (as a trainer would hand them) are converted on load.
@@ -112,9 +134,9 @@ def test_plan_order_buffers_one_layer_and_source_order_more(ray_cluster, tmp_pat
         assert abs(predicted - measured) <= 0.1 * measured
 
 
-def test_partial_source_reloads_only_its_layers(ray_cluster, steps, prompt, tmp_path):
+def test_partial_source_reloads_only_its_layers(ray_cluster, steps, prompt, request):
     new = {n: t for n, t in load_tensors(steps["c"]).items() if ".layers.1." in n}
-    with start(steps["a"], 2) as orch:
+    with engine_at_a(request, steps) as orch:
         untouched = orch.get_tensor("model.layers.0.mlp.gate_up_proj.weight", rank=1)
         embed = orch.get_tensor("model.embed_tokens.weight", rank=0)
         report = orch.reload(new)
@@ -131,19 +153,20 @@ def test_partial_source_reloads_only_its_layers(ray_cluster, steps, prompt, tmp_
     assert rel_l2(logits, expected) <= BOUND
 
 
-def test_twenty_reloads_keep_rank_memory_flat(ray_cluster, steps):
+def test_twenty_reloads_keep_rank_memory_flat(ray_cluster, steps, request):
     """Resident memory after 20 reloads (dir and dict, alternating) stays within 16 MB of
     what it was after the first two; the model itself is ~0.4 MB, so a leak of the buffered
     calls or of transfer buffers would show."""
     sources = [str(steps["b"]), load_tensors(steps["c"])]
-    with start(steps["a"], 2) as orch:
+    with engine_at_a(request, steps) as orch:
+        v0 = orch.version
         for i in range(2):
             orch.reload(sources[i % 2])
         warm = orch.memory()[0]
         for i in range(18):
             orch.reload(sources[i % 2])
         final = orch.memory()[0]
-        assert orch.version == 20
+        assert orch.version == v0 + 20
     growth = [f - w for f, w in zip(final, warm, strict=True)]
     print(f"rank RSS after warm-up {warm}, after 20 reloads {final}")
     assert max(growth) <= 16 << 20, f"rank RSS grew by {growth} bytes"

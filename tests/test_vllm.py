@@ -23,6 +23,7 @@ from tests.support import (
     load_tensors,
     reference_sample,
     reload_until_paused,
+    serving,
     start,
     within,
     write_checkpoint,
@@ -38,10 +39,9 @@ HEAD = dict(head_dim=32)
 
 
 @pytest.fixture(scope="module")
-def vsteps(tmp_path_factory) -> dict[str, Path]:
+def vsteps(tmp_path_factory, llama32) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("vllm-steps")
-    steps = {name: write_checkpoint(root / name, "llama", seed=seed, **HEAD)
-             for name, seed in (("a", 41), ("b", 42))}
+    steps = dict(llama32)
     steps["shuffled"] = write_shuffled(steps["b"], root / "shuffled", files=6, seed=3)
     for name, seed in (("qa", 43), ("qb", 44)):
         steps[name] = write_checkpoint(root / name, "llama", seed=seed, dtype=torch.bfloat16,
@@ -49,20 +49,10 @@ def vsteps(tmp_path_factory) -> dict[str, Path]:
     return steps
 
 
-@pytest.fixture(scope="module")
-def shared_tp2(ray_cluster, vsteps):
-    """One float32 TP=2 engine for the tests that leave it serving (vLLM engines are the
-    suite's most expensive part); drills that break engines start their own."""
-    with start(vsteps["a"], 2, engine="vllm") as orch:
-        yield orch
-
-
 @pytest.fixture
-def tp2_at_a(shared_tp2, vsteps):
-    """The shared engine serving step a (a reload back to it if a test left another)."""
-    if shared_tp2.last_report.source != str(vsteps["a"]):
-        shared_tp2.reload(str(vsteps["a"]))
-    return shared_tp2
+def tp2_at_a(vllm_tp2, vsteps):
+    """The session's shared TP=2 engine (``vllm_tp2``), serving step a."""
+    return serving(vllm_tp2, vsteps["a"])
 
 
 def cpu_shm_group_name(rank_actor) -> str:
@@ -87,7 +77,7 @@ def assert_serves(orch, path: Path, prompt: torch.Tensor, engine: int = 0):
 @pytest.mark.parametrize("tp", [1, 2])
 def test_vllm_engine_serves_and_reloads_like_transformers(ray_cluster, vsteps, prompt, tp,
                                                           request):
-    """TP=1 on an engine of its own, TP=2 on the module's shared one."""
+    """TP=1 on an engine of its own, TP=2 on the session's shared one."""
     with contextlib.ExitStack() as own:
         orch = (request.getfixturevalue("tp2_at_a") if tp == 2
                 else own.enter_context(start(vsteps["a"], tp, engine="vllm")))
