@@ -28,7 +28,8 @@ FLOAT32_BOUND = 1e-4
 BF16_BOUND = 3e-2
 
 
-@pytest.mark.parametrize("tp", [1, 2, pytest.param(4, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("tp", [pytest.param(1, marks=pytest.mark.slow), 2,
+                                pytest.param(4, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_matches_transformers(ray_cluster, checkpoints, prompt, family, tp):
     path = checkpoints[family]

@@ -391,7 +391,7 @@ def test_rank_killed_while_serving_is_rebuilt(ray_cluster, steps, prompt):
         next_valid_reload(orch, steps, prompt)
 
 
-@pytest.mark.parametrize("method", ["fp8", "w4a8"])
+@pytest.mark.parametrize("method", ["fp8", pytest.param("w4a8", marks=pytest.mark.slow)])
 def test_nan_in_a_quantized_layer_is_found_through_its_scales(ray_cluster, tmp_path, prompt,
                                                               method):
     """Quantized layers are screened by their scales (no extra pass): still refused, named,

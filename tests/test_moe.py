@@ -48,7 +48,7 @@ def expert_bytes_share(path: Path) -> float:
     return experts / total
 
 
-@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("tp", [pytest.param(1, marks=pytest.mark.slow), 2])
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
 def test_moe_reload_matches_transformers(ray_cluster, tmp_path, prompt, family, tp):
     a = write_checkpoint(tmp_path / "a", family, seed=31)
@@ -98,6 +98,7 @@ def check_expert_kernels(orch, path: Path, method: str, tp: int) -> None:
                         f"rank {rank} {layer}.{name}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("method", "tp"), [(m, 2) for m in METHODS] + [("w4a8", 1)])
 def test_per_expert_quantization_is_exact(ray_cluster, qsteps, method, tp):
     with start(qsteps["a"], tp, quantization=method) as orch:
@@ -143,6 +144,7 @@ def dequantized_model(path: Path, served: dict[str, torch.Tensor], method: str):
     return model
 
 
+@pytest.mark.slow
 def test_fp8_experts_serve_the_dequantized_reference(ray_cluster, qsteps, prompt):
     with start(qsteps["b"], 1, quantization="fp8") as orch:
         check_expert_kernels(orch, qsteps["b"], "fp8", 1)

@@ -146,6 +146,7 @@ def test_routing_skips_tied_head_and_rotary_cache(tmp_path):
     assert "lm_head" not in routing.layer_order
 
 
+@pytest.mark.slow  # a subprocess of its own
 def test_plan_cli_prints_schedule_without_ray(deep_llama, tmp_path):
     from tests.support import load_tensors, parent_layer, write_shuffled
 

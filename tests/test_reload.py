@@ -80,6 +80,7 @@ def test_reload_directory_in_place(ray_cluster, steps, prompt, tp, engines, requ
             assert max(report.bytes_read.values()) < 1.25 * report.source_bytes / tp
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
 def test_reload_other_families(ray_cluster, tmp_path, prompt, family):
     a = write_checkpoint(tmp_path / "a", family, seed=1)
