@@ -1,6 +1,6 @@
-"""Shared memory that rank processes create on their node, owned by the engine instance that
-created it and removed with it: by a clean close, and after a SIGKILL, an OOM kill or a
-driver that died, by the next start on the node.
+"""Shared memory and temporary files that rank processes create on their node, owned by the
+engine instance that created them and removed with it: by a clean close, and after a
+SIGKILL, an OOM kill or a driver that died, by the next start on the node.
 
 An engine *instance* is one formation of an engine's process group. The driver names it
 afresh every time the engine's ranks form their group (``new_instance``: the first start and
@@ -12,8 +12,13 @@ each rank records itself beside it, in ``<instance>-owner-r<rank>``, and holds a
 process dies, however it dies, so "is this owner alive?" is "is its record locked?": no pid
 to be reused, and it holds across pid namespaces (containers that share ``/dev/shm``).
 
+An instance also owns one directory in the node's temporary directory, ``<tmp>/<instance>``
+(``temp_dir``): a rank points what its engine writes to temporary files there (vLLM's ZMQ
+sockets, Python's multiprocessing directories), so it goes with the instance as well.
+
   * ``release``: a closing rank drops its lock; once no record of the instance is locked,
-    every entry of the instance is removed (the last owner out does it).
+    every entry of the instance is removed, its temporary directory first (the last owner
+    out does it).
   * ``sweep``: removes every instance none of whose records is locked. An instance that has
     no record at all was not created by a claim of ours and is left alone, as is every
     name without the prefix: nothing tp-reload did not create is ever touched.
@@ -21,6 +26,7 @@ to be reused, and it holds across pid namespaces (containers that share ``/dev/s
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -28,10 +34,14 @@ import os
 import re
 import secrets
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
 SHM_DIR = Path("/dev/shm")
+# Read once, when the module loads: a rank later points its own process's temporary files
+# into its instance's directory (``temp_dir``), and must still find its peers' from there.
+TMP_DIR = Path(tempfile.gettempdir())
 PREFIX = "tp-reload-"
 ENTRY = re.compile(rf"^({PREFIX}[0-9a-f]{{8}}-e\d+)-(.+)$")
 OWNER = re.compile(r"^owner-r\d+$")
@@ -127,11 +137,16 @@ def live_owners(instance: str, names: list[str], shm_dir: Path = SHM_DIR) -> int
     return sum(_alive(shm_dir / n) for n in names if _is_record(instance, n))
 
 
+def temp_dir(instance: str, tmp_dir: Path = TMP_DIR) -> Path:
+    """The instance's directory for temporary files on this node (created by the caller)."""
+    return tmp_dir / instance
+
+
 def _remove(instance: str, names: list[str], shm_dir: Path) -> list[tuple[str, int]]:
-    """Unlink ``names``, segments first and records last (whatever an interruption leaves
-    is still recorded, so a later sweep finishes it); returns (path, bytes) of the segments
-    this call removed."""
-    removed = []
+    """Remove the instance's temporary directory, then unlink ``names``, segments first and
+    records last (whatever an interruption leaves is still recorded, so a later sweep
+    finishes it); returns (path, bytes) of what this call removed, records excepted."""
+    removed = _remove_tree(temp_dir(instance))
     for name in sorted(names, key=lambda n: (_is_record(instance, n), n)):
         path = shm_dir / name
         try:
@@ -142,6 +157,19 @@ def _remove(instance: str, names: list[str], shm_dir: Path) -> list[tuple[str, i
         if not _is_record(instance, name):
             removed.append((str(path), size))
     return removed
+
+
+def _remove_tree(path: Path) -> list[tuple[str, int]]:
+    """Remove the directory ``path`` if it exists: [(path, bytes of its files)] or []."""
+    if not path.is_dir():
+        return []
+    size = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):  # a peer of the instance removes it meanwhile
+                size += os.lstat(os.path.join(root, name)).st_size
+    shutil.rmtree(path, ignore_errors=True)
+    return [(str(path), size)]
 
 
 def release(instance: str, log: logging.LoggerAdapter | logging.Logger,

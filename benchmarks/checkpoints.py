@@ -14,6 +14,9 @@ log = logging.getLogger("tp_reload.bench")
 
 # name -> (LlamaConfig fields, max shard size)
 SIZES: dict[str, tuple[dict, str]] = {
+    # The tests' size: every case and row of the quick run, a quarter of the bytes.
+    "tiny": (dict(vocab_size=4000, hidden_size=256, intermediate_size=768,
+                  num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4), "5MB"),
     "quick": (dict(vocab_size=8000, hidden_size=512, intermediate_size=1536,
                    num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4), "20MB"),
     "0.1b": (dict(vocab_size=32000, hidden_size=768, intermediate_size=2048,

@@ -17,6 +17,8 @@ import time
 import numpy as np
 import ray
 
+from orchestrator.scratch import local_ray
+
 
 def put_rates(mb: int, puts: int, held: int) -> list[float]:
     """GB/s of each put of ``mb`` MB (as 4 arrays, like a packed bucket)."""
@@ -38,11 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--puts", type=int, default=12)
     parser.add_argument("--held", type=int, default=4)
     args = parser.parse_args(argv)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    with local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False):
         rates = put_rates(args.mb, args.puts, args.held)
-    finally:
-        ray.shutdown()
     for i, rate in enumerate(rates):
         print(f"put {i:2d}: {args.mb} MB at {rate:5.1f} GB/s")
     warm, cold = max(rates), statistics.median(rates[: args.held])

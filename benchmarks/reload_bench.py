@@ -51,6 +51,7 @@ from orchestrator import (
     TrainerEndpoint,
     TrainerSource,
 )
+from orchestrator.scratch import local_ray
 
 log = logging.getLogger("tp_reload.bench")
 PEERS = ("dcp", "full")
@@ -354,10 +355,14 @@ def fixed_cost(orch: ReloadOrchestrator | None, path: Path, opts: Options) -> di
 
 
 def run(opts: Options) -> dict[str, Any]:
+    """Every case of ``opts``, on the Ray already initialized or on a local one of its own."""
     path = ensure_checkpoint(opts.workdir, opts.size)
     tensors = load_tensors(path)
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-             ignore_reinit_error=True)
+    with local_ray(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False):
+        return measure(opts, path, tensors)
+
+
+def measure(opts: Options, path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     cases: list[Case] = []
     staged: list[dict[str, Any]] = []
     extras: dict[str, Any] = {}

@@ -32,6 +32,7 @@ import ray
 import torch
 
 from orchestrator import EngineConfig, ReloadOrchestrator, TrainerEndpoint, TrainerSource
+from orchestrator.scratch import local_ray
 
 MARKER = "COMPLETE"
 EXACT_BOUND = 1e-4
@@ -169,10 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus-per-rank", type=float, default=0.5)
     parser.add_argument("--short", action="store_true", help="small model, 2 steps")
     args = parser.parse_args(argv)
+    with local_ray(include_dashboard=False, log_to_driver=False):
+        return loop(args)
+
+
+def loop(args: argparse.Namespace) -> int:
     size = SIZES["short" if args.short else "full"]
     steps = args.steps or (2 if args.short else 4)
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
     print(f"RLHF loop: {steps} steps, hand-off={args.mode}, TP={args.tp}, "
           f"quantization={args.quantization}")
     print(HEADER)

@@ -241,8 +241,8 @@ def restart_ranks(engine: Engine, keys: set[RankKey], pids: dict[RankKey, int],
 
 def connect_engines(engines: list[Engine], timeout_s: float) -> None:
     """Rendezvous each engine's ranks through a store on its rank 0 (port chosen by the OS),
-    as a new engine instance (``actors.node_shm``): what dead instances left in the ranks'
-    shared memory is removed first, and logged here."""
+    as a new engine instance (``actors.node_shm``): what dead instances left on the ranks'
+    nodes (shared memory, temporary files) is removed first, and logged here."""
     addresses = gather(
         {k: v for e in engines for k, v in e.submit(RankActor.store_address, only_rank=0).items()},
         timeout_s,
@@ -255,8 +255,8 @@ def connect_engines(engines: list[Engine], timeout_s: float) -> None:
                                    previous))
     for (index, rank), removed in sorted(gather(calls, timeout_s).items()):
         if removed:
-            log.warning("engine %d rank %d removed the shared memory that dead engine "
-                        "instances left on its node: %s", index, rank, describe(removed))
+            log.warning("engine %d rank %d removed what dead engine instances left on its "
+                        "node: %s", index, rank, describe(removed))
 
 
 def close_engines(engines: list[Engine], timeout_s: float) -> None:

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ray
 import torch
 
 from orchestrator.config import EngineConfig
 from orchestrator.reload_orchestrator import ReloadOrchestrator
 from orchestrator.report import ReloadReport, Samples
+from orchestrator.scratch import inductor_cache_in, local_ray
 
 NEW_TOKENS = 8
 
@@ -126,26 +126,35 @@ def demo_config(options: DemoOptions, model: Path) -> EngineConfig:
 
 
 def run_demo(options: DemoOptions) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="tp-reload-demo-") as tmp:
+    with (tempfile.TemporaryDirectory(prefix="tp-reload-demo-") as tmp,
+          inductor_cache_in(Path(tmp))):
         step0, step1 = Path(tmp) / "step0", Path(tmp) / "step1"
         write_demo_checkpoint(step0, options.num_layers, options.seed, options.model)
         write_demo_checkpoint(step1, options.num_layers, options.seed + 1, options.model)
         generator = torch.Generator().manual_seed(options.seed)
         prompt = torch.randint(0, 1000, (2, 16), generator=generator)
         ray_begin = time.perf_counter()
-        ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
-        timings = {"ray_start_seconds": round(time.perf_counter() - ray_begin, 3)}
-        begin = time.perf_counter()
-        with ReloadOrchestrator(demo_config(options, step0)) as orch:
-            timings["start_seconds"] = round(time.perf_counter() - begin, 3)
-            served = [orch.sample(prompt, NEW_TOKENS, temperature=0)]
-            identity = [orch.inspect()]
-            reload = orch.reload(str(step1))
-            identity.append(orch.inspect())
-            served.append(orch.sample(prompt, NEW_TOKENS, temperature=0))
-            first = orch.load_report
+        with local_ray(include_dashboard=False, log_to_driver=False):
+            timings = {"ray_start_seconds": round(time.perf_counter() - ray_begin, 3)}
+            served, identity, first, reload = serve_and_reload(options, step0, step1, prompt,
+                                                               timings)
         checks = [check(step, prompt, s) for step, s in zip((step0, step1), served, strict=True)]
     return summary(options, timings, first, reload, checks, identity, served[1].version)
+
+
+def serve_and_reload(options: DemoOptions, step0: Path, step1: Path, prompt: torch.Tensor,
+                     timings: dict[str, float]
+                     ) -> tuple[list[Samples], list[Any], ReloadReport, ReloadReport]:
+    """Start the engine on step 0, sample, reload step 1 in place, sample again."""
+    begin = time.perf_counter()
+    with ReloadOrchestrator(demo_config(options, step0)) as orch:
+        timings["start_seconds"] = round(time.perf_counter() - begin, 3)
+        served = [orch.sample(prompt, NEW_TOKENS, temperature=0)]
+        identity = [orch.inspect()]
+        reload = orch.reload(str(step1))
+        identity.append(orch.inspect())
+        served.append(orch.sample(prompt, NEW_TOKENS, temperature=0))
+        return served, identity, orch.load_report, reload
 
 
 def summary(options: DemoOptions, timings: dict[str, float], first: ReloadReport,

@@ -29,6 +29,7 @@ from orchestrator.config import EngineConfig
 from orchestrator.errors import ConfigError, TPReloadError
 from orchestrator.reload_orchestrator import ReloadOrchestrator
 from orchestrator.report import ReloadReport
+from orchestrator.scratch import local_ray
 from orchestrator.serving import SERVING_CALLS, ServingAPI
 from orchestrator.yaml_config import FileConfig, ServiceConfig
 
@@ -199,10 +200,12 @@ class StepWatcher:
 
 def serve(config: FileConfig, stop: threading.Event | None = None) -> int:
     """Entrypoint of ``tp-reload serve``: start the service actor, then watch until stopped."""
+    with local_ray(namespace=config.service.namespace):
+        return _serve(config, stop or threading.Event())
+
+
+def _serve(config: FileConfig, stop: threading.Event) -> int:
     service = config.service
-    stop = stop or threading.Event()
-    if not ray.is_initialized():
-        ray.init(namespace=service.namespace)
     # After ray.init, which installs handlers of its own: `ray job stop` sends SIGTERM.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -1,15 +1,41 @@
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.support import FAMILIES, write_checkpoint
+from orchestrator.scratch import inductor_cache_in, owned_temp_dir
+from tests.support import FAMILIES, start, write_checkpoint
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+# The session's directory, with everything the suite writes (pytest's tmp_path, the session
+# Ray's files, the service tests' clusters): removed at the end, or by the next session if
+# this one is killed (``orchestrator.scratch``). Short: Ray's socket paths live under it.
+SESSION_PREFIX = "tp-reload-tests-"
+SESSION_DIR = pytest.StashKey[tuple[Path, contextlib.ExitStack]]()
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's tmp_path factory reads --basetemp
+def pytest_configure(config: pytest.Config) -> None:
+    stack = contextlib.ExitStack()
+    root = stack.enter_context(owned_temp_dir(SESSION_PREFIX))
+    config.stash[SESSION_DIR] = (root, stack)
+    stack.enter_context(inductor_cache_in(root))  # the oracles' transformers import Dynamo
+    if config.option.basetemp is None:  # one given on the command line is the user's
+        config.option.basetemp = str(root / "pytest")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    config.stash[SESSION_DIR][1].close()
+
+
+@pytest.fixture(scope="session")
+def session_dir(pytestconfig: pytest.Config) -> Path:
+    return pytestconfig.stash[SESSION_DIR][0]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -47,19 +73,26 @@ def ray_only_when_marked(request: pytest.FixtureRequest, monkeypatch: pytest.Mon
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(session_dir: Path):
     """One local Ray for the whole session. Logical CPUs exceed the 2 real cores on purpose:
     ranks request fractions and mostly wait on each other. At its end, no engine of the
-    session may have left shared memory on the node."""
+    session may have left shared memory or temporary files on the node."""
     import ray
 
-    found = engine_shared_memory()
+    found = engine_shared_memory(), engine_temp_dirs()
     ray.init(num_cpus=8, include_dashboard=False, object_store_memory=512 << 20,
-             log_to_driver=False)
+             log_to_driver=False, _temp_dir=str(session_dir / "ray"))
     yield ray
     ray.shutdown()
-    left = sorted(engine_shared_memory() - found)
-    assert not left, f"the session's engines left shared memory behind: {left}"
+    left = sorted(engine_shared_memory() - found[0]) + sorted(engine_temp_dirs() - found[1])
+    assert not left, f"the session's engines left these behind: {left}"
+
+
+def engine_temp_dirs() -> set[str]:
+    """Engine instances' temporary directories (``actors.node_shm.temp_dir``) now."""
+    from actors.node_shm import PREFIX, TMP_DIR
+
+    return {p.name for p in TMP_DIR.glob(f"{PREFIX}*-e*")}
 
 
 def engine_shared_memory() -> set[str]:
@@ -86,13 +119,43 @@ def llama32(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def vllm_tp2(ray_cluster, llama32):
-    """One float32 TP=2 vLLM engine for the session, first serving llama32['a']. vLLM
-    engines are the suite's dearest part (each rank imports vLLM for about 10 s here): the
-    tests that leave an engine serving share this one (``serving`` brings it to the
-    checkpoint they expect); drills that kill or break ranks start engines of their own."""
-    from tests.support import start
+    """Two float32 TP=2 vLLM engines (``num_engines=2``) for the session, first serving
+    llama32['a']. vLLM engines are the suite's dearest part (each rank imports vLLM for
+    about 10 s here): the tests that leave an engine serving share these (``serving`` brings
+    them to the checkpoint they expect; most use engine 0); drills that kill or break ranks
+    start engines of their own."""
+    with closed_without_trace(start(llama32["a"], 2, engine="vllm", num_engines=2)) as orch:
+        yield orch
 
-    with start(llama32["a"], 2, engine="vllm") as orch:
+
+@pytest.fixture(scope="session")
+def vllm_drill(ray_cluster, llama32):
+    """A float32 TP=2 vLLM engine for the drills that kill its ranks (each leaves it
+    rebuilt and serving, and checks so), apart from the engines other tests share."""
+    with closed_without_trace(start(llama32["a"], 2, engine="vllm")) as orch:
+        yield orch
+
+
+@contextlib.contextmanager
+def closed_without_trace(orch):
+    """``orch`` started; once it closes, nothing of its engine instances (as they are then)
+    may be left on the node: no shared memory, no temporary directory."""
+    from actors import node_shm
+
+    with orch:
+        yield orch
+        instances = [engine.instance for engine in orch.engines]
+    left = [i for i in instances if i in node_shm.instances()
+            or node_shm.temp_dir(i).exists()]
+    assert not left, f"closed engine instances left shared memory or files: {left}"
+
+
+@pytest.fixture(scope="session")
+def vllm_fp8(ray_cluster, llama32):
+    """One bfloat16 TP=2 vLLM engine with online fp8_per_channel for the session, first
+    serving llama32['a'], shared by the tests of that method that leave it serving."""
+    with closed_without_trace(start(llama32["a"], 2, engine="vllm", dtype="bfloat16",
+                                    quantization="fp8_per_channel")) as orch:
         yield orch
 
 

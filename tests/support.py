@@ -221,7 +221,7 @@ def process_alive(pid: int) -> bool:
     """Whether process ``pid`` still runs on this machine (a zombie does not)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # ESRCH: it exited between open and read
         return False
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 

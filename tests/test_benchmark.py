@@ -1,5 +1,6 @@
-"""The benchmark runs end to end on its quick model (structure and accounting only: speed
-targets are the benchmark's business, never a test's)."""
+"""The benchmark runs end to end on its tiny model (structure and accounting only: speed
+targets are the benchmark's business, never a test's): the quick run's cases and rows, with
+buckets of about one layer as there."""
 
 from __future__ import annotations
 
@@ -10,9 +11,16 @@ from benchmarks.reload_bench import Options, run, targets
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def test_quick_benchmark_measures_every_path(ray_cluster, tmp_path):
-    result = run(Options(size="quick", repeats=1, tps=(2,), workdir=tmp_path,
-                         bucket_bytes=8 << 20))
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """The benchmark's work directory, shared as between two runs of its CLI: the
+    checkpoint is written once."""
+    return tmp_path_factory.mktemp("bench")
+
+
+def test_benchmark_measures_every_path(ray_cluster, workdir):
+    result = run(Options(size="tiny", repeats=1, tps=(2,), workdir=workdir,
+                         bucket_bytes=2 << 20))
     cases = {c["name"]: c for c in result["cases"]}
     assert set(cases) == {f"tp2-{q}-{s}-{o}" for q in ("none", "fp8")
                           for s in ("dir", "memory", "trainer") for o in ("plan", "source")}
@@ -43,11 +51,11 @@ def test_quick_benchmark_measures_every_path(ray_cluster, tmp_path):
 
 
 @pytest.mark.vllm
-def test_quick_benchmark_puts_vllms_own_reload_beside_ours(ray_cluster, tmp_path):
+def test_benchmark_puts_vllms_own_reload_beside_ours(ray_cluster, workdir):
     """--engine vllm: every case is measured against vLLM's reload_weights on the same
     engines, from the same directory or in-memory weights."""
-    result = run(Options(size="quick", repeats=1, tps=(2,), workdir=tmp_path,
-                         bucket_bytes=8 << 20, engine="vllm"))
+    result = run(Options(size="tiny", repeats=1, tps=(2,), workdir=workdir,
+                         bucket_bytes=2 << 20, engine="vllm"))
     cases = {c["name"]: c for c in result["cases"]}
     assert set(cases) == {f"vllm-tp2-{q}-{s}-{o}" for q in ("none", "fp8_per_channel")
                           for s in ("dir", "memory", "trainer") for o in ("plan", "source")}

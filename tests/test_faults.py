@@ -6,6 +6,7 @@ table runs on both engines (native and vLLM)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import threading
@@ -25,6 +26,7 @@ from tests.support import (
     reference_sample,
     rel_l2,
     reload_until_paused,
+    serving,
     start,
     write_checkpoint,
 )
@@ -216,8 +218,13 @@ def test_tensor_larger_than_the_models_is_refused(engine, steps, prompt):
     ("native", "transfer"), ("native", "process"),
     pytest.param("vllm", "process", marks=pytest.mark.vllm)])
 def test_rank_killed_mid_reload_is_rebuilt(ray_cluster, steps, prompt, tmp_path, engine_name,
-                                           stage):
-    with start(steps["a"], 2, engine=engine_name) as orch:
+                                           stage, request):
+    """vLLM: on the session's drill engine (``vllm_drill``), which the SIGKILL drill of
+    test_node_shm.py uses too; either leaves it rebuilt and serving."""
+    with contextlib.ExitStack() as own:
+        orch = (serving(request.getfixturevalue("vllm_drill"), steps["a"])
+                if engine_name == "vllm" else
+                own.enter_context(start(steps["a"], 2, engine=engine_name)))
         served = Served(orch, prompt)
         pids = [p["pid"] for p in orch.placements()[0]]
         signal = tmp_path / "paused"
@@ -228,7 +235,7 @@ def test_rank_killed_mid_reload_is_rebuilt(ray_cluster, steps, prompt, tmp_path,
         worker.join(timeout=180)
         assert len(errors) == 1 and isinstance(errors[0], RankError)
         assert (errors[0].engine, errors[0].rank) == (0, 1)
-        assert "back on version 0" in "".join(getattr(errors[0], "__notes__", []))
+        assert f"back on version {served.version}" in "".join(errors[0].__notes__)
         fresh = [p["pid"] != old for p, old in zip(orch.placements()[0], pids, strict=True)]
         if engine_name == "native":
             # Rank 0 kept its process and its tensors; rank 1 rejoined it.
@@ -266,16 +273,22 @@ def test_only_reload_errors_blame_the_checkpoint(ray_cluster):
     # consensus rank 0 would wait in that collective for rank 1 forever.
     pytest.param("vllm", "fp8_per_channel", "bfloat16", marks=pytest.mark.vllm)])
 def test_exception_in_one_ranks_quantization(ray_cluster, steps, prompt, engine_name,
-                                             quantization, dtype):
-    with start(steps["a"], 2, engine=engine_name, quantization=quantization,
-               dtype=dtype) as orch:
+                                             quantization, dtype, request):
+    """vLLM: on the session's shared fp8_per_channel engine (``vllm_fp8``)."""
+    with contextlib.ExitStack() as own:
+        orch = (serving(request.getfixturevalue("vllm_fp8"), steps["a"])
+                if engine_name == "vllm" else
+                own.enter_context(start(steps["a"], 2, engine=engine_name,
+                                        quantization=quantization, dtype=dtype)))
+        assert orch.config.quantization == quantization and orch.config.dtype == dtype
+        version = orch.version
         served = Served(orch, prompt)
         orch.inject_fault("quantize", "raise", engine=0, rank=1)
         with pytest.raises(RankError, match=r"engine 0 rank 1 failed:(.|\n)*injected fault"):
             orch.reload(str(steps["b"]))
         served.assert_unchanged(orch, prompt)
         orch.reload(str(steps["b"]))
-        assert orch.version == 1
+        assert orch.version == version + 1
 
 
 # ---- concurrency -------------------------------------------------------------------------
@@ -347,9 +360,9 @@ def test_soak_fifty_reloads_with_faults(ray_cluster, steps, prompt):
     expected = {k: reference_logits(steps[k], prompt) for k in steps}
     tensors = {k: load_tensors(steps[k]) for k in steps}
     with start(steps["a"], 2) as orch:
-        serving, committed = "a", 0
+        served, committed = "a", 0
         for i in range(1, 51):
-            target = "b" if serving == "a" else "a"
+            target = "b" if served == "a" else "a"
             if i == 6:
                 warm = orch.memory()[0]
             if i % 5 == 0:
@@ -370,9 +383,9 @@ def test_soak_fifty_reloads_with_faults(ray_cluster, steps, prompt):
                         orch.reload(str(steps[target]))
             else:
                 orch.reload(tensors[target] if i % 2 else str(steps[target]))
-                serving, committed = target, committed + 1
+                served, committed = target, committed + 1
             assert orch.version == committed
-            assert rel_l2(orch.forward(prompt), expected[serving]) <= 1e-4
+            assert rel_l2(orch.forward(prompt), expected[served]) <= 1e-4
         growth = max(f - w for f, w in zip(orch.memory()[0], warm, strict=True))
     print(f"soak: {committed} committed of 50, rank RSS growth after warm-up {growth / 1e6:.1f} MB")
     assert committed == 40 and growth <= 64 << 20

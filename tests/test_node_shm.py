@@ -46,6 +46,19 @@ def segment(name: str, nbytes: int = 4096) -> Path:
     return path
 
 
+def temp_files(instance: str) -> Path:
+    """The instance's temporary directory with what an engine leaves there: a socket, and
+    a 1000-byte file in a subdirectory."""
+    import socket
+
+    directory = node_shm.temp_dir(instance)
+    (directory / "pymp-x").mkdir(parents=True)
+    (directory / "pymp-x" / "data").write_bytes(b"\0" * 1000)
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(directory / "3f1c-ipc"))
+    return directory
+
+
 class Scratch:
     """Instance names and owner processes for one test; ``cleanup`` removes whatever they
     left (entries, this process's claims, children)."""
@@ -73,6 +86,7 @@ class Scratch:
             kill(child)
         for instance in self.made:
             node_shm.release(instance, LOG)
+            shutil.rmtree(node_shm.temp_dir(instance), ignore_errors=True)
         for name in os.listdir(SHM_DIR):
             if name.startswith((*self.made, "psm_tpr")):
                 (SHM_DIR / name).unlink(missing_ok=True)
@@ -96,22 +110,28 @@ def test_sweep_removes_dead_instances_and_nothing_else(scratch, caplog):
     child = scratch.owner(dead, 0)  # killed after creating its segments: no cleanup runs
     dead_segments = [segment(f"{dead}-psm_1a2b3c4d", 24 << 20),
                      segment(f"{dead}-tp:0-[0-1]-cpushm_0")]
+    dead_temp = temp_files(dead)
     kill(child)
     node_shm.claim(live, 0)  # this process, alive
     live_segment = segment(f"{live}-psm_5e6f7a8b")
+    live_temp = temp_files(live)
     # Our prefix but no owner record: not made by a claim of ours, so never removed.
     unrecorded_segment = segment(f"{unrecorded}-psm_9c0d1e2f")
     foreign = segment("psm_tpr_foreign")
     with caplog.at_level(logging.WARNING, LOG.name):
         removed = node_shm.sweep(LOG)
-    assert sorted(removed) == [(str(dead_segments[0]), 24 << 20), (str(dead_segments[1]), 4096)]
+    assert sorted(removed) == sorted([(str(dead_segments[0]), 24 << 20),
+                                      (str(dead_segments[1]), 4096), (str(dead_temp), 1000)])
     assert not any(name.startswith(dead) for name in os.listdir(SHM_DIR)), "records too"
+    assert not dead_temp.exists()
     assert f"removed what dead engine instance {dead} left" in caplog.text
     assert f"{dead}-psm_1a2b3c4d (24.0 MiB)" in caplog.text
-    assert all(p.exists() for p in (live_segment, unrecorded_segment, foreign))
+    assert all(p.exists() for p in (live_segment, live_temp, unrecorded_segment, foreign))
     assert node_shm.release(unrecorded, LOG) == [], "never claimed by this process"
-    assert node_shm.release(live, LOG) == [(str(live_segment), 4096)]
+    assert sorted(node_shm.release(live, LOG)) == sorted([(str(live_segment), 4096),
+                                                          (str(live_temp), 1000)])
     assert not any(name.startswith(live) for name in os.listdir(SHM_DIR))
+    assert not live_temp.exists()
     assert unrecorded_segment.exists() and foreign.exists()
 
 
@@ -189,41 +209,47 @@ def checkpoint(llama32) -> Path:
 @pytest.mark.ray
 @pytest.mark.vllm
 def test_sigkilled_vllm_rank_is_rebuilt_and_leaves_nothing(ray_cluster, checkpoint, prompt,
-                                                           caplog, vllm_tp2):
-    """SIGKILL (no Ray, no cleanup) on a TP=2 rank: the engine is rebuilt under a new name
-    after removing the dead instance's segments, and serves the same tokens bit for bit.
-    Another orchestrator serves beside it on the node throughout (the session's shared
-    engine): the rebuild's sweep leaves its live segments alone, and it serves the same
-    tokens. After the drill's engine closes, nothing of its is left in /dev/shm."""
+                                                           caplog, vllm_tp2, vllm_drill):
+    """SIGKILL (no Ray, no cleanup) on a TP=2 rank of the session's drill engine: the engine
+    is rebuilt under a new name after removing the dead instance's segments and temporary
+    directory, and serves the same tokens bit for bit. Another orchestrator serves beside
+    it on the node throughout (the session's shared engines): the rebuild's sweep leaves
+    their live segments alone, and they serve the same tokens. Nothing else appears or
+    goes; when the session closes the drill engine, nothing of its is left
+    (``closed_without_trace``)."""
     other = serving(vllm_tp2, checkpoint)
     beside = set(node_shm.instances()[other.engines[0].instance])
+    orch = serving(vllm_drill, checkpoint)
     found = ours()
-    with start(checkpoint, 2, engine="vllm") as orch:
-        served = orch.sample(prompt, NEW_TOKENS, temperature=0)
-        dead = orch.engines[0].instance
-        left = sorted(n for n in ours() - found if n.startswith(dead) and "owner" not in n)
-        assert left, "a TP=2 vLLM engine creates shared memory (its broadcast ring)"
-        pid = orch.placements()[0][1]["pid"]
-        os.kill(pid, signal.SIGKILL)
-        while process_alive(pid):
-            time.sleep(0.02)
-        with caplog.at_level(logging.WARNING, "tp_reload"), pytest.raises(RankError) as failed:
-            orch.sample(prompt, NEW_TOKENS, temperature=0)
-        assert "were rebuilt" in "".join(failed.value.__notes__)
-        rebuilt = orch.engines[0].instance
-        assert rebuilt != dead and not any(n.startswith(dead) for n in ours())
-        assert all(str(SHM_DIR / name) in caplog.text for name in left), caplog.text
-        again = orch.sample(prompt, NEW_TOKENS, temperature=0)
-        assert torch.equal(again.tokens, served.tokens)
-        assert torch.equal(again.logprobs, served.logprobs)
-        assert other.engines[0].instance not in (dead, rebuilt)
-        assert set(node_shm.instances()[other.engines[0].instance]) == beside
-        fresh = other.sample(prompt, NEW_TOKENS, temperature=0)
-        assert torch.equal(fresh.tokens, served.tokens)
-        assert torch.equal(fresh.logprobs, served.logprobs)
-        names = {other.engines[0].instance, rebuilt}
-        assert {i for i in node_shm.instances() if i in names} == names
-    assert ours() == found, f"left behind: {sorted(ours() - found)}"
+    served = orch.sample(prompt, NEW_TOKENS, temperature=0)
+    dead = orch.engines[0].instance
+    left = sorted(n for n in ours() if n.startswith(dead) and "owner" not in n)
+    assert left, "a TP=2 vLLM engine creates shared memory (its broadcast ring)"
+    assert node_shm.temp_dir(dead).is_dir()
+    pid = orch.placements()[0][1]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    while process_alive(pid):
+        time.sleep(0.02)
+    with caplog.at_level(logging.WARNING, "tp_reload"), pytest.raises(RankError) as failed:
+        orch.sample(prompt, NEW_TOKENS, temperature=0)
+    assert "were rebuilt" in "".join(failed.value.__notes__)
+    rebuilt = orch.engines[0].instance
+    assert rebuilt != dead and not any(n.startswith(dead) for n in ours())
+    assert not node_shm.temp_dir(dead).exists() and node_shm.temp_dir(rebuilt).is_dir()
+    assert all(str(SHM_DIR / name) in caplog.text for name in left), caplog.text
+    assert str(node_shm.temp_dir(dead)) in caplog.text
+    again = orch.sample(prompt, NEW_TOKENS, temperature=0)
+    assert torch.equal(again.tokens, served.tokens)
+    assert torch.equal(again.logprobs, served.logprobs)
+    assert other.engines[0].instance not in (dead, rebuilt)
+    assert set(node_shm.instances()[other.engines[0].instance]) == beside
+    fresh = other.sample(prompt, NEW_TOKENS, temperature=0)
+    assert torch.equal(fresh.tokens, served.tokens)
+    assert torch.equal(fresh.logprobs, served.logprobs)
+    # The dead instance's entries went, the rebuilt one's came; nothing else changed.
+    assert {n for n in found if not n.startswith(dead)} == \
+        {n for n in ours() if not n.startswith(rebuilt)}
+    assert any(n.startswith(rebuilt) for n in ours())
 
 
 @pytest.mark.ray

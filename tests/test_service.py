@@ -33,9 +33,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+def in_temp_dir(path: Path | None) -> dict[str, str]:
+    """The environment for a subprocess: Ray's auth off, and with ``path``, Python's and
+    Ray's temporary files there (a process killed at the end leaves them in the session's
+    directory, not in /tmp)."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    if path is not None:
+        path.mkdir(parents=True, exist_ok=True)
+        env["TMPDIR"] = str(path)
+    return env
+
+
+def run(*args: str, timeout: float = 120, check: bool = True,
+        temp_dir: Path | None = None) -> subprocess.CompletedProcess:
     result = subprocess.run(args, capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+                            env=in_temp_dir(temp_dir))
     if check and result.returncode:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n"
                              f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
@@ -47,23 +59,24 @@ def last_json(output: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
+def ray_head(session_dir):
     """A head node of its own on loopback (`ray start --head --block`, stopped by
-    terminating that process: `ray stop` would also stop the session's Ray)."""
+    terminating that process: `ray stop` would also stop the session's Ray). Its files,
+    and its processes' temporary files, stay in the session's directory."""
     port, dashboard = free_port(), free_port()
     # Every port of its own: the session's Ray already holds the default agent ports.
     ports = [f"--{flag}={free_port()}" for flag in (
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
         "metrics-export-port", "ray-client-server-port", "node-manager-port",
         "object-manager-port")]
-    temp_dir = Path(f"/tmp/tpr-{uuid.uuid4().hex[:6]}")  # short: Ray's socket paths
+    temp_dir = session_dir / "head"  # short: Ray's socket paths live under it
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
          "--num-cpus=4", f"--temp-dir={temp_dir}", "--include-dashboard=true",
          "--disable-usage-stats", *ports],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+        env=in_temp_dir(temp_dir / "tmp"))
     jobs = f"http://127.0.0.1:{dashboard}"
     deadline = time.monotonic() + 120
     while run(str(BIN / "ray"), "job", "list", "--address", jobs, check=False).returncode:
@@ -140,9 +153,10 @@ def test_ray_job_serves_and_watches_a_trainer(ray_head, tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_two_engines_spread_over_two_simulated_nodes(tmp_path):
+def test_two_engines_spread_over_two_simulated_nodes(tmp_path, session_dir):
     scenario = run(sys.executable, "-m", "tests.multinode_scenario", str(tmp_path),
-                   str(REPO / "configs" / "multi_node.yaml"), timeout=400)
+                   str(REPO / "configs" / "multi_node.yaml"), timeout=400,
+                   temp_dir=session_dir / "mn")  # short: Ray's socket paths live under it
     result = last_json(scenario.stdout)
     engine_nodes = result["engine_nodes"]
     assert result["strategy"] == ["STRICT_PACK", "SPREAD"]

@@ -102,42 +102,49 @@ def test_vllm_engine_serves_and_reloads_like_transformers(ray_cluster, vsteps, p
     assert bool((seeded[0].logprobs <= 0).all())
 
 
-def test_two_vllm_engines_reload_together(ray_cluster, vsteps, prompt):
-    """num_engines replicas at TP=2 side by side on one node: each its own placement group,
-    vLLM group and shared memory (named after its own instance: at TP=1 vLLM makes none, so
-    a TP=1 pair could never show a collision); a reload reaches both before it commits.
-    Closing removes every segment of theirs."""
-    found = {n for names in node_shm.instances().values() for n in names}
-    with start(vsteps["a"], 2, engine="vllm", num_engines=2) as orch:
-        for engine in (0, 1):
-            assert_serves(orch, vsteps["a"], prompt, engine=engine)
-        report = orch.reload(load_tensors(vsteps["b"]))
-        for engine in (0, 1):
-            assert assert_serves(orch, vsteps["b"], prompt, engine=engine).version == 1
-        pids = {rank["pid"] for ranks in orch.placements() for rank in ranks}
-        instances = [e.instance for e in orch.engines]
-        live = node_shm.instances()
-        assert len(set(instances)) == 2 and all(any("psm_" in n for n in live[i])
-                                                for i in instances)
-        # The name vLLM's CPU SHM communicator gives its segments (AVX-512 builds use it;
-        # this one falls back to gloo, so ask it): the engine's own, on both of its ranks.
-        for engine, instance in zip(orch.engines, instances, strict=True):
-            names = ray.get([rank.__ray_call__.remote(cpu_shm_group_name)
-                             for rank in engine.ranks])
-            assert names == [f"/{instance}-tp:0-[0-1]-cpushm"] * 2
+def test_two_vllm_engines_reload_together(vllm_tp2, vsteps, prompt):
+    """num_engines replicas at TP=2 side by side on one node (the session's shared pair):
+    each its own placement group, vLLM group and shared memory (named after its own
+    instance: at TP=1 vLLM makes none, so a TP=1 pair could never show a collision); a
+    reload reaches both before it commits. Closing removes every segment and temporary
+    directory of theirs (checked when the session closes them: ``closed_without_trace``)."""
+    orch = serving(vllm_tp2, vsteps["a"])
+    v0 = orch.version
+    for engine in (0, 1):
+        assert_serves(orch, vsteps["a"], prompt, engine=engine)
+    report = orch.reload(load_tensors(vsteps["b"]))
+    for engine in (0, 1):
+        assert assert_serves(orch, vsteps["b"], prompt, engine=engine).version == v0 + 1
+    pids = {rank["pid"] for ranks in orch.placements() for rank in ranks}
+    instances = [e.instance for e in orch.engines]
+    live = node_shm.instances()
+    assert len(set(instances)) == 2 and all(any("psm_" in n for n in live[i])
+                                            for i in instances)
+    assert all(node_shm.temp_dir(i).is_dir() for i in instances)
+    # The name vLLM's CPU SHM communicator gives its segments (AVX-512 builds use it;
+    # this one falls back to gloo, so ask it): the engine's own, on both of its ranks.
+    for engine, instance in zip(orch.engines, instances, strict=True):
+        names = ray.get([rank.__ray_call__.remote(cpu_shm_group_name)
+                         for rank in engine.ranks])
+        assert names == [f"/{instance}-tp:0-[0-1]-cpushm"] * 2
     assert set(report.bytes_read) == {(e, r) for e in (0, 1) for r in (0, 1)}
     assert len(pids) == 4
-    assert {n for names in node_shm.instances().values() for n in names} == found
 
 
 @pytest.mark.parametrize("method", ["fp8_per_channel", "int8_per_channel_weight_only"])
-def test_online_quantized_reload_equals_vllms_own_loader(ray_cluster, vsteps, prompt, method):
+def test_online_quantized_reload_equals_vllms_own_loader(ray_cluster, vsteps, prompt, method,
+                                                         request):
     """After a reload, tokens and log-probs equal those of a fresh engine vLLM itself built
     from the new checkpoint, at the same TP. vLLM's online FP8 reduces each layer's amax
     over the TP group, which a staged reload cannot do beside serving: refused by name,
     before anything moves; int8 (MoE only) leaves a dense model's linears unquantized,
-    which stage."""
-    with start(vsteps["qa"], 2, engine="vllm", dtype="bfloat16", quantization=method) as orch:
+    which stage. fp8_per_channel runs on the session's shared engine (``vllm_fp8``)."""
+    with contextlib.ExitStack() as own:
+        orch = (serving(request.getfixturevalue("vllm_fp8"), vsteps["qa"])
+                if method == "fp8_per_channel" else
+                own.enter_context(start(vsteps["qa"], 2, engine="vllm", dtype="bfloat16",
+                                        quantization=method)))
+        assert orch.config.quantization == method and orch.config.dtype == "bfloat16"
         before = orch.inspect()
         if method == "fp8_per_channel":
             old = orch.sample(prompt, NEW_TOKENS, temperature=0)
@@ -217,7 +224,7 @@ def test_staged_reload_keeps_vllm_serving_and_switches_exactly(tp2_at_a, vsteps,
     (report,) = outcome
     new = assert_serves(orch, vsteps["b"], prompt)
     assert orch.inspect() == before
-    assert orch.memory(staging=True) == [[0, 0]]
+    assert orch.memory(staging=True) == [[0, 0], [0, 0]]  # both engines staged, both dropped
     again = orch.reload(str(vsteps["a"]), staged=True)  # the twin is reused
     assert_same_samples(orch.sample(prompt, NEW_TOKENS, temperature=0),
                         replace(old, version=v0 + 2))

@@ -27,12 +27,12 @@ class OracleRank:
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                           VLLM_ENABLE_V1_MULTIPROCESSING="0")
-        from vllm import LLM
-
         from actors.engines.vllm.shm import prepare
 
         self.instance = instance
-        prepare(instance, rank, world_size, torch.device("cpu"))
+        prepare(instance, rank, world_size, torch.device("cpu"))  # before vLLM is imported
+        from vllm import LLM
+
         self.llm = LLM(model=path, tensor_parallel_size=world_size,
                        distributed_executor_backend="external_launcher",
                        skip_tokenizer_init=True, enforce_eager=True, seed=0, **kwargs)

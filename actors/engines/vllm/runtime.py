@@ -53,6 +53,17 @@ def free_port_below_ephemeral(host: str) -> int:
     raise RuntimeError(f"no free port on {host} between {PORTS_FROM} and {ephemeral_low}")
 
 
+def skip_helper_compiles() -> None:
+    """In eager mode vLLM still compiles two small integer functions with torch.compile on
+    an engine's first request (the vocabulary mask of a sharded embedding, the rank of each
+    sampled token's log-prob): 2-3 s of Dynamo and Inductor per engine on a 2-core CPU, and
+    an Inductor cache left in the temporary directory. Run eagerly they give the same bits
+    (integer arithmetic; tests/test_vllm.py compares with a vLLM engine that compiles).
+    A stance holds for every thread of the process (``torch._dynamo.config`` is per thread,
+    and requests run on another thread than the build)."""
+    torch.compiler.set_stance("force_eager")
+
+
 class VllmRuntime(RankRuntime):
     builds_loaded = True
 
@@ -86,11 +97,14 @@ class VllmRuntime(RankRuntime):
             LOCAL_RANK="0" if self.device.type == "cuda" else str(rank))
         # vLLM forbids set_num_threads once built: give the rank the cores Ray granted it.
         torch.set_num_threads(max(1, int(self.options.num_cpus)))
+        shm.prepare(instance, rank, self.context.world_size, self.device)
         from vllm import LLM
 
-        shm.prepare(instance, rank, self.context.world_size, self.device)
+        args = self._llm_args()
+        if self.device.type == "cpu" and args.get("enforce_eager"):
+            skip_helper_compiles()
         try:
-            self.llm = LLM(**self._llm_args())
+            self.llm = LLM(**args)
         except Exception as exc:
             unavailable = shm.explain(exc, rank)
             if unavailable is None:

@@ -15,6 +15,12 @@ What a vLLM 0.32 rank creates in ``/dev/shm``:
     node gets the same names and the second one fails with errno 17.
 
 ``name_segments`` prefixes both with the instance's name in this process.
+
+A vLLM rank also leaves files in the temporary directory: TP rank 0's broadcaster binds two
+ZMQ IPC sockets there (``VLLM_RPC_BASE_PATH``, which defaults to it) and never unlinks them
+when its process is killed, and Python's multiprocessing makes ``pymp-*`` directories there.
+``keep_temp_files`` points the process's temporary directory into the instance's own
+(``actors.node_shm.temp_dir``), which goes with the instance.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import errno
 import os
 import re
 import secrets
+import tempfile
 from typing import Any
 
 import torch
@@ -33,6 +40,7 @@ from actors.node_shm import (
     claim,
     require_space,
     require_unused,
+    temp_dir,
 )
 
 # vLLM's TP broadcaster: MessageQueue.create_from_process_group(cpu_group, 1 << 22, 6), each
@@ -87,13 +95,28 @@ def bytes_needed(rank: int, world_size: int, device: torch.device) -> tuple[int,
     return sum(n for n, _ in parts), " and ".join(what for _, what in parts) or "nothing"
 
 
+def keep_temp_files(instance: str) -> None:
+    """Everything this process writes to the temporary directory from now on lands in the
+    instance's own (made here; the instance's ranks on a node share it): vLLM's IPC
+    sockets, Python's, and torch's, which read the directory when they make a file or when
+    their module loads (so before vLLM is imported). The process hosts one engine rank for
+    its life."""
+    directory = temp_dir(instance)
+    directory.mkdir(mode=0o700, exist_ok=True)
+    os.environ["TMPDIR"] = os.environ["VLLM_RPC_BASE_PATH"] = str(directory)
+    tempfile.tempdir = str(directory)
+
+
 def prepare(instance: str, rank: int, world_size: int, device: torch.device) -> None:
-    """Before vLLM builds: refuse (one line) a node whose shared memory cannot take this
-    rank, then record the rank as an owner of ``instance`` and name what it creates."""
+    """Before vLLM is imported and builds: refuse (one line) a segment name already taken
+    (before importing vLLM: seconds per process), record the rank as an owner of
+    ``instance``, point what it creates (temporary files, segments) at the instance, and
+    refuse a node whose shared memory cannot take this rank."""
     require_unused(instance)
+    claim(instance, rank)  # first: whatever it creates from here on goes with the instance
+    keep_temp_files(instance)
     nbytes, what = bytes_needed(rank, world_size, device)
     require_space(nbytes, f"vLLM rank {rank} of {instance} ({what})")
-    claim(instance, rank)
     name_segments(instance)
 
 

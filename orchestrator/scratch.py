@@ -1,0 +1,101 @@
+"""Temporary directories a tp-reload process owns on its node, and a local Ray whose session
+files live in one: removed when the process closes them, and after it dies (SIGKILL, OOM,
+a CI timeout), by the next start of the same kind.
+
+Ownership is a lock, as for engine instances (``actors.node_shm``): the owner holds an
+exclusive ``flock`` on ``<dir>/.owner`` for as long as it uses the directory, and the kernel
+drops it when the process dies, however it dies. A directory with the prefix whose owner
+file is unlocked is left over; one without an owner file is being created, or is not ours,
+and is left alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+OWNER = ".owner"
+# Ray's session directory: tp-reload's demo, benchmarks and examples, when they start Ray.
+# Short: Ray's socket paths (at most 107 bytes) live under it.
+RAY_PREFIX = "tpr-ray-"
+# ray.init options that only a new local cluster takes.
+START_UP_OPTIONS = {"num_cpus", "num_gpus", "resources", "object_store_memory",
+                    "include_dashboard"}
+
+
+def sweep_dead(prefix: str, tmp_dir: Path | None = None) -> list[Path]:
+    """Remove every ``<tmp>/<prefix>*`` directory whose owner has died; returns them."""
+    removed = []
+    for path in sorted(Path(tmp_dir or tempfile.gettempdir()).glob(f"{prefix}*")):
+        try:
+            fd = os.open(path / OWNER, os.O_RDONLY)
+        except OSError:  # no owner file (yet), or not a directory of ours
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # its owner lives (or another sweep is looking: skip it)
+            continue
+        finally:
+            os.close(fd)
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+@contextlib.contextmanager
+def owned_temp_dir(prefix: str) -> Iterator[Path]:
+    """A fresh ``<tmp>/<prefix>XXXXXXXX`` owned by this process until the block ends, when
+    it is removed; what dead owners left with the same prefix is removed first."""
+    sweep_dead(prefix)
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    fd = os.open(path / OWNER, os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def local_ray(**init_kwargs: Any) -> Iterator[None]:
+    """Ray for this block. A Ray already initialized, or a cluster named by ``RAY_ADDRESS``,
+    is used as it is and left running; otherwise a local Ray starts with its session files
+    (logs, sockets, spilled objects) in a directory this process owns, and both go when
+    the block ends (Ray alone would leave them in /tmp/ray)."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    if os.environ.get("RAY_ADDRESS"):  # a running cluster: Ray refuses start-up options
+        ray.init(**{k: v for k, v in init_kwargs.items() if k not in START_UP_OPTIONS})
+        yield
+        return
+    with owned_temp_dir(RAY_PREFIX) as path:
+        ray.init(_temp_dir=str(path), **init_kwargs)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+
+@contextlib.contextmanager
+def inductor_cache_in(path: Path) -> Iterator[None]:
+    """torch makes its Inductor cache directory (``<tmp>/torchinductor_<user>``) as soon as
+    anything imports ``torch._dynamo``, as transformers' models do: within the block it is
+    made under ``path`` instead, unless the user chose one (``TORCHINDUCTOR_CACHE_DIR``)."""
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        yield
+        return
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path / "inductor")
+    try:
+        yield
+    finally:
+        del os.environ["TORCHINDUCTOR_CACHE_DIR"]
