@@ -5,6 +5,7 @@ a rank killed while staging) leaves serving unblocked and the engine bit-identic
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from tests.support import (
     reference_logits,
     rel_l2,
     reload_until_paused,
+    serving,
     start,
     within,
     write_checkpoint,
@@ -45,12 +47,24 @@ def mid(tmp_path_factory) -> dict[str, Path]:
     return {**steps, "nan": root / "nan"}
 
 
+@pytest.fixture(scope="module")
+def mid_engine(ray_cluster, mid):
+    """An unquantized TP=2 engine on the mid-size model, shared by the tests that leave it
+    serving (each brings it to step a first: ``serving``)."""
+    with start(mid["a"], 2) as orch:
+        yield orch
+
+
 @pytest.mark.parametrize("quantization", [None, "fp8"])
 def test_staged_reload_serves_throughout_and_switches_exactly(ray_cluster, mid, prompt,
-                                                              quantization):
+                                                              quantization, request):
+    """Unquantized on the module's shared engine (``mid_engine``), fp8 on one of its own."""
     from tests.test_quant import check_kernels
 
-    with start(mid["a"], 2, quantization=quantization) as orch:
+    with contextlib.ExitStack() as own:
+        orch = (own.enter_context(start(mid["a"], 2, quantization=quantization))
+                if quantization else serving(request.getfixturevalue("mid_engine"), mid["a"]))
+        v0 = orch.version
         old = orch.forward(prompt)
         pointers = orch.inspect()
         server = Server(lambda: orch.forward(prompt))
@@ -67,7 +81,7 @@ def test_staged_reload_serves_throughout_and_switches_exactly(ray_cluster, mid, 
             check_kernels(orch, mid["b"], quantization, 2)
     if not quantization:
         assert rel_l2(new, reference_logits(mid["b"], prompt)) <= 1e-4
-    assert sampled.version == report.version == 1
+    assert sampled.version == report.version == v0 + 1
     # Serving went on while the new version streamed (a forward began and ended inside the
     # reload, which a plain reload's lock makes impossible), and never saw a mixture. An fp8
     # forward here (it dequantizes every weight on 2 cores) takes about as long as the
@@ -92,30 +106,31 @@ def test_staged_reload_serves_throughout_and_switches_exactly(ray_cluster, mid, 
 
 
 @pytest.mark.parametrize("failure", ["nan", "rank error"])
-def test_failed_staged_reload_never_blocks_serving_and_changes_nothing(ray_cluster, mid, prompt,
+def test_failed_staged_reload_never_blocks_serving_and_changes_nothing(mid_engine, mid, prompt,
                                                                       failure):
-    with start(mid["a"], 2) as orch:
-        old = orch.forward(prompt)
-        pointers = orch.inspect()
-        server = Server(lambda: orch.forward(prompt))
-        server.start()
-        if failure == "nan":
-            error, source = (CheckpointError, r"'model\.layers\.9\.mlp\.down_proj\.weight' "
-                             "contains NaN"), mid["nan"]
-        else:
-            orch.inject_fault("process", "raise", rank=1)
-            error, source = (RankError, "injected fault in the process stage"), mid["b"]
-        with pytest.raises(error[0], match=error[1]):
-            orch.reload(str(source), staged=True)
-        end = time.perf_counter()
-        answers = server.stop()
-        assert orch.version == 0
-        assert torch.equal(orch.forward(prompt), old)
-        assert orch.inspect() == pointers
-        assert orch.memory(staging=True) == [[0, 0]]
-        report = orch.reload(str(mid["b"]), staged=True)  # the next one works
-        assert report.version == 1
-        assert rel_l2(orch.forward(prompt), reference_logits(mid["b"], prompt)) <= 1e-4
+    orch = serving(mid_engine, mid["a"])
+    v0 = orch.version
+    old = orch.forward(prompt)
+    pointers = orch.inspect()
+    server = Server(lambda: orch.forward(prompt))
+    server.start()
+    if failure == "nan":
+        error, source = (CheckpointError, r"'model\.layers\.9\.mlp\.down_proj\.weight' "
+                         "contains NaN"), mid["nan"]
+    else:
+        orch.inject_fault("process", "raise", rank=1)
+        error, source = (RankError, "injected fault in the process stage"), mid["b"]
+    with pytest.raises(error[0], match=error[1]):
+        orch.reload(str(source), staged=True)
+    end = time.perf_counter()
+    answers = server.stop()
+    assert orch.version == v0
+    assert torch.equal(orch.forward(prompt), old)
+    assert orch.inspect() == pointers
+    assert orch.memory(staging=True) == [[0, 0]]
+    report = orch.reload(str(mid["b"]), staged=True)  # the next one works
+    assert report.version == v0 + 1
+    assert rel_l2(orch.forward(prompt), reference_logits(mid["b"], prompt)) <= 1e-4
     # Whatever was served around the failed reload was the committed version. (That
     # serving goes on while a rank is in the middle of staging: the test below.)
     assert answers and all(torch.equal(a.value, old) for a in within(answers, 0, end))
