@@ -30,7 +30,9 @@ $(STAMP): $(PY) pyproject.toml Makefile
 	$(if $(TORCH_PIN),$(PIP) "$(TORCH_PIN)")
 	$(PIP) -e ".[test]" "$(VLLM)" $(TORCH_PIN)
 	$(if $(HAS_CUDA),,$(PY) -m pip uninstall --quiet -y $(CUDA_ONLY_NEIGHBOURS))
-	$(PY) -c "import vllm, transformers, orchestrator"
+	# The import check makes torch's Inductor cache directory in TMPDIR: a scratch one here.
+	tmp=$$(mktemp -d) && TMPDIR=$$tmp $(PY) -c "import vllm, transformers, orchestrator"; \
+	  rc=$$?; rm -rf $$tmp; exit $$rc
 	touch $(STAMP)
 
 demo: $(STAMP)
