@@ -113,11 +113,12 @@ def _link(fd: int, path: Path) -> None:
         os.close(fds)
 
 
-def _alive(record: Path) -> bool:
-    """Whether the owner of ``record`` still lives: it holds the record's lock."""
+def owner_alive(record: Path) -> bool:
+    """Whether the owner of ``record`` (a file it holds an exclusive ``flock`` on for its
+    life) still lives: the record is locked. A missing record has no owner."""
     try:
         fd = os.open(record, os.O_RDONLY)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return False
     try:
         for _ in range(PROBES):
@@ -134,7 +135,7 @@ def _alive(record: Path) -> bool:
 
 def live_owners(instance: str, names: list[str], shm_dir: Path = SHM_DIR) -> int:
     """How many owner records among ``names`` (entries of ``instance``) are held."""
-    return sum(_alive(shm_dir / n) for n in names if _is_record(instance, n))
+    return sum(owner_alive(shm_dir / n) for n in names if _is_record(instance, n))
 
 
 def temp_dir(instance: str, tmp_dir: Path = TMP_DIR) -> Path:

@@ -2,11 +2,11 @@
 files live in one: removed when the process closes them, and after it dies (SIGKILL, OOM,
 a CI timeout), by the next start of the same kind.
 
-Ownership is a lock, as for engine instances (``actors.node_shm``): the owner holds an
-exclusive ``flock`` on ``<dir>/.owner`` for as long as it uses the directory, and the kernel
-drops it when the process dies, however it dies. A directory with the prefix whose owner
-file is unlocked is left over; one without an owner file is being created, or is not ours,
-and is left alone.
+Ownership is a lock, tested as for engine instances (``actors.node_shm.owner_alive``): the
+owner holds an exclusive ``flock`` on ``<dir>/.owner`` for as long as it uses the directory,
+and the kernel drops it when the process dies, however it dies. A directory with the prefix
+whose owner file is unlocked is left over; one without an owner file is being created, or is
+not ours, and is left alone.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from actors.node_shm import owner_alive
 
 OWNER = ".owner"
 # Ray's session directory: tp-reload's demo, benchmarks and examples, when they start Ray.
@@ -33,16 +35,9 @@ def sweep_dead(prefix: str, tmp_dir: Path | None = None) -> list[Path]:
     """Remove every ``<tmp>/<prefix>*`` directory whose owner has died; returns them."""
     removed = []
     for path in sorted(Path(tmp_dir or tempfile.gettempdir()).glob(f"{prefix}*")):
-        try:
-            fd = os.open(path / OWNER, os.O_RDONLY)
-        except OSError:  # no owner file (yet), or not a directory of ours
+        # No owner file: being created, or not a directory of ours.
+        if not (path / OWNER).is_file() or owner_alive(path / OWNER):
             continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # its owner lives (or another sweep is looking: skip it)
-            continue
-        finally:
-            os.close(fd)
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed
