@@ -123,6 +123,9 @@ class Options:
     bucket_bytes: int
     check_finite: bool = True
     engine: str = "native"
+    quantizations: tuple[str | None, ...] = ()
+    """The quantizations to measure (None: unquantized); empty: every one of the engine's
+    (``QUANTIZATIONS``)."""
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -367,7 +370,7 @@ def measure(opts: Options, path: Path, tensors: dict[str, torch.Tensor]) -> dict
     staged: list[dict[str, Any]] = []
     extras: dict[str, Any] = {}
     for tp in opts.tps:
-        for quantization in QUANTIZATIONS[opts.engine]:
+        for quantization in opts.quantizations or QUANTIZATIONS[opts.engine]:
             group, pause, more = run_engine_cases(path, tp, quantization, tensors, opts)
             staged += [pause] if pause else []
             extras.update(more)
@@ -514,6 +517,15 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def quantizations(engine: str, names: list[str] | None) -> tuple[str | None, ...]:
+    known = {q or "none": q for q in QUANTIZATIONS[engine]}
+    unknown = sorted(set(names or ()) - set(known))
+    if unknown:
+        raise SystemExit(f"--quantization {' '.join(unknown)}: the {engine} benchmark measures "
+                         f"{', '.join(known)}")
+    return tuple(known[n] for n in names or ())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.reload_bench")
     parser.add_argument("--engine", choices=list(QUANTIZATIONS), default="native")
@@ -523,6 +535,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--bucket-bytes", type=int, default=256 << 20)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/tp-reload-bench"))
+    parser.add_argument("--quantization", nargs="+", metavar="Q",
+                        help="only these (none, or the engine's quantizations); default all")
     parser.add_argument("--no-check-finite", action="store_true",
                         help="measure ours without the per-tensor NaN/Inf check")
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -532,7 +546,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = Options(size="quick" if args.quick else args.size,
                    repeats=2 if args.quick else args.repeats, tps=tuple(args.tp),
                    workdir=args.workdir, bucket_bytes=args.bucket_bytes,
-                   check_finite=not args.no_check_finite, engine=args.engine)
+                   check_finite=not args.no_check_finite, engine=args.engine,
+                   quantizations=quantizations(args.engine, args.quantization))
     result = run(opts)
     result["targets"] = [{"target": t, "holds": ok, "measured": m} for t, ok, m in targets(result)]
     model = result["model"]

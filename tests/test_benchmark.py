@@ -53,13 +53,14 @@ def test_benchmark_measures_every_path(ray_cluster, workdir):
 @pytest.mark.vllm
 def test_benchmark_puts_vllms_own_reload_beside_ours(ray_cluster, workdir):
     """--engine vllm: every case is measured against vLLM's reload_weights on the same
-    engines, from the same directory or in-memory weights."""
+    engines, from the same directory or in-memory weights. Unquantized only (each vLLM
+    engine costs ~10 s of imports per rank here; quantized cases run the same code)."""
     result = run(Options(size="tiny", repeats=1, tps=(2,), workdir=workdir,
-                         bucket_bytes=2 << 20, engine="vllm"))
+                         bucket_bytes=2 << 20, engine="vllm", quantizations=(None,)))
     cases = {c["name"]: c for c in result["cases"]}
-    assert set(cases) == {f"vllm-tp2-{q}-{s}-{o}" for q in ("none", "fp8_per_channel")
-                          for s in ("dir", "memory", "trainer") for o in ("plan", "source")}
+    assert set(cases) == {f"vllm-tp2-none-{s}-{o}" for s in ("dir", "memory", "trainer")
+                          for o in ("plan", "source")}
     for case in (c for c in cases.values() if c["source"] != "trainer"):
         assert set(case["peers"]) == {"vllm"} and case["peers"]["vllm"] > 0
     compared = [t for t, _, _ in targets(result) if "vLLM's reload_weights" in t]
-    assert len(compared) == 8, "dir and memory, both orders, unquantized and fp8_per_channel"
+    assert len(compared) == 4, "dir and memory, both orders"

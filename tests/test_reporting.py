@@ -90,44 +90,15 @@ def test_rank_names_an_unreadable_checkpoint_path(tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.vllm
-def test_demo_prints_json_twice_in_a_row(ray_cluster, capsys):
-    """As a user reruns it, on the session's Ray: both pass, and the node's shared memory is
-    left as the first run found it (vLLM's segments go with its engines)."""
+def test_demo_prints_json_and_leaves_shared_memory_as_found(ray_cluster, capsys):
+    """The vLLM demo in the session's Ray: it passes, and the node's shared memory is left
+    as the run found it (vLLM's segments go with its engines, so a rerun starts clean; the
+    drills in test_node_shm rebuild ranks beside a dead instance's leftovers)."""
     shared_memory = sorted(os.listdir("/dev/shm"))
-    for _ in range(2):
-        assert cli_main(["demo", "--json", "--layers", "2", "--engine", "vllm",
-                         "--model", "llama"]) == 0
-        assert sorted(os.listdir("/dev/shm")) == shared_memory
-        result = json.loads(capsys.readouterr().out)
-        assert_demo_passed(result, "vllm")
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_demo_starts_a_ray_of_its_own_and_leaves_nothing_behind():
-    """`tp-reload demo` as `make demo` runs it, in a process of its own: it starts a local
-    Ray, and when it ends nothing of the run is left in the temporary directory (Ray's
-    session files, which Ray alone would leave in <tmp>/ray; the demo's checkpoints; torch's
-    Inductor cache directory)."""
-    import subprocess
-    import sys
-
-    from orchestrator.scratch import owned_temp_dir
-
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "TORCHINDUCTOR_CACHE_DIR")}
-    # Short: Ray's socket paths live under it.
-    with owned_temp_dir("tpr-t-") as tmp:
-        done = subprocess.run(
-            [sys.executable, "-m", "orchestrator.cli", "demo", "--json", "--layers", "2",
-             "--engine", "native", "--model", "mixtral"],
-            capture_output=True, text=True, timeout=300, env={**env, "TMPDIR": str(tmp)})
-        assert done.returncode == 0, done.stderr[-3000:]
-        left = sorted(p.name for p in tmp.iterdir())
-    result = json.loads(done.stdout)
-    assert_demo_passed(result, "native")
-    assert 0.5 < result["reload"]["expert_layers_share"]["bytes"] < 1
-    assert left == [".owner"], f"the demo left {left} in its temporary directory"
+    assert cli_main(["demo", "--json", "--layers", "2", "--engine", "vllm",
+                     "--model", "llama"]) == 0
+    assert sorted(os.listdir("/dev/shm")) == shared_memory
+    assert_demo_passed(json.loads(capsys.readouterr().out), "vllm")
 
 
 def assert_demo_passed(result: dict, engine: str) -> None:

@@ -58,6 +58,70 @@ def last_json(output: str) -> dict:
     return json.loads([line for line in output.splitlines() if line.startswith("{")][-1])
 
 
+class Background:
+    """Scenarios that run as processes of their own, each with a Ray of its own, started
+    together when this module begins: they spend much of their time waiting on Ray's start
+    and on their own rank processes, so they run beside the foreground tests (the
+    `ray job` one) instead of after them. Each test collects its scenario's result."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.running: dict[str, subprocess.Popen] = {}
+        self.temp_dirs: dict[str, Path] = {}
+
+    def start(self, name: str, args: list[str], temp_dir: Path) -> None:
+        self.temp_dirs[name] = temp_dir
+        out = self.root / name
+        out.mkdir(parents=True)
+        # Files, not pipes: Ray's logs would fill a pipe nobody reads until the end.
+        with open(out / "stdout", "w") as stdout, open(out / "stderr", "w") as stderr:
+            self.running[name] = subprocess.Popen(
+                args, stdout=stdout, stderr=stderr, start_new_session=True, cwd=REPO,
+                env={k: v for k, v in in_temp_dir(temp_dir).items()
+                     if k not in ("RAY_ADDRESS", "TORCHINDUCTOR_CACHE_DIR")})
+
+    def result(self, name: str, timeout: float = 400) -> subprocess.CompletedProcess:
+        process = self.running[name]
+        process.wait(timeout=timeout)
+        out = self.root / name
+        done = subprocess.CompletedProcess(process.args, process.returncode,
+                                           (out / "stdout").read_text(),
+                                           (out / "stderr").read_text())
+        if done.returncode:
+            raise AssertionError(f"{name} failed ({done.returncode}):\n{done.stdout[-3000:]}"
+                                 f"\n{done.stderr[-3000:]}")
+        return done
+
+    def stop(self) -> None:
+        for process in self.running.values():
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def background(request, session_dir, tmp_path_factory):
+    """The module's scenarios that the session selected, started at once."""
+    from orchestrator.scratch import owned_temp_dir
+
+    selected = {item.name for item in request.session.items}
+    runs = Background(tmp_path_factory.mktemp("background"))
+    with contextlib.ExitStack() as stack:
+        if "test_two_engines_spread_over_two_simulated_nodes" in selected:
+            work = tmp_path_factory.mktemp("multinode")
+            runs.start("multinode", [sys.executable, "-m", "tests.multinode_scenario", str(work),
+                                     str(REPO / "configs" / "multi_node.yaml")],
+                       session_dir / "mn")  # short: Ray's socket paths live under it
+        if "test_demo_starts_a_ray_of_its_own_and_leaves_nothing_behind" in selected:
+            # A directory of its own (short, for Ray's sockets) to see what the demo leaves.
+            runs.start("demo", [sys.executable, "-m", "orchestrator.cli", "demo", "--json",
+                                "--layers", "2", "--engine", "native", "--model", "mixtral"],
+                       stack.enter_context(owned_temp_dir("tpr-t-")))
+        stack.callback(runs.stop)
+        yield runs
+
+
 @pytest.fixture(scope="module")
 def ray_head(session_dir):
     """A head node of its own on loopback (`ray start --head --block`, stopped by
@@ -153,11 +217,8 @@ def test_ray_job_serves_and_watches_a_trainer(ray_head, tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_two_engines_spread_over_two_simulated_nodes(tmp_path, session_dir):
-    scenario = run(sys.executable, "-m", "tests.multinode_scenario", str(tmp_path),
-                   str(REPO / "configs" / "multi_node.yaml"), timeout=400,
-                   temp_dir=session_dir / "mn")  # short: Ray's socket paths live under it
-    result = last_json(scenario.stdout)
+def test_two_engines_spread_over_two_simulated_nodes(background):
+    result = last_json(background.result("multinode").stdout)
     engine_nodes = result["engine_nodes"]
     assert result["strategy"] == ["STRICT_PACK", "SPREAD"]
     assert all(len(set(ranks)) == 1 for ranks in engine_nodes), "an engine spans nodes"
@@ -166,6 +227,23 @@ def test_two_engines_spread_over_two_simulated_nodes(tmp_path, session_dir):
     assert result["versions"] == [1, 2]
     for errors in result["errors"].values():
         assert max(errors) <= 1e-4
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_demo_starts_a_ray_of_its_own_and_leaves_nothing_behind(background):
+    """`tp-reload demo` as `make demo` runs it, in a process of its own: it starts a local
+    Ray, and when it ends nothing of the run is left in the temporary directory (Ray's
+    session files, which Ray alone would leave in <tmp>/ray; the demo's checkpoints; torch's
+    Inductor cache directory)."""
+    from tests.test_reporting import assert_demo_passed
+
+    done = background.result("demo")
+    left = sorted(p.name for p in background.temp_dirs["demo"].iterdir())
+    result = json.loads(done.stdout)
+    assert_demo_passed(result, "native")
+    assert 0.5 < result["reload"]["expert_layers_share"]["bytes"] < 1
+    assert left == [".owner"], f"the demo left {left} in its temporary directory"
 
 
 @pytest.fixture(scope="module")
