@@ -27,12 +27,13 @@ from actors.engines import EngineOptions, EnginePlugin
 from actors.engines.runtime import (
     CalibratesKvScales,
     CapturesCudaGraphs,
+    Generated,
     RankContext,
     RankRuntime,
     Rejoins,
-    Sampled,
     SamplingRequest,
     ServesLogits,
+    ServingLimits,
     check_capabilities,
 )
 from actors.lazy import TensorEntry
@@ -310,9 +311,15 @@ class RankActor:
         return self._capable(ServesLogits).forward(token_ids)
 
     @ray.method(concurrency_group=SERVE_GROUP)
-    def sample(self, token_ids: torch.Tensor, request: SamplingRequest) -> Sampled | None:
-        """Rank 0 returns the new tokens and their log-probs."""
-        return self._require_loaded().sample(token_ids, request)
+    def sample(self, prompts: list[list[int]], request: SamplingRequest
+               ) -> list[Generated] | None:
+        """Rank 0 returns ``request.n`` completions per prompt, prompt-major."""
+        return self._require_loaded().sample(prompts, request)
+
+    @ray.method(concurrency_group=SERVE_GROUP)
+    def limits(self) -> ServingLimits:
+        """What a rollout must respect: vocabulary, context length, EOS ids."""
+        return self._require_loaded().limits()
 
     @ray.method(concurrency_group=SERVE_GROUP)
     def calibrate_kv_scales(self, token_ids: torch.Tensor) -> list[list[float]]:

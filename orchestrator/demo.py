@@ -17,7 +17,8 @@ import torch
 
 from orchestrator.config import EngineConfig
 from orchestrator.reload_orchestrator import ReloadOrchestrator
-from orchestrator.report import ReloadReport, Samples
+from orchestrator.report import ReloadReport
+from orchestrator.rollouts import Rollouts
 from orchestrator.scratch import inductor_cache_in, local_ray
 
 NEW_TOKENS = 8
@@ -139,21 +140,22 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
             served, identity, first, reload = serve_and_reload(options, step0, step1, prompt,
                                                                timings)
         checks = [check(step, prompt, s) for step, s in zip((step0, step1), served, strict=True)]
-    return summary(options, timings, first, reload, checks, identity, served[1].version)
+    return summary(options, timings, first, reload, checks, identity, served[1][0].version)
 
 
 def serve_and_reload(options: DemoOptions, step0: Path, step1: Path, prompt: torch.Tensor,
                      timings: dict[str, float]
-                     ) -> tuple[list[Samples], list[Any], ReloadReport, ReloadReport]:
-    """Start the engine on step 0, sample, reload step 1 in place, sample again."""
+                     ) -> tuple[list[Rollouts], list[Any], ReloadReport, ReloadReport]:
+    """Start the engine on step 0, generate, reload step 1 in place, generate again (a
+    fixed number of greedy tokens: the random demo model has no meaningful EOS)."""
     begin = time.perf_counter()
     with ReloadOrchestrator(demo_config(options, step0)) as orch:
         timings["start_seconds"] = round(time.perf_counter() - begin, 3)
-        served = [orch.sample(prompt, NEW_TOKENS, temperature=0)]
+        served = [orch.generate(prompt, NEW_TOKENS, ignore_eos=True)]
         identity = [orch.inspect()]
         reload = orch.reload(str(step1))
         identity.append(orch.inspect())
-        served.append(orch.sample(prompt, NEW_TOKENS, temperature=0))
+        served.append(orch.generate(prompt, NEW_TOKENS, ignore_eos=True))
         return served, identity, orch.load_report, reload
 
 
@@ -204,13 +206,14 @@ def summary(options: DemoOptions, timings: dict[str, float], first: ReloadReport
     }
 
 
-def check(path: Path, prompt: torch.Tensor, served: Samples) -> dict[str, Any]:
+def check(path: Path, prompt: torch.Tensor, served: Rollouts) -> dict[str, Any]:
     """Served greedy tokens vs transformers', and their served log-probs vs transformers'
     log-probs of the same tokens."""
-    expected = transformers_logprobs(path, prompt, served.tokens)
-    return {"tokens_match": bool(torch.equal(served.tokens,
+    tokens, logprobs, _ = served.padded()
+    expected = transformers_logprobs(path, prompt, tokens)
+    return {"tokens_match": bool(torch.equal(tokens,
                                              transformers_greedy(path, prompt, NEW_TOKENS))),
-            "logprob_error": (served.logprobs - expected).abs().max().item()}
+            "logprob_error": (logprobs - expected).abs().max().item()}
 
 
 def format_summary(result: dict[str, Any]) -> str:

@@ -3,8 +3,9 @@
 Usage::
 
     with ReloadOrchestrator(EngineConfig(model="ckpt/step0", tensor_parallel_size=2)) as orch:
-        tokens = orch.generate([[1, 2, 3]], max_new_tokens=8)
-        rollout = orch.sample([[1, 2, 3]], max_new_tokens=64, temperature=1.0)
+        greedy = orch.generate([[1, 2, 3]], max_new_tokens=8)
+        out = orch.sample([[1, 2, 3], [4, 5]], max_new_tokens=64, n=4, temperature=1.0)
+        tokens, logprobs, mask = out.padded()     # 8 completions, right-padded
         report = orch.reload("ckpt/step1")          # or a dict / iterable of (name, tensor)
 
 It composes parts with one job each: the fleet (``orchestrator.fleet``: engines, ranks and

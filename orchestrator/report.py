@@ -6,8 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from actors.reload import RANK_STAGES
 
 if TYPE_CHECKING:
@@ -125,19 +123,3 @@ class ReloadReport:
         rows += [("warning", w) for w in self.warnings]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-
-
-@dataclass(frozen=True, slots=True)
-class Samples:
-    """Rollouts of one ``sample`` call, tagged with the weights that produced them."""
-
-    tokens: torch.Tensor
-    """[B, N] int64: the new tokens (prompts not included)."""
-    logprobs: torch.Tensor | None
-    """[B, N] float32: each token's log-prob under the model (log-softmax of the raw
-    logits, before temperature and top-p); None when not asked for."""
-    version: int
-    """The committed version every token was drawn from."""
-    cached_tokens: list[int]
-    """Per prompt: tokens served from the engine's prefix cache instead of computed again
-    (vLLM; the cache is dropped at every commit, so never across versions)."""

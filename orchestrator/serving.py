@@ -8,20 +8,21 @@ rank that died while serving is rebuilt before the error reaches the caller.
 
 from __future__ import annotations
 
-import random
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from actors.engines.runtime import SamplingRequest
+from actors.engines.runtime import ServingLimits
 from actors.rank_actor import RankActor
 from actors.transports.object_store import unpack_tensors
 from orchestrator.config import EngineConfig
 from orchestrator.errors import RankError
 from orchestrator.fleet import Calls, Fleet
 from orchestrator.gate import Gate
-from orchestrator.report import ReloadReport, Samples
+from orchestrator.report import ReloadReport
+from orchestrator.rollouts import RolloutCall, Rollouts, completions, spread
 from orchestrator.transaction import Transaction
 
 SERVING_CALLS = ("reload", "forward", "generate", "sample", "status", "placements")
@@ -56,15 +57,22 @@ class ServingAPI(ABC):
         """float32 CPU logits [B, T, vocab] (engines with the ``logits`` capability)."""
 
     @abstractmethod
-    def generate(self, token_ids: Any, max_new_tokens: int = 8, engine: int = 0
-                 ) -> torch.Tensor:
-        """Greedy decoding: prompt followed by exactly ``max_new_tokens`` tokens."""
+    def generate(self, prompts: Any, max_new_tokens: int = 16,
+                 stop_token_ids: Sequence[int] | None = None, ignore_eos: bool = False,
+                 engine: int | None = None) -> Rollouts:
+        """Greedy decoding: ``sample`` at temperature 0, one completion per prompt."""
 
     @abstractmethod
-    def sample(self, token_ids: Any, max_new_tokens: int, temperature: float = 1.0,
-               top_p: float = 1.0, seed: int | None = None, logprobs: bool = True,
-               engine: int = 0) -> Samples:
-        """Rollouts with their log-probs and the version that produced them."""
+    def sample(self, prompts: Any, max_new_tokens: int = 256, n: int = 1,
+               temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None,
+               seed: int | None = None, stop_token_ids: Sequence[int] | None = None,
+               ignore_eos: bool = False, logprobs: bool = True, engine: int | None = None
+               ) -> Rollouts:
+        """Rollouts: ``n`` completions of each prompt (token-id lists of any lengths, or
+        the rows of a 2-D tensor), each ending at its first stop token (default: the
+        model's EOS ids; none with ``ignore_eos``) or after ``max_new_tokens``; prompts
+        spread over every engine (``engine``: one only), reproducible with ``seed``, with
+        each token's log-prob under the model and the version that produced it."""
 
     @abstractmethod
     def status(self) -> dict[str, Any]:
@@ -84,18 +92,22 @@ class EngineServing(ServingAPI):
         self.fleet = fleet
         self.gate = gate
         self.transaction = transaction
+        self._limits: ServingLimits | None = None
 
     @property
     def version(self) -> int:
         return self.transaction.current
 
-    def _on_engine(self, calls: Calls) -> dict[int, Any]:
-        """Wait for ``calls`` (to one engine) under the gate; rank -> result."""
+    def _on_engine(self, calls: Calls, by_rank: bool = True) -> dict[Any, Any]:
+        """Wait for ``calls`` under the gate: rank -> result for calls to one engine (or
+        (engine, rank) -> result without ``by_rank``)."""
         try:
             results = self.fleet.wait(calls)
         except RankError as error:
             self.transaction.recover_if_restarted(error)
             raise
+        if not by_rank:
+            return results
         return {rank: value for (_, rank), value in sorted(results.items())}
 
     def _serve(self, engine: int, method: Any, *args: Any) -> dict[int, Any]:
@@ -109,36 +121,44 @@ class EngineServing(ServingAPI):
                 "logits: use generate() or sample(..., logprobs=True)")
         return self._serve(engine, RankActor.forward, as_token_tensor(token_ids))[0]
 
-    def generate(self, token_ids: Any, max_new_tokens: int = 8, engine: int = 0
-                 ) -> torch.Tensor:
-        """Greedy decoding: prompt followed by exactly ``max_new_tokens`` tokens, [B, T + N]
-        (no stop at EOS: every sequence of a batch gets the same number of tokens)."""
-        ids = as_token_tensor(token_ids)
-        samples = self.sample(ids, max_new_tokens, temperature=0.0, seed=0, logprobs=False,
-                              engine=engine)
-        return torch.cat([ids, samples.tokens], dim=1)
+    def generate(self, prompts: Any, max_new_tokens: int = 16,
+                 stop_token_ids: Sequence[int] | None = None, ignore_eos: bool = False,
+                 engine: int | None = None) -> Rollouts:
+        return self.sample(prompts, max_new_tokens, temperature=0.0, seed=0,
+                           stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, engine=engine)
 
-    def sample(self, token_ids: Any, max_new_tokens: int, temperature: float = 1.0,
-               top_p: float = 1.0, seed: int | None = None, logprobs: bool = True,
-               engine: int = 0) -> Samples:
-        """Rollouts for RL: exactly ``max_new_tokens`` new tokens per prompt (no stop at
-        EOS), drawn at ``temperature`` (0: greedy) from the ``top_p`` nucleus, reproducible
-        with ``seed`` (row i uses seed + i), with each token's log-prob under the model
-        (log-softmax of the raw logits, vLLM's default) and the version that produced them."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got temperature="
-                             f"{temperature}, top_p={top_p}")
-        # Every rank must draw the same tokens: the seed is chosen here, never on a rank.
-        request = SamplingRequest(max_new_tokens, float(temperature), float(top_p),
-                                  random.getrandbits(31) if seed is None else seed, logprobs)
+    def sample(self, prompts: Any, max_new_tokens: int = 256, n: int = 1,
+               temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None,
+               seed: int | None = None, stop_token_ids: Sequence[int] | None = None,
+               ignore_eos: bool = False, logprobs: bool = True, engine: int | None = None
+               ) -> Rollouts:
+        engines = self._serving_engines(engine)
+        call = RolloutCall.checked(
+            prompts, self.limits(), max_new_tokens=max_new_tokens, n=n,
+            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+            stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, logprobs=logprobs)
+        parts = spread(len(call.prompts), engines)
         with self.gate.hold():
-            sampled = self._on_engine(self.fleet.call_engine(
-                engine, RankActor.sample, as_token_tensor(token_ids), request))[0]
+            calls = {key: ref for index, start, stop in parts for key, ref in
+                     self.fleet.call_engine(index, RankActor.sample,
+                                            *call.part(start, stop)).items()}
+            results = self._on_engine(calls, by_rank=False)
             version = self.version
-        return Samples(sampled.tokens, sampled.logprobs if logprobs else None, version,
-                       sampled.cached_tokens)
+        done = [c for index, start, _ in parts
+                for c in completions(results[(index, 0)], start, n, version, index, logprobs)]
+        return Rollouts(call.prompts, done)
+
+    def limits(self) -> ServingLimits:
+        """Vocabulary, context length and EOS ids of the served model (asked once)."""
+        if self._limits is None:
+            self._limits = self._serve(0, RankActor.limits)[0]
+        return self._limits
+
+    def _serving_engines(self, engine: int | None) -> list[int]:
+        if engine is None:
+            return [e.index for e in self.fleet.engines]
+        self.fleet.engine(engine)  # raises naming the range
+        return [engine]
 
     def calibrate_kv_scales(self, token_ids: Any) -> list[list[list[float]]]:
         """kv_cache_dtype='fp8': set every engine's k/v scales from a forward of

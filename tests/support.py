@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -108,6 +108,38 @@ def reference_sample(path: Path, token_ids: torch.Tensor, new_tokens: int
 
     tokens = transformers_greedy(path, token_ids, new_tokens)
     return tokens, transformers_logprobs(path, token_ids, tokens)
+
+
+class Fixed(NamedTuple):
+    """The completions of an ``ignore_eos`` call (all ``max_new_tokens`` long) as tensors."""
+
+    tokens: torch.Tensor
+    """[B * n, N] int64."""
+    logprobs: torch.Tensor
+    """[B * n, N] float32."""
+    version: int
+    cached_tokens: list[int]
+
+
+def fixed_length(out: Any) -> Fixed:
+    tokens, logprobs, mask = out.padded()
+    assert bool(mask.all()), "an ignore_eos completion stopped early"
+    (version,) = out.versions
+    return Fixed(tokens, logprobs, version, [c.cached_tokens for c in out])
+
+
+def sample_fixed(server: Any, prompts: Any, max_new_tokens: int, **kwargs: Any) -> Fixed:
+    """``server.sample`` with no stop token: exactly ``max_new_tokens`` per completion, as
+    the transformers references (``reference_sample``) draw them."""
+    return fixed_length(server.sample(prompts, max_new_tokens, ignore_eos=True, **kwargs))
+
+
+def generate_fixed(server: Any, prompts: torch.Tensor, max_new_tokens: int,
+                   engine: int | None = None) -> torch.Tensor:
+    """[B, T + N]: the prompts and exactly ``max_new_tokens`` greedy tokens, as
+    ``reference_generate`` returns them."""
+    out = server.generate(prompts, max_new_tokens, ignore_eos=True, engine=engine)
+    return torch.cat([prompts, fixed_length(out).tokens], dim=1)
 
 
 def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:

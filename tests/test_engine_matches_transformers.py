@@ -13,10 +13,12 @@ from orchestrator.demo import transformers_logprobs
 from tests.support import (
     FAMILIES,
     expected_rank_bytes,
+    generate_fixed,
     reference_generate,
     reference_logits,
     reference_sample,
     rel_l2,
+    sample_fixed,
     start,
     write_checkpoint,
 )
@@ -35,7 +37,7 @@ def test_family_matches_transformers(ray_cluster, checkpoints, prompt, family, t
     path = checkpoints[family]
     with start(path, tp) as orch:
         logits = orch.forward(prompt)
-        tokens = orch.generate(prompt, max_new_tokens=8)
+        tokens = generate_fixed(orch, prompt, 8)
         report = orch.load_report
         version = orch.version
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
@@ -54,7 +56,7 @@ def test_two_engines_serve_identical_replicas(ray_cluster, checkpoints, prompt):
     path = checkpoints["llama"]
     with start(path, 2, num_engines=2) as orch:
         logits = [orch.forward(prompt, engine=e) for e in (0, 1)]
-        tokens = orch.generate(prompt, max_new_tokens=8, engine=1)
+        tokens = generate_fixed(orch, prompt, 8, engine=1)
         placements = orch.placements()
         shapes = [{n: t["shape"] for n, t in orch.inspect(engine=e)[1].items()} for e in (0, 1)]
     expected = reference_logits(path, prompt)
@@ -96,10 +98,10 @@ def test_native_sample_matches_transformers_and_is_seeded(ray_cluster, checkpoin
     sampled rollout reproducible; top_p near 0 keeps only the most likely token."""
     path = checkpoints["qwen3"]
     with start(path, 2) as orch:
-        greedy = orch.sample(prompt, 8, temperature=0)
-        drawn = [orch.sample(prompt, 8, temperature=1.5, seed=3) for _ in range(2)]
-        other = orch.sample(prompt, 8, temperature=1.5, seed=4)
-        nucleus = orch.sample(prompt, 8, temperature=1.0, top_p=1e-6, seed=5)
+        greedy = sample_fixed(orch, prompt, 8, temperature=0)
+        drawn = [sample_fixed(orch, prompt, 8, temperature=1.5, seed=3) for _ in range(2)]
+        other = sample_fixed(orch, prompt, 8, temperature=1.5, seed=4)
+        nucleus = sample_fixed(orch, prompt, 8, temperature=1.0, top_p=1e-6, seed=5)
     tokens, logprobs = reference_sample(path, prompt, 8)
     assert torch.equal(greedy.tokens, tokens) and greedy.version == 0
     assert (greedy.logprobs - logprobs).abs().max().item() <= 1e-4

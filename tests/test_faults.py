@@ -20,12 +20,14 @@ from safetensors.torch import save_file
 
 from orchestrator import CheckpointError, RankError, ReloadInProgressError
 from tests.support import (
+    generate_fixed,
     kill_rank,
     load_tensors,
     reference_logits,
     reference_sample,
     rel_l2,
     reload_until_paused,
+    sample_fixed,
     serving,
     start,
     write_checkpoint,
@@ -54,7 +56,7 @@ def engine(ray_cluster, steps, request):
 
 
 def serve(orch, prompt: torch.Tensor):
-    samples = orch.sample(prompt, NEW_TOKENS, temperature=0)
+    samples = sample_fixed(orch, prompt, NEW_TOKENS, temperature=0)
     return samples.tokens, samples.logprobs
 
 
@@ -300,7 +302,7 @@ def test_reload_waits_for_a_running_generate(engine, steps, prompt):
     result: dict[str, object] = {}
 
     def generate() -> None:
-        result["tokens"] = engine.generate(long_prompt, max_new_tokens=120)
+        result["tokens"] = generate_fixed(engine, long_prompt, 120)
         result["done"] = time.monotonic()
 
     worker = threading.Thread(target=generate)

@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from orchestrator import EngineConfig, ReloadOrchestrator
-from tests.support import reference_generate, reference_logits, rel_l2, write_checkpoint
+from tests.support import (
+    generate_fixed,
+    reference_generate,
+    reference_logits,
+    rel_l2,
+    write_checkpoint,
+)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.ray]
 
@@ -17,7 +23,7 @@ def test_tp1_on_one_gpu(ray_cluster, checkpoints, prompt):
     cfg = EngineConfig(model=str(path), tensor_parallel_size=1, device="cuda", dtype="float32")
     with ReloadOrchestrator(cfg) as orch:
         logits = orch.forward(prompt)
-        tokens = orch.generate(prompt, max_new_tokens=8)
+        tokens = generate_fixed(orch, prompt, 8)
         placement = orch.placements()[0][0]
         devices = {t["device"] for t in orch.inspect()[0].values()}
     assert len(placement["gpu_ids"]) == 1

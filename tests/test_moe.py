@@ -13,6 +13,7 @@ import torch
 from tests.quant_reference import dequantize, rank_experts, reference_expert_kernels, same_bytes
 from tests.support import (
     expected_rank_bytes,
+    generate_fixed,
     largest_layer_rank_bytes,
     load_tensors,
     parent_layer,
@@ -37,7 +38,7 @@ QSHAPE = dict(hidden_size=256, intermediate_size=384, moe_intermediate_size=320,
 
 def serves(orch, path: Path, prompt: torch.Tensor) -> None:
     assert rel_l2(orch.forward(prompt), reference_logits(path, prompt)) <= FLOAT32_BOUND
-    assert torch.equal(orch.generate(prompt, max_new_tokens=6),
+    assert torch.equal(generate_fixed(orch, prompt, 6),
                        reference_generate(path, prompt, 6))
 
 

@@ -26,7 +26,12 @@ from actors import node_shm
 from actors.engines.vllm.shm import explain
 from actors.node_shm import SHM_DIR, SharedMemoryUnavailable, new_instance
 from orchestrator import RankError, SharedMemoryError
-from tests.support import process_alive, serving, start
+from tests.support import (
+    process_alive,
+    sample_fixed,
+    serving,
+    start,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG = logging.getLogger("tests.node_shm")
@@ -221,7 +226,7 @@ def test_sigkilled_vllm_rank_is_rebuilt_and_leaves_nothing(ray_cluster, checkpoi
     beside = set(node_shm.instances()[other.engines[0].instance])
     orch = serving(vllm_drill, checkpoint)
     found = ours()
-    served = orch.sample(prompt, NEW_TOKENS, temperature=0)
+    served = sample_fixed(orch, prompt, NEW_TOKENS, temperature=0)
     dead = orch.engines[0].instance
     left = sorted(n for n in ours() if n.startswith(dead) and "owner" not in n)
     assert left, "a TP=2 vLLM engine creates shared memory (its broadcast ring)"
@@ -231,19 +236,19 @@ def test_sigkilled_vllm_rank_is_rebuilt_and_leaves_nothing(ray_cluster, checkpoi
     while process_alive(pid):
         time.sleep(0.02)
     with caplog.at_level(logging.WARNING, "tp_reload"), pytest.raises(RankError) as failed:
-        orch.sample(prompt, NEW_TOKENS, temperature=0)
+        sample_fixed(orch, prompt, NEW_TOKENS, temperature=0)
     assert "were rebuilt" in "".join(failed.value.__notes__)
     rebuilt = orch.engines[0].instance
     assert rebuilt != dead and not any(n.startswith(dead) for n in ours())
     assert not node_shm.temp_dir(dead).exists() and node_shm.temp_dir(rebuilt).is_dir()
     assert all(str(SHM_DIR / name) in caplog.text for name in left), caplog.text
     assert str(node_shm.temp_dir(dead)) in caplog.text
-    again = orch.sample(prompt, NEW_TOKENS, temperature=0)
+    again = sample_fixed(orch, prompt, NEW_TOKENS, temperature=0)
     assert torch.equal(again.tokens, served.tokens)
     assert torch.equal(again.logprobs, served.logprobs)
     assert other.engines[0].instance not in (dead, rebuilt)
     assert set(node_shm.instances()[other.engines[0].instance]) == beside
-    fresh = other.sample(prompt, NEW_TOKENS, temperature=0)
+    fresh = sample_fixed(other, prompt, NEW_TOKENS, temperature=0)
     assert torch.equal(fresh.tokens, served.tokens)
     assert torch.equal(fresh.logprobs, served.logprobs)
     # The dead instance's entries went, the rebuilt one's came; nothing else changed.

@@ -17,7 +17,7 @@ from torch import nn
 
 from actors.dtypes import SAFETENSORS_CODES, dtype_name
 from actors.engines import EnginePlugin, register_engine
-from actors.engines.runtime import RankRuntime, Sampled, SamplingRequest
+from actors.engines.runtime import Generated, RankRuntime, SamplingRequest, ServingLimits
 from actors.lazy import TensorEntry, TensorWindow
 from actors.reload import LayerRecord, ReloadableModel, ReloadError, in_processing_order
 from actors.transports import BucketMessage, BucketTransport, Source, TensorInfo, register_transport
@@ -99,9 +99,20 @@ class MLPRuntime(RankRuntime):
         return self._reloadable
 
     @torch.inference_mode()
-    def sample(self, token_ids: torch.Tensor, request: SamplingRequest) -> Sampled:
-        tokens = greedy(self.model, token_ids, request.max_new_tokens)
-        return Sampled(tokens, torch.full(tokens.shape, float("nan")), [0] * len(tokens))
+    def sample(self, prompts: list[list[int]], request: SamplingRequest) -> list[Generated]:
+        ids = torch.tensor(prompts)
+        tokens = greedy(self.model, ids, request.max_new_tokens)
+        steps = torch.cat([ids, tokens], dim=1)
+        scores = torch.stack([torch.log_softmax(self.model(steps[:, :i]), dim=-1)
+                              .gather(-1, steps[:, i:i + 1])[:, 0]
+                              for i in range(ids.shape[1], steps.shape[1])], dim=1)
+        return [Generated(row, score if request.logprobs else [], "length", 0)
+                for row, score in zip(tokens.tolist(), scores.tolist(), strict=True)
+                for _ in range(request.n)]
+
+    def limits(self) -> ServingLimits:
+        # A plain state dict, no config.json to read them from.
+        return ServingLimits(vocab_size=VOCAB, context_length=64, eos_token_ids=())
 
     def kernel_tensors(self) -> dict[str, torch.Tensor]:
         return dict(self.model.named_parameters())
@@ -127,14 +138,14 @@ def test_a_third_engine_registered_from_outside_is_served_and_reloaded(ray_clust
     oracle = TinyMLP()
     with start(tmp_path / "step0", tp=1, engine="plain-mlp") as orch:
         oracle.load_state_dict(first)
-        assert torch.equal(orch.generate(prompt, 4)[:, 3:], greedy(oracle, prompt, 4))
+        assert torch.equal(orch.generate(prompt, 4).padded()[0], greedy(oracle, prompt, 4))
         report = orch.reload(second)  # in memory, routed on the engine's own rank
         oracle.load_state_dict(second)
         assert report.version == orch.version == 1
         served = orch.get_tensors()
         assert served.keys() == second.keys()
         assert all(torch.equal(served[n], t) for n, t in second.items())
-        assert torch.equal(orch.generate(prompt, 4)[:, 3:], greedy(oracle, prompt, 4))
+        assert torch.equal(orch.generate(prompt, 4).padded()[0], greedy(oracle, prompt, 4))
         with pytest.raises(NotImplementedError, match="not raw logits"):
             orch.forward(prompt)  # it declares no 'logits' capability
         with pytest.raises(CheckpointError, match="down.weight"):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.support import (
+    generate_fixed,
     largest_layer_rank_bytes,
     load_tensors,
     parent_layer,
@@ -55,7 +56,7 @@ def engine_at_a(request, steps, tp: int = 2, engines: int = 1):
 
 def assert_serves(orch, path: Path, prompt: torch.Tensor, engine: int = 0) -> None:
     assert rel_l2(orch.forward(prompt, engine=engine), reference_logits(path, prompt)) <= BOUND
-    tokens = orch.generate(prompt, max_new_tokens=8, engine=engine)
+    tokens = generate_fixed(orch, prompt, 8, engine=engine)
     assert torch.equal(tokens, reference_generate(path, prompt, 8))
 
 

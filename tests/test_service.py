@@ -198,8 +198,8 @@ def test_ray_job_serves_and_watches_a_trainer(ray_head, tmp_path):
     assert result["status"]["last_step"] == "step_2"
     last = result["status"]["last_reload"]  # watched steps reload staged (staged: true)
     assert last["staged"] and last["pause_seconds"] < last["seconds"]
-    assert result["generated_shape"] == [2, 14]
-    assert result["rollout"] == {"version": 2, "greedy_as_generate": True}
+    assert result["generated_shape"] == [2, 4]
+    assert result["rollout"] == {"versions": [2], "greedy_as_generate": True}
 
     assert stop.returncode == 0, stop.stderr
     status = run(ray, "job", "status", "--address", ray_head["jobs"], job).stdout

@@ -20,9 +20,11 @@ from tests.support import (
     BASE,
     Server,
     expected_rank_bytes,
+    generate_fixed,
     load_tensors,
     reference_sample,
     reload_until_paused,
+    sample_fixed,
     serving,
     start,
     within,
@@ -65,11 +67,11 @@ def cpu_shm_group_name(rank_actor) -> str:
 
 def assert_serves(orch, path: Path, prompt: torch.Tensor, engine: int = 0):
     """Greedy tokens equal transformers', their log-probs within LOGPROB_BOUND."""
-    samples = orch.sample(prompt, NEW_TOKENS, temperature=0, engine=engine)
+    samples = sample_fixed(orch, prompt, NEW_TOKENS, temperature=0, engine=engine)
     tokens, logprobs = reference_sample(path, prompt, NEW_TOKENS)
     assert torch.equal(samples.tokens, tokens)
     assert (samples.logprobs - logprobs).abs().max().item() <= LOGPROB_BOUND
-    assert torch.equal(orch.generate(prompt, NEW_TOKENS, engine=engine),
+    assert torch.equal(generate_fixed(orch, prompt, NEW_TOKENS, engine=engine),
                        torch.cat([prompt, tokens], dim=1))
     return samples
 
@@ -96,7 +98,7 @@ def test_vllm_engine_serves_and_reloads_like_transformers(ray_cluster, vsteps, p
         report = orch.reload(load_tensors(vsteps["a"]))
         assert assert_serves(orch, vsteps["a"], prompt).version == v0 + 2
         assert orch.inspect() == before
-        seeded = [orch.sample(prompt, NEW_TOKENS, temperature=1.0, top_p=0.9, seed=7)
+        seeded = [sample_fixed(orch, prompt, NEW_TOKENS, temperature=1.0, top_p=0.9, seed=7)
                   for _ in range(2)]
     assert torch.equal(seeded[0].tokens, seeded[1].tokens)
     assert bool((seeded[0].logprobs <= 0).all())
@@ -147,12 +149,12 @@ def test_online_quantized_reload_equals_vllms_own_loader(ray_cluster, vsteps, pr
         assert orch.config.quantization == method and orch.config.dtype == "bfloat16"
         before = orch.inspect()
         if method == "fp8_per_channel":
-            old = orch.sample(prompt, NEW_TOKENS, temperature=0)
+            old = sample_fixed(orch, prompt, NEW_TOKENS, temperature=0)
             with pytest.raises(RankError, match=r"processed together with the other ranks "
                                                 r"\(collective\).*reload them unstaged"):
                 orch.reload(str(vsteps["qb"]), staged=True)
             assert orch.memory(staging=True) == [[0, 0]]
-            assert_same_samples(orch.sample(prompt, NEW_TOKENS, temperature=0), old)
+            assert_same_samples(sample_fixed(orch, prompt, NEW_TOKENS, temperature=0), old)
             # Per-row scales reduce amax over the input dim: only row-parallel layers
             # all-reduce it, so only they wait for the failure consensus.
             collective = ray.get(orch.engines[0].ranks[1].__ray_call__.remote(
@@ -161,7 +163,7 @@ def test_online_quantized_reload_equals_vllms_own_loader(ray_cluster, vsteps, pr
             assert sorted(collective) == sorted(f"model.layers.{i}.{proj}" for i in range(layers)
                                                 for proj in ("self_attn.o_proj", "mlp.down_proj"))
         orch.reload(str(vsteps["qb"]), staged=method != "fp8_per_channel")
-        ours = orch.sample(prompt, NEW_TOKENS, temperature=0)
+        ours = sample_fixed(orch, prompt, NEW_TOKENS, temperature=0)
         assert orch.inspect() == before
         kernel_dtypes = {t.dtype for t in orch.get_tensors(rank=1).values()}
     assert (torch.float8_e4m3fn in kernel_dtypes) == (method == "fp8_per_channel")
@@ -208,7 +210,7 @@ def test_staged_reload_keeps_vllm_serving_and_switches_exactly(tp2_at_a, vsteps,
     v0 = orch.version
     old = assert_serves(orch, vsteps["a"], prompt)
     before = orch.inspect()
-    server = Server(lambda: orch.sample(prompt, NEW_TOKENS, temperature=0))
+    server = Server(lambda: sample_fixed(orch, prompt, NEW_TOKENS, temperature=0))
     server.start()
     signal = tmp_path / "held"
     orch.inject_fault("process", "hold", rank=1, signal_path=str(signal))
@@ -226,7 +228,7 @@ def test_staged_reload_keeps_vllm_serving_and_switches_exactly(tp2_at_a, vsteps,
     assert orch.inspect() == before
     assert orch.memory(staging=True) == [[0, 0], [0, 0]]  # both engines staged, both dropped
     again = orch.reload(str(vsteps["a"]), staged=True)  # the twin is reused
-    assert_same_samples(orch.sample(prompt, NEW_TOKENS, temperature=0),
+    assert_same_samples(sample_fixed(orch, prompt, NEW_TOKENS, temperature=0),
                         replace(old, version=v0 + 2))
     assert report.staged and new.version == report.version == v0 + 1 and again.version == v0 + 2
     print(f"vLLM staged: {report.seconds:.3f} s (rank 1 held part of it), paused "
@@ -249,10 +251,10 @@ def test_prefix_cache_is_dropped_at_every_commit(tp2_at_a, vsteps):
     long = torch.randint(0, 250, (1, 140), generator=torch.Generator().manual_seed(9))
     orch = tp2_at_a
     v0 = orch.version
-    orch.sample(long, 4, temperature=0)
-    again = orch.sample(long, 4, temperature=0)
+    sample_fixed(orch, long, 4, temperature=0)
+    again = sample_fixed(orch, long, 4, temperature=0)
     orch.reload(str(vsteps["b"]))
-    after = orch.sample(long, 4, temperature=0)
+    after = sample_fixed(orch, long, 4, temperature=0)
     assert again.cached_tokens[0] >= 128, "within a version the prompt's full block is reused"
     assert after.cached_tokens == [0] and after.version == v0 + 1
     tokens, logprobs = reference_sample(vsteps["b"], long, 4)

@@ -8,9 +8,11 @@ engine receives the same call, and rank 0 returns the result (other ranks return
 
 from __future__ import annotations
 
+import json
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -34,24 +36,65 @@ class RankContext:
 @dataclass(frozen=True, slots=True)
 class SamplingRequest:
     max_new_tokens: int
+    """At most this many new tokens per completion."""
+    n: int
+    """Completions per prompt."""
     temperature: float
     """0 picks the most likely token (greedy)."""
     top_p: float
     """Nucleus sampling: draw from the smallest set of tokens whose probability reaches it."""
-    seed: int
-    """Every rank draws the same tokens from the same seed; row i of a batch uses seed + i."""
+    top_k: int
+    """Draw from the ``top_k`` most likely tokens only; 0: from all."""
+    seeds: tuple[int, ...]
+    """Per prompt: completion j of prompt i draws with ``seeds[i] + j`` (chosen by the
+    driver, so every rank draws the same tokens and a call is reproducible)."""
+    stop_token_ids: tuple[int, ...]
+    """A completion ends at the first of these it draws (kept as its last token)."""
     logprobs: bool
     """Return each drawn token's log-probability under the model (log-softmax of the raw
-    logits, before temperature and top-p), as vLLM does by default."""
+    logits, before temperature, top-k and top-p), as vLLM does by default."""
 
 
-class Sampled(NamedTuple):
-    tokens: torch.Tensor
-    """[B, N] int64 new tokens."""
-    logprobs: torch.Tensor
-    """[B, N] float32 log-probs of those tokens (NaN when not asked for)."""
-    cached_tokens: list[int]
-    """Per prompt: prompt tokens served from a prefix cache instead of computed again."""
+class Generated(NamedTuple):
+    """One completion, as a rank returns it."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    """Empty when not asked for."""
+    finish_reason: str
+    """'stop' (ends with a stop token) or 'length' (``max_new_tokens`` tokens)."""
+    cached_tokens: int
+    """Prompt tokens served from a prefix cache instead of computed again."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServingLimits:
+    """What a rollout must respect, as the engine sees it; checked before anything is sent."""
+
+    vocab_size: int
+    context_length: int
+    """Longest prompt plus new tokens the engine serves."""
+    eos_token_ids: tuple[int, ...]
+    """The model's end-of-sequence ids (config.json and generation_config.json): the stop
+    tokens of a call that names none."""
+
+
+def model_limits(model: str, context_length: int | None = None) -> ServingLimits:
+    """``ServingLimits`` from a checkpoint directory's config files (``context_length``
+    overrides the config's ``max_position_embeddings``)."""
+    config = read_json(Path(model) / "config.json")
+    text = config.get("text_config", config)
+    eos: set[int] = set()
+    for source in (config, text, read_json(Path(model) / "generation_config.json")):
+        ids = source.get("eos_token_id")
+        eos.update([ids] if isinstance(ids, int) else ids or [])
+    return ServingLimits(vocab_size=int(text["vocab_size"]),
+                         context_length=int(context_length or text["max_position_embeddings"]),
+                         eos_token_ids=tuple(sorted(eos)))
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 class RankRuntime(ABC):
@@ -93,8 +136,13 @@ class RankRuntime(ABC):
     # ---- serving -----------------------------------------------------------------------
 
     @abstractmethod
-    def sample(self, token_ids: torch.Tensor, request: SamplingRequest) -> Sampled | None:
-        """Rank 0: the new tokens with their log-probs."""
+    def sample(self, prompts: list[list[int]], request: SamplingRequest
+               ) -> list[Generated] | None:
+        """Rank 0: ``request.n`` completions of each prompt, prompt-major."""
+
+    def limits(self) -> ServingLimits:
+        """What a rollout must respect (after ``join``)."""
+        return model_limits(self.options.model)
 
     @abstractmethod
     def kernel_tensors(self) -> dict[str, torch.Tensor]:

@@ -16,10 +16,10 @@ from actors.engines.native.spec import load_spec
 from actors.engines.runtime import (
     CalibratesKvScales,
     CapturesCudaGraphs,
+    Generated,
     RankContext,
     RankRuntime,
     Rejoins,
-    Sampled,
     SamplingRequest,
     ServesLogits,
 )
@@ -28,18 +28,24 @@ from quant import QuantConfig
 from quant.kv_cache import scales_from_amax
 
 
-def choose_tokens(logits: torch.Tensor, temperature: float, top_p: float,
-                  generator: torch.Generator) -> torch.Tensor:
-    """[B, vocab] float32 logits -> [B, 1] token ids (argmax when temperature is 0)."""
-    if temperature == 0:
+def choose_tokens(logits: torch.Tensor, request: SamplingRequest,
+                  generators: list[torch.Generator]) -> torch.Tensor:
+    """[B, vocab] float32 logits -> [B, 1] token ids: argmax when temperature is 0, else
+    row b drawn with ``generators[b]`` from its top-k, top-p share of the distribution."""
+    if request.temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
+    logits = logits / request.temperature
+    if request.top_k:
+        kth = logits.topk(min(request.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if request.top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # Keep the most likely tokens until their mass reaches top_p (the first always).
-        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > request.top_p
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(outside, 0))
-    return torch.multinomial(probs, 1, generator=generator)
+    return torch.cat([torch.multinomial(row, 1, generator=g).unsqueeze(0)
+                      for row, g in zip(probs, generators, strict=True)])
 
 
 class NativeRuntime(RankRuntime, ServesLogits, CalibratesKvScales, CapturesCudaGraphs, Rejoins):
@@ -103,27 +109,42 @@ class NativeRuntime(RankRuntime, ServesLogits, CalibratesKvScales, CapturesCudaG
         return logits.float().cpu() if self.context.rank == 0 else None
 
     @torch.inference_mode()
-    def sample(self, token_ids: torch.Tensor, request: SamplingRequest) -> Sampled | None:
-        """Decoding with a KV cache. Logits are all-gathered and every rank draws from the
-        same generator, so every rank picks the same tokens."""
-        ids = token_ids.to(self.device)
-        generator = torch.Generator(device=self.device).manual_seed(request.seed)
+    def sample(self, prompts: list[list[int]], request: SamplingRequest
+               ) -> list[Generated] | None:
+        """Each prompt decoded as a batch of its ``n`` completions with a KV cache. Logits
+        are all-gathered and every rank draws from the same generators, so every rank
+        picks the same tokens and stops at the same step."""
+        done = [g for prompt, seed in zip(prompts, request.seeds, strict=True)
+                for g in self._complete(prompt, seed, request)]
+        return done if self.context.rank == 0 else None
+
+    def _complete(self, prompt: list[int], seed: int, request: SamplingRequest
+                  ) -> list[Generated]:
+        n, stops = request.n, set(request.stop_token_ids)
+        generators = [torch.Generator(device=self.device).manual_seed(seed + j)
+                      for j in range(n)]
+        ids = torch.tensor([prompt] * n, device=self.device)
         cache = KVCache.empty(self.spec.num_layers)
-        logits = self.model(ids, self._positions(ids.shape[1]), cache)
-        tokens, logprobs = [], []
+        logits = self.model(ids, self._positions(len(prompt)), cache)
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        logprobs: list[list[float]] = [[] for _ in range(n)]
+        stopped = [False] * n
         for step in range(request.max_new_tokens):
             last = logits[:, -1].float()
-            next_ids = choose_tokens(last, request.temperature, request.top_p, generator)
-            tokens.append(next_ids)
-            logprobs.append(torch.log_softmax(last, dim=-1).gather(-1, next_ids))
-            if step + 1 < request.max_new_tokens:
-                position = self._positions(1, ids.shape[1] + step)
-                logits = self.model(next_ids, position, cache)
-        if self.context.rank != 0:
-            return None
+            next_ids = choose_tokens(last, request, generators)
+            scores = torch.log_softmax(last, dim=-1).gather(-1, next_ids)
+            for row, (token, score) in enumerate(zip(next_ids[:, 0].tolist(),
+                                                     scores[:, 0].tolist(), strict=True)):
+                if not stopped[row]:
+                    tokens[row].append(token)
+                    logprobs[row].append(score)
+                    stopped[row] = token in stops
+            if all(stopped) or step + 1 == request.max_new_tokens:
+                break
+            logits = self.model(next_ids, self._positions(1, len(prompt) + step), cache)
         # No prefix cache: every prompt is computed in full.
-        return Sampled(torch.cat(tokens, dim=1).cpu(), torch.cat(logprobs, dim=1).cpu(),
-                       [0] * ids.shape[0])
+        return [Generated(tokens[row], logprobs[row] if request.logprobs else [],
+                          "stop" if stopped[row] else "length", 0) for row in range(n)]
 
     def kernel_tensors(self) -> dict[str, torch.Tensor]:
         tensors = dict(self.model.named_parameters())

@@ -26,7 +26,14 @@ from typing import Any
 import torch
 
 from actors.engines import EngineOptions
-from actors.engines.runtime import RankContext, RankRuntime, Sampled, SamplingRequest
+from actors.engines.runtime import (
+    Generated,
+    RankContext,
+    RankRuntime,
+    SamplingRequest,
+    ServingLimits,
+    model_limits,
+)
 from actors.engines.vllm import shm
 from actors.reload import ReloadableModel
 
@@ -150,27 +157,39 @@ class VllmRuntime(RankRuntime):
 
     # ---- serving -----------------------------------------------------------------------
 
-    def sample(self, token_ids: torch.Tensor, request: SamplingRequest) -> Sampled | None:
+    def sample(self, prompts: list[list[int]], request: SamplingRequest
+               ) -> list[Generated] | None:
         from vllm import SamplingParams
 
-        prompts = [{"prompt_token_ids": row} for row in token_ids.tolist()]
-        params = [SamplingParams(temperature=request.temperature, top_p=request.top_p,
-                                 max_tokens=request.max_new_tokens, seed=request.seed + i,
-                                 logprobs=0 if request.logprobs else None, ignore_eos=True,
-                                 detokenize=False)
-                  for i in range(len(prompts))]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        # Stop tokens are exactly the request's: vLLM would add generation_config.json's EOS
+        # ids unless told to ignore EOS (it has no tokenizer here, so no EOS of its own).
+        params = [SamplingParams(n=request.n, temperature=request.temperature,
+                                 top_p=request.top_p, top_k=request.top_k,
+                                 max_tokens=request.max_new_tokens, seed=seed,
+                                 stop_token_ids=list(request.stop_token_ids), ignore_eos=True,
+                                 logprobs=0 if request.logprobs else None, detokenize=False)
+                  for seed in request.seeds]  # vLLM draws completion j with seed + j
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                    use_tqdm=False)
         if self.context.rank != 0:
             return None
-        tokens = torch.tensor([list(o.outputs[0].token_ids) for o in outputs], dtype=torch.long)
-        logprobs = torch.full(tokens.shape, float("nan"))
-        if request.logprobs:
-            logprobs = torch.tensor([[step[token].logprob for token, step in
-                                      zip(o.outputs[0].token_ids, o.outputs[0].logprobs,
-                                          strict=True)] for o in outputs])
-        return Sampled(tokens, logprobs, [o.num_cached_tokens or 0 for o in outputs])
+        return [generated(completion, request.logprobs, output.num_cached_tokens or 0)
+                for output in outputs
+                for completion in sorted(output.outputs, key=lambda c: c.index)]
+
+    def limits(self) -> ServingLimits:
+        return model_limits(self.options.model, self.llm.llm_engine.model_config.max_model_len)
 
     def kernel_tensors(self) -> dict[str, torch.Tensor]:
         tensors = dict(self.model.named_parameters())
         tensors.update(self.model.named_buffers())
         return tensors
+
+
+def generated(completion: Any, logprobs: bool, cached_tokens: int) -> Generated:
+    """A vLLM ``CompletionOutput`` as a rank returns it."""
+    tokens = list(completion.token_ids)
+    scores = ([step[token].logprob for token, step in zip(tokens, completion.logprobs,
+                                                          strict=True)] if logprobs else [])
+    reason = "stop" if completion.finish_reason == "stop" else "length"
+    return Generated(tokens, scores, reason, cached_tokens)
