@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -203,7 +202,7 @@ def test_staged_reload_keeps_vllm_serving_and_switches_exactly(tp2_at_a, vsteps,
     """While a staged reload streams into the ranks' twins, a rollout thread keeps sampling
     from the TP=2 engine, and rollouts complete while rank 1 is held in the middle of
     processing. Each rollout is bit for bit the old version's or the new one's, and says
-    which (``Samples.version``); requests in flight finish on the old version (the flip
+    which (``Completion.version``); requests in flight finish on the old version (the flip
     waits for them). After the flip the engine serves what transformers computes, from the
     same kernel tensors, with its prefix cache started over."""
     orch = tp2_at_a
@@ -229,7 +228,7 @@ def test_staged_reload_keeps_vllm_serving_and_switches_exactly(tp2_at_a, vsteps,
     assert orch.memory(staging=True) == [[0, 0], [0, 0]]  # both engines staged, both dropped
     again = orch.reload(str(vsteps["a"]), staged=True)  # the twin is reused
     assert_same_samples(sample_fixed(orch, prompt, NEW_TOKENS, temperature=0),
-                        replace(old, version=v0 + 2))
+                        old._replace(version=v0 + 2))
     assert report.staged and new.version == report.version == v0 + 1 and again.version == v0 + 2
     print(f"vLLM staged: {report.seconds:.3f} s (rank 1 held part of it), paused "
           f"{report.pause_seconds:.4f} s; {len(answers)} rollouts beside it")

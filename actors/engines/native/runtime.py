@@ -111,24 +111,33 @@ class NativeRuntime(RankRuntime, ServesLogits, CalibratesKvScales, CapturesCudaG
     @torch.inference_mode()
     def sample(self, prompts: list[list[int]], request: SamplingRequest
                ) -> list[Generated] | None:
-        """Each prompt decoded as a batch of its ``n`` completions with a KV cache. Logits
-        are all-gathered and every rank draws from the same generators, so every rank
-        picks the same tokens and stops at the same step."""
-        done = [g for prompt, seed in zip(prompts, request.seeds, strict=True)
-                for g in self._complete(prompt, seed, request)]
+        """Prompts of one length decode together, as one batch of all their ``n``
+        completions, with a KV cache. Logits are all-gathered and every rank draws from the
+        same generators, so every rank picks the same tokens and stops at the same step."""
+        n = request.n
+        done: list[Generated] = [None] * (len(prompts) * n)  # type: ignore[list-item]
+        by_length: dict[int, list[int]] = {}
+        for index, prompt in enumerate(prompts):
+            by_length.setdefault(len(prompt), []).append(index)
+        for indices in by_length.values():
+            rows = [(i, j) for i in indices for j in range(n)]
+            decoded = self._decode([prompts[i] for i, _ in rows],
+                                   [request.seeds[i] + j for i, j in rows], request)
+            for (i, j), generated in zip(rows, decoded, strict=True):
+                done[i * n + j] = generated
         return done if self.context.rank == 0 else None
 
-    def _complete(self, prompt: list[int], seed: int, request: SamplingRequest
-                  ) -> list[Generated]:
-        n, stops = request.n, set(request.stop_token_ids)
-        generators = [torch.Generator(device=self.device).manual_seed(seed + j)
-                      for j in range(n)]
-        ids = torch.tensor([prompt] * n, device=self.device)
+    def _decode(self, rows: list[list[int]], seeds: list[int], request: SamplingRequest
+                ) -> list[Generated]:
+        """Completions of ``rows`` (prompts of one length), row b drawn with ``seeds[b]``."""
+        stops, length = set(request.stop_token_ids), len(rows[0])
+        generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
+        ids = torch.tensor(rows, device=self.device)
         cache = KVCache.empty(self.spec.num_layers)
-        logits = self.model(ids, self._positions(len(prompt)), cache)
-        tokens: list[list[int]] = [[] for _ in range(n)]
-        logprobs: list[list[float]] = [[] for _ in range(n)]
-        stopped = [False] * n
+        logits = self.model(ids, self._positions(length), cache)
+        tokens: list[list[int]] = [[] for _ in rows]
+        logprobs: list[list[float]] = [[] for _ in rows]
+        stopped = [False] * len(rows)
         for step in range(request.max_new_tokens):
             last = logits[:, -1].float()
             next_ids = choose_tokens(last, request, generators)
@@ -141,10 +150,10 @@ class NativeRuntime(RankRuntime, ServesLogits, CalibratesKvScales, CapturesCudaG
                     stopped[row] = token in stops
             if all(stopped) or step + 1 == request.max_new_tokens:
                 break
-            logits = self.model(next_ids, self._positions(1, len(prompt) + step), cache)
+            logits = self.model(next_ids, self._positions(1, length + step), cache)
         # No prefix cache: every prompt is computed in full.
         return [Generated(tokens[row], logprobs[row] if request.logprobs else [],
-                          "stop" if stopped[row] else "length", 0) for row in range(n)]
+                          "stop" if stopped[row] else "length", 0) for row in range(len(rows))]
 
     def kernel_tensors(self) -> dict[str, torch.Tensor]:
         tensors = dict(self.model.named_parameters())
