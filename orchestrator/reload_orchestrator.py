@@ -36,6 +36,7 @@ from orchestrator.config import EngineConfig
 from orchestrator.errors import ConfigError
 from orchestrator.fleet import Fleet
 from orchestrator.gate import Gate
+from orchestrator.metrics import Metrics
 from orchestrator.plan import ORDERS, Order, Plan
 from orchestrator.report import ReloadReport
 from orchestrator.router import Router
@@ -46,10 +47,13 @@ log = logging.getLogger("tp_reload")
 
 
 class ReloadOrchestrator(EngineServing):
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, metrics: Metrics | None = None) -> None:
+        """``metrics``: where reloads and rollouts are exported (``orchestrator.metrics``;
+        tagged ``server="driver"`` unless given)."""
         fleet, gate = Fleet(config), Gate(config.serve_during_reload)
         self.router = Router(config, fleet)
-        super().__init__(config, fleet, gate, Transaction(config, fleet, self.router, gate))
+        super().__init__(config, fleet, gate, Transaction(config, fleet, self.router, gate),
+                         metrics or Metrics())
         self.load_report: ReloadReport | None = None
         self.last_report: ReloadReport | None = None
         self._reloads = threading.Lock()  # one reload at a time; staged ones hold the gate
@@ -103,6 +107,7 @@ class ReloadOrchestrator(EngineServing):
             self.shutdown()
             raise
         self.last_report = self.load_report
+        self.metrics.loaded(self.load_report, first=True)
         log.info("%d engine(s) x TP=%d serving %s (%s) as version 0", cfg.num_engines,
                  cfg.tensor_parallel_size, cfg.model, self.dtype)
         return self
@@ -143,14 +148,19 @@ class ReloadOrchestrator(EngineServing):
             raise ConfigError(f"engine={self.config.engine!r} cannot stage reloads (its model "
                               "has no twin to stage into): reload unstaged")
         with self._reloads:
-            if staged:  # routed in the driver, or on the ranks' twins: serving goes on
-                source, plan, seconds = self._plan(source, order, strict, staged=True)
-                report = self.transaction.load_staged(source, plan, seconds, place)
-            else:
-                with self.gate.hold(reloading=True):
-                    source, plan, seconds = self._plan(source, order, strict)
-                    report = self.transaction.load(source, plan, seconds)
+            try:
+                if staged:  # routed in the driver, or on the ranks' twins: serving goes on
+                    source, plan, seconds = self._plan(source, order, strict, staged=True)
+                    report = self.transaction.load_staged(source, plan, seconds, place)
+                else:
+                    with self.gate.hold(reloading=True):
+                        source, plan, seconds = self._plan(source, order, strict)
+                        report = self.transaction.load(source, plan, seconds)
+            except BaseException:
+                self.metrics.failed()
+                raise
         self.last_report = report
+        self.metrics.loaded(report)
         return report
 
     def _plan(self, source: Any, order: Order, strict: bool, staged: bool = False

@@ -27,6 +27,7 @@ import ray
 
 from orchestrator.config import EngineConfig
 from orchestrator.errors import ConfigError, TPReloadError
+from orchestrator.metrics import Metrics
 from orchestrator.reload_orchestrator import ReloadOrchestrator
 from orchestrator.report import ReloadReport
 from orchestrator.scratch import local_ray
@@ -49,7 +50,7 @@ class Service(ServingAPI):
                             format="%(asctime)s %(levelname)s [service] %(message)s")
         self.service = service
         self.started_at = time.time()
-        self.orch = ReloadOrchestrator(config).start()
+        self.orch = ReloadOrchestrator(config, metrics=Metrics(service.name)).start()
         self.last_step: str | None = None
 
     def call(self, name: str, *args: Any, **kwargs: Any) -> Any:

@@ -8,6 +8,7 @@ rank that died while serving is rebuilt before the error reaches the caller.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
@@ -21,6 +22,7 @@ from orchestrator.config import EngineConfig
 from orchestrator.errors import RankError
 from orchestrator.fleet import Calls, Fleet
 from orchestrator.gate import Gate
+from orchestrator.metrics import Metrics
 from orchestrator.report import ReloadReport
 from orchestrator.rollouts import RolloutCall, Rollouts, completions, spread
 from orchestrator.transaction import Transaction
@@ -87,8 +89,9 @@ class EngineServing(ServingAPI):
     """The serving calls of a fleet (reloading is the subclass's)."""
 
     def __init__(self, config: EngineConfig, fleet: Fleet, gate: Gate,
-                 transaction: Transaction) -> None:
+                 transaction: Transaction, metrics: Metrics) -> None:
         self.config = config
+        self.metrics = metrics
         self.fleet = fleet
         self.gate = gate
         self.transaction = transaction
@@ -138,6 +141,7 @@ class EngineServing(ServingAPI):
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
             stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, logprobs=logprobs)
         parts = spread(len(call.prompts), engines)
+        begin = time.perf_counter()
         with self.gate.hold():
             calls = {key: ref for index, start, stop in parts for key, ref in
                      self.fleet.call_engine(index, RankActor.sample,
@@ -146,6 +150,8 @@ class EngineServing(ServingAPI):
             version = self.version
         done = [c for index, start, _ in parts
                 for c in completions(results[(index, 0)], start, n, version, index, logprobs)]
+        self.metrics.rolled_out(sum(len(c.token_ids) for c in done),
+                                time.perf_counter() - begin)
         return Rollouts(call.prompts, done)
 
     def limits(self) -> ServingLimits:
