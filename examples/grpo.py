@@ -1,8 +1,8 @@
 """GRPO on tp-reload: the loop RL users run, on the vLLM engine.
 
-    python -m examples.grpo                        # vLLM TP=2, 40 steps; writes grpo.png
-    python -m examples.grpo --engine native        # the native engine
-    python -m examples.grpo --steps 3 --no-plot    # a short run
+    python examples/grpo.py                        # vLLM TP=2, 40 steps; writes grpo.png
+    python examples/grpo.py --engine native        # the native engine
+    python examples/grpo.py --steps 3 --no-plot    # a short run
 
 Every step:
   1. rollouts: ``n`` completions of each prompt from the engines (temperature 1, stopping at
@@ -17,8 +17,8 @@ Every step:
      straight to the engine ranks.
 
 The trainer is two Ray actors holding one small Llama with FSDP2 (gloo on CPU). The task:
-answer a prompt with its last token, then stop (reward 1 for the right first token, 0.5 more
-for the EOS right after it); a random model starts near 0 and learns it in a few dozen steps.
+answer a prompt with its last token, then stop (``EchoTask``: graded credit for the first
+token's closeness, 0.5 more for the EOS right after it).
 The run fails unless the mismatch stays within its bound at every step (1e-4 in float32) and
 unless the mean reward of the last quarter of the steps beats the first quarter's (runs of 8
 steps or more).
@@ -52,33 +52,39 @@ class Settings:
     """One GRPO run."""
 
     steps: int = 40
-    prompts: int = 8
+    prompts: int = 16
     """Prompts per step."""
     group: int = 8
     """Completions per prompt (GRPO's group)."""
     max_new_tokens: int = 4
-    lr: float = 1e-3
+    lr: float = 1e-2
     clip: float = 0.2
     """PPO clip range of the importance ratio."""
     seed: int = 0
 
 
 class EchoTask:
-    """Answer with the prompt's last token, then stop: reward 1 for the right first token,
-    0.5 more when EOS follows it at once. Verifiable, and learnable by a small random model."""
+    """Answer with the prompt's last token, then stop. Prompts are 3 to 6 words of a small
+    alphabet (``WORDS`` token ids, EOS and BOS left out); tokens are numbers: the answer's
+    first token earns 1 - |answer - target| / vocab_size (1 when exact), and EOS right after
+    it 0.5 more. Verifiable and graded: a random model starts near 0.5, and a small one learns
+    to answer within the alphabet, then the right word, then to stop."""
+
+    WORDS = 8
 
     def __init__(self, vocab_size: int, eos: int, seed: int) -> None:
         self.vocab_size, self.eos = vocab_size, eos
+        self.words = [t for t in range(2, vocab_size) if t != eos][:self.WORDS]
         self.rng = random.Random(seed)
 
     def prompts(self, count: int) -> list[list[int]]:
-        words = [t for t in range(self.vocab_size) if t != self.eos]
-        return [self.rng.choices(words, k=self.rng.randint(3, 6)) for _ in range(count)]
+        return [self.rng.choices(self.words, k=self.rng.randint(3, 6)) for _ in range(count)]
 
     def reward(self, prompt: list[int], completion: list[int]) -> float:
-        if not completion or completion[0] != prompt[-1]:
+        if not completion:
             return 0.0
-        return 1.5 if completion[1:2] == [self.eos] else 1.0
+        closeness = 1.0 - abs(completion[0] - prompt[-1]) / self.vocab_size
+        return closeness + (0.5 if completion[1:2] == [self.eos] else 0.0)
 
 
 class GRPOTrainer(TrainerEndpoint):
@@ -250,7 +256,7 @@ def plot(rows: list[dict[str, float]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engine", choices=("vllm", "native"), default="vllm")
-    parser.add_argument("--steps", type=int, default=Settings.steps)
+    parser.add_argument("--steps", type=int, default=Settings().steps)
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--dtype", choices=list(MISMATCH_BOUND), default="float32")
     parser.add_argument("--plot", type=Path, default=Path("grpo.png"))
