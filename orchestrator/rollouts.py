@@ -138,6 +138,9 @@ class RolloutCall:
             raise PromptError("no prompts")
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
+        if n > 1 and temperature == 0:
+            raise ValueError(f"n={n} at temperature 0 would draw {n} identical greedy "
+                             "completions: sample with n=1 (or temperature > 0)")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature < 0 or not 0 < top_p <= 1 or (top_k is not None and top_k < 1):

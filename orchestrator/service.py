@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 import functools
 import logging
+import os
 import re
 import signal
 import threading
@@ -137,7 +138,7 @@ def connect(name: str = "tp-reload", namespace: str = "tp-reload", *,
     first load (a freshly submitted job takes a while). Joins the cluster at ``address``
     when this process is not yet connected to Ray."""
     if not ray.is_initialized():
-        ray.init(address=address, namespace=namespace, log_to_driver=False)
+        join_cluster(address, namespace)
     deadline = time.monotonic() + wait_s
     while True:
         try:
@@ -149,6 +150,22 @@ def connect(name: str = "tp-reload", namespace: str = "tp-reload", *,
                 raise TPReloadError(f"no tp-reload service named '{name}' in namespace "
                                     f"'{namespace}' (is `tp-reload serve` running?)") from None
             time.sleep(0.5)
+
+
+def join_cluster(address: str, namespace: str) -> None:
+    """``ray.init`` to a running cluster. `ray start --head` turns on Ray's token
+    authentication, but a client sends the token only in ``RAY_AUTH_MODE=token``: without
+    it, Ray's error says only that it could not connect, so this one names the setting."""
+    try:
+        ray.init(address=address, namespace=namespace, log_to_driver=False)
+    except ConnectionError as exc:
+        if os.environ.get("RAY_AUTH_MODE") == "token":
+            raise
+        raise TPReloadError(
+            f"could not join the Ray cluster at {address!r}: {exc}. A cluster started with "
+            "`ray start --head` requires token authentication: set RAY_AUTH_MODE=token in "
+            "this process's environment (the token is read from ~/.ray/auth_token on the "
+            "head's machine, or from RAY_AUTH_TOKEN_PATH / RAY_AUTH_TOKEN)") from exc
 
 
 def stop_service(handle: Any, timeout_s: float = 2.0) -> None:

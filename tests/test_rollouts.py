@@ -195,6 +195,7 @@ BAD = [
     ([[1] * 250], {}, r"prompt 0 has 250 tokens: with max_new_tokens=10 it exceeds the "
                       r"model's context of 256 tokens"),
     ([[1, 2]], {"n": 0}, r"n must be >= 1, got 0"),
+    ([[1, 2]], {"n": 2, "temperature": 0}, r"n=2 at temperature 0 would draw 2 identical"),
     ([[1, "x"]], {}, r"prompt 0 must be a list of int token ids"),
     ("hello", {}, r"prompts must be a list of token-id lists"),
     ([], {}, r"no prompts"),
