@@ -43,8 +43,9 @@ from orchestrator import EngineConfig, ReloadOrchestrator, TrainerEndpoint, Trai
 from orchestrator.rollouts import Rollouts
 from orchestrator.scratch import local_ray, owned_temp_dir
 
-# float32 engines and trainer compute the same function: only summation order differs.
-MISMATCH_BOUND = {"float32": 1e-4, "bfloat16": 0.1}
+# float32 engines and the float32 trainer compute the same function: only summation order
+# differs. A bfloat16 or FP8 engine is compared with the float32 trainer: loose stated bounds.
+MISMATCH_BOUND = {"float32": 1e-4, "bfloat16": 0.1, "fp8_per_channel": 0.5}
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,7 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", choices=("vllm", "native"), default="vllm")
     parser.add_argument("--steps", type=int, default=Settings().steps)
     parser.add_argument("--tp", type=int, default=2)
-    parser.add_argument("--dtype", choices=list(MISMATCH_BOUND), default="float32")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--quantization", choices=("fp8_per_channel",), default=None,
+                        help="re-quantize every reload (a bfloat16 engine)")
     parser.add_argument("--plot", type=Path, default=Path("grpo.png"))
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
@@ -268,11 +271,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     settings = Settings(steps=args.steps)
-    bound = MISMATCH_BOUND[args.dtype]
+    dtype = "bfloat16" if args.quantization else args.dtype
+    bound = MISMATCH_BOUND[args.quantization or dtype]
     with owned_temp_dir("tpr-grpo-") as tmp:
         checkpoint = write_checkpoint(tmp / "step_0", settings.seed)
         config = EngineConfig(model=str(checkpoint), engine=args.engine,
-                              tensor_parallel_size=args.tp, dtype=args.dtype,
+                              tensor_parallel_size=args.tp, dtype=dtype,
+                              quantization=args.quantization,
                               num_cpus_per_rank=0.5,
                               engine_args={"kv_cache_memory_bytes": 64 << 20}
                               if args.engine == "vllm" else {})
@@ -280,7 +285,8 @@ def run(args: argparse.Namespace) -> int:
         begin = time.perf_counter()
         with ReloadOrchestrator(config) as orch:
             limits = orch.limits()
-            print(f"GRPO: {args.engine} engine, TP={args.tp}, {args.dtype}; FSDP2 trainer "
+            print(f"GRPO: {args.engine} engine, TP={args.tp}, {dtype}, quantization="
+                  f"{args.quantization}; FSDP2 trainer "
                   f"x 2; {settings.prompts} prompts x {settings.group} per step")
             print(HEADER)
             task = EchoTask(limits.vocab_size, limits.eos_token_ids[0], settings.seed)

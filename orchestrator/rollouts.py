@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, overload
 
 import torch
@@ -165,8 +165,6 @@ class RolloutCall:
 
     def part(self, start: int, stop: int) -> tuple[list[list[int]], SamplingRequest]:
         """Prompts ``start:stop`` with their seeds: what one engine is sent."""
-        from dataclasses import replace
-
         return (self.prompts[start:stop],
                 replace(self.request, seeds=self.request.seeds[start:stop]))
 
