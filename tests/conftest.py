@@ -80,8 +80,10 @@ def ray_cluster(session_dir: Path):
     import ray
 
     found = engine_shared_memory(), engine_temp_dirs()
+    # Metrics reach the node's endpoint every second (Ray: 10 s), for the metrics test.
     ray.init(num_cpus=8, include_dashboard=False, object_store_memory=512 << 20,
-             log_to_driver=False, _temp_dir=str(session_dir / "ray"))
+             log_to_driver=False, _temp_dir=str(session_dir / "ray"),
+             _system_config={"metrics_report_interval_ms": 1000})
     yield ray
     ray.shutdown()
     left = sorted(engine_shared_memory() - found[0]) + sorted(engine_temp_dirs() - found[1])

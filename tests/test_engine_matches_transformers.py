@@ -30,9 +30,16 @@ FLOAT32_BOUND = 1e-4
 BF16_BOUND = 3e-2
 
 
-@pytest.mark.parametrize("tp", [pytest.param(1, marks=pytest.mark.slow), 2,
-                                pytest.param(4, marks=pytest.mark.slow)])
-@pytest.mark.parametrize("family", list(FAMILIES))
+# TP=4 where it differs from TP=2 by family: llama's vocabulary (251) pads differently,
+# qwen2's k/v biases are replicated with the 2 KV heads, the MoE families split their experts
+# four ways. Mistral's sliding window and qwen3's q/k norms do not depend on the TP size.
+TP4_FAMILIES = ("llama", "qwen2", "qwen3_moe", "mixtral")
+
+
+@pytest.mark.parametrize(("family", "tp"), [
+    *[pytest.param(f, 1, marks=pytest.mark.slow) for f in FAMILIES],
+    *[(f, 2) for f in FAMILIES],
+    *[pytest.param(f, 4, marks=pytest.mark.slow) for f in TP4_FAMILIES]])
 def test_family_matches_transformers(ray_cluster, checkpoints, prompt, family, tp):
     path = checkpoints[family]
     with start(path, tp) as orch:
@@ -49,22 +56,6 @@ def test_family_matches_transformers(ray_cluster, checkpoints, prompt, family, t
     assert read == [sum(expected_rank_bytes(path, tp, r).values()) for r in range(tp)]
     if tp >= 2:
         assert max(read) < 1.25 * report.source_bytes / tp
-
-
-@pytest.mark.slow
-def test_two_engines_serve_identical_replicas(ray_cluster, checkpoints, prompt):
-    path = checkpoints["llama"]
-    with start(path, 2, num_engines=2) as orch:
-        logits = [orch.forward(prompt, engine=e) for e in (0, 1)]
-        tokens = generate_fixed(orch, prompt, 8, engine=1)
-        placements = orch.placements()
-        shapes = [{n: t["shape"] for n, t in orch.inspect(engine=e)[1].items()} for e in (0, 1)]
-    expected = reference_logits(path, prompt)
-    assert all(rel_l2(x, expected) <= FLOAT32_BOUND for x in logits)
-    assert torch.equal(tokens, reference_generate(path, prompt, 8))
-    pids = {rank["pid"] for engine in placements for rank in engine}
-    assert len(pids) == 4, "each rank of each engine is its own actor process"
-    assert shapes[0] == shapes[1]
 
 
 def test_bfloat16_checkpoint_keeps_its_dtype(ray_cluster, tmp_path, prompt):

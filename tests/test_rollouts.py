@@ -14,7 +14,7 @@ import torch
 
 from actors.engines.runtime import ServingLimits, model_limits
 from orchestrator.rollouts import Completion, PromptError, Rollouts, as_prompts, spread
-from tests.support import reference_model, start
+from tests.support import reference_logits, reference_model, rel_l2, start
 
 NEW_TOKENS = 10
 LOGPROB_BOUND = 1e-4
@@ -216,6 +216,19 @@ def test_bad_rollouts_are_refused_by_name_and_the_engines_keep_serving(engines, 
     assert orch.version == version
     after = orch.generate(prompts[:2], 4)
     assert [c.token_ids for c in after] == [c.token_ids for c in before]
+
+
+@pytest.mark.ray
+def test_two_native_engines_are_replicas_in_processes_of_their_own(native_pair, llama32,
+                                                                    prompts):
+    orch = native_pair
+    prompt = torch.tensor([prompts[1][:5], prompts[3][:5]])
+    expected = reference_logits(llama32["a"], prompt)
+    assert all(rel_l2(orch.forward(prompt, engine=e), expected) <= 1e-4 for e in (0, 1))
+    pids = {rank["pid"] for engine in orch.placements() for rank in engine}
+    assert len(pids) == 4, "each rank of each engine is its own actor process"
+    shapes = [{n: t["shape"] for n, t in orch.inspect(engine=e)[1].items()} for e in (0, 1)]
+    assert shapes[0] == shapes[1]
 
 
 # ---- without engines ------------------------------------------------------------------------
