@@ -19,11 +19,13 @@ def workdir(tmp_path_factory):
 
 
 def test_benchmark_measures_every_path(ray_cluster, workdir):
+    """Unquantized: an fp8 engine, its floors and peers run the same code with a quantize
+    step (the benchmark's own --quick run measures both)."""
     result = run(Options(size="tiny", repeats=1, tps=(2,), workdir=workdir,
-                         bucket_bytes=2 << 20))
+                         bucket_bytes=2 << 20, quantizations=(None,)))
     cases = {c["name"]: c for c in result["cases"]}
-    assert set(cases) == {f"tp2-{q}-{s}-{o}" for q in ("none", "fp8")
-                          for s in ("dir", "memory", "trainer") for o in ("plan", "source")}
+    assert set(cases) == {f"tp2-none-{s}-{o}" for s in ("dir", "memory", "trainer")
+                          for o in ("plan", "source")}
     for case in cases.values():
         assert case["ours_s"] > 0 and case["floor_s"] > 0
         if case["order"] == "plan":  # never more than the same source in its own order
@@ -33,7 +35,7 @@ def test_benchmark_measures_every_path(ray_cluster, workdir):
             assert set(case["peers"]) == {"dcp", "full"}
             assert set(case["peak_rss_bytes"]) == {"ours", "dcp", "full"}
     # Serving waits for all of a plain reload, and only for a staged one's flip.
-    assert [r["name"] for r in result["staged"]] == ["tp2-none-dir", "tp2-fp8-dir"]
+    assert [r["name"] for r in result["staged"]] == ["tp2-none-dir"]
     for row in result["staged"]:
         assert row["plain_s"] > 0
         assert 0 < row["staged_pause_s"] < row["staged_s"] and row["staging_bytes"] > 0
@@ -44,10 +46,10 @@ def test_benchmark_measures_every_path(ray_cluster, workdir):
     assert [d["layers"] for d in depths] == [4, 8] and all(d["holds"] for d in depths)
     rows = targets(result)
     # one floor target per case, plan vs source per pair, the fixed cost, the depth check
-    assert len(rows) == 12 + 6 + 1 + 1
+    assert len(rows) == 6 + 3 + 1 + 1
     fixed = result["fixed_cost"]
     assert fixed["tp"] == 2 and 0 < fixed["seconds_min"] <= fixed["seconds_median"]
-    assert sum("<= 1.2," in t for t, _, _ in rows) == 8, "dir and memory on native"
+    assert sum("<= 1.2," in t for t, _, _ in rows) == 4, "dir and memory on native"
 
 
 @pytest.mark.vllm

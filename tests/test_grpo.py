@@ -26,14 +26,14 @@ def test_grpo_on_the_vllm_pair_keeps_the_mismatch_within_bound(vllm_tp2, llama32
     try:
         limits = orch.limits()
         task = EchoTask(limits.vocab_size, limits.eos_token_ids[0], seed=0)
-        rows = train(orch, trainers, task, Settings(steps=3, prompts=4, group=4),
+        rows = train(orch, trainers, task, Settings(steps=2, prompts=4, group=4),
                      log=lambda row: None)
     finally:
         for trainer in trainers:
             ray.kill(trainer)
-    assert [r["version"] for r in rows] == [version + 1, version + 2, version + 3]
+    assert [r["version"] for r in rows] == [version + 1, version + 2]
     # Each step's rollouts came from the previous step's weights.
-    assert [r["rollout_version"] for r in rows] == [version, version + 1, version + 2]
+    assert [r["rollout_version"] for r in rows] == [version, version + 1]
     assert all(r["mismatch_max"] <= BOUND for r in rows), rows
     assert verdict(rows, BOUND) == []
     assert all(r["tokens"] > 0 for r in rows)
