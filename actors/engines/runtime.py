@@ -13,7 +13,7 @@ import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -79,22 +79,36 @@ class ServingLimits:
     tokens of a call that names none."""
 
 
+def read_model_config(model: str | Path, name: str = "config.json") -> dict[str, Any]:
+    """A checkpoint directory's ``config.json`` (or another of its JSON config files);
+    errors name the file."""
+    path = Path(model) / name
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ValueError(f"{path}: {name} not found; is '{model}' a Hugging Face "
+                         "checkpoint directory?") from exc
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object at the top level")  # noqa: TRY004
+    return config
+
+
 def model_limits(model: str, context_length: int | None = None) -> ServingLimits:
     """``ServingLimits`` from a checkpoint directory's config files (``context_length``
     overrides the config's ``max_position_embeddings``)."""
-    config = read_json(Path(model) / "config.json")
+    config = read_model_config(model)
     text = config.get("text_config", config)
+    generation = (read_model_config(model, "generation_config.json")
+                  if (Path(model) / "generation_config.json").exists() else {})
     eos: set[int] = set()
-    for source in (config, text, read_json(Path(model) / "generation_config.json")):
+    for source in (config, text, generation):
         ids = source.get("eos_token_id")
         eos.update([ids] if isinstance(ids, int) else ids or [])
     return ServingLimits(vocab_size=int(text["vocab_size"]),
                          context_length=int(context_length or text["max_position_embeddings"]),
                          eos_token_ids=tuple(sorted(eos)))
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
 
 
 class RankRuntime(ABC):

@@ -8,12 +8,13 @@ beside ``decoder.py``; nothing outside ``actors/engines/native/`` changes.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from actors.engines.runtime import read_model_config
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -279,18 +280,7 @@ def spec_from_dict(cfg: dict[str, Any], source: str = "config.json") -> ModelSpe
 
 def load_spec(model_dir: str | Path) -> ModelSpec:
     """Read ``<model_dir>/config.json``; errors name the file and the field."""
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise ValueError(f"{path}: config.json not found; is '{model_dir}' a Hugging Face "
-                         "checkpoint directory?")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(cfg, dict):
-        raise ValueError(  # noqa: TRY004 - a malformed file is a value error, like bad JSON
-f"{path}: expected a JSON object at the top level")
-    return spec_from_dict(cfg, str(path))
+    return spec_from_dict(read_model_config(model_dir), str(Path(model_dir) / "config.json"))
 
 
 def check_tp(spec: ModelSpec, tp: int) -> None:

@@ -17,13 +17,12 @@ On CUDA the names are vLLM 0.32's own online methods; vLLM checks the GPU when i
 from __future__ import annotations
 
 import importlib.util
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from actors.engines import EngineOptions
+from actors.engines.runtime import read_model_config
 
 CPU_QUANTIZATIONS = {"dense": (None, "fp8_per_channel", "int8_per_channel_weight_only"),
                      "moe": (None,)}
@@ -32,20 +31,6 @@ ONLINE_QUANTIZATIONS = (None, "fp8", "fp8_per_tensor", "fp8_per_channel", "fp8_p
                         "mxfp8", "mxfp4", "int8_per_channel_weight_only", "nvfp4_per_token")
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
-
-
-def read_model_config(model: str) -> dict[str, Any]:
-    path = Path(model) / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise ValueError(f"{path}: config.json not found; is '{model}' a Hugging Face "
-                         "checkpoint directory?") from exc
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a JSON object at the top level")  # noqa: TRY004
-    return config
 
 
 def is_moe(config: dict[str, Any]) -> bool:
