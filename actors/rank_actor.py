@@ -4,11 +4,13 @@ vLLM) is a ``RankRuntime`` named by ``EngineOptions.engine``; this actor owns wh
 engine shares: the layerwise reload engine, fault drills, failure consensus and reporting.
 
 Lifecycle, each step called on every rank of the engine by the driver:
-``store_address`` (rank 0 only) -> ``init_distributed`` -> ``start_reload(first_load=True)``
--> ``load_bucket``* -> ``finish_reload`` -> ``commit`` -> serve (``forward`` / ``generate`` /
-``sample`` / ``inspect`` / ``get_tensors``), and for every reload again ``start_reload`` ->
-``load_bucket``* -> ``finish_reload`` (or ``abort_reload``) -> ``commit``; ``close`` before
-the actor is killed.
+``store_address`` (rank 0 only) -> ``init_distributed`` (starts the step loop,
+``actors.step_loop``) -> ``pause`` -> ``start_reload(first_load=True)`` -> ``load_bucket``* ->
+``finish_reload`` -> ``commit`` -> ``resume`` -> serve (``submit`` / ``cancel`` / ``events`` on
+rank 0, ``forward`` / ``inspect`` / ``get_tensors`` on every rank), and for every plain reload
+again ``pause`` -> ``start_reload`` -> ``load_bucket``* -> ``finish_reload`` (or
+``abort_reload``) -> ``commit`` -> ``resume``; a staged one streams while the loop steps and
+ends with ``flip_staged`` -> ``commit``; ``close`` before the actor is killed.
 """
 
 from __future__ import annotations
@@ -27,11 +29,10 @@ from actors.engines import EngineOptions, EnginePlugin
 from actors.engines.runtime import (
     CalibratesKvScales,
     CapturesCudaGraphs,
-    Generated,
     RankContext,
     RankRuntime,
     Rejoins,
-    SamplingRequest,
+    Request,
     ServesLogits,
     ServingLimits,
     check_capabilities,
@@ -40,6 +41,7 @@ from actors.lazy import TensorEntry
 from actors.reload import RankRoute, ReloadEngine, StageableModel, TensorSpec, route_rank
 from actors.reload.meta import ProbeWeight
 from actors.reload.staging_area import StagingArea
+from actors.step_loop import Delta, InFlight, StepLoop
 from actors.transports.base import BucketMessage, BucketReader, LinkMessage
 from actors.transports.object_store import pack_tensors
 
@@ -70,6 +72,10 @@ CONTROL_GROUP = "control"
 # into the staging tensors on the main one. The driver's lock keeps them apart from plain
 # reloads and from the flip.
 SERVE_GROUP = "serve"
+# Rank 0 takes requests and hands out what the steps produced on threads of their own: a
+# long poll for events must not hold up a submission, nor either wait behind a serving call.
+SUBMIT_GROUP = "submit"
+EVENTS_GROUP = "events"
 
 
 class RankLogger(logging.LoggerAdapter):
@@ -108,6 +114,8 @@ class RankActor:
         # needs (a trainer stream's received boxes, by id), and this reload's until it commits.
         self._kept: dict[int, Any] = {}
         self._pending: tuple[int, Any] | None = None
+        self.loop: StepLoop | None = None
+        self._timeout_s = timeout_s
 
     # ---- distributed set-up -------------------------------------------------------------
 
@@ -120,8 +128,15 @@ class RankActor:
         return os.getpid()
 
     def reset_distributed(self) -> None:
-        """Leave the engine's process group (after a peer died) so a new one can form."""
+        """Leave the engine's process group (after a peer died) so a new one can form. The
+        step loop goes with it: the driver submits its running requests again."""
+        self._stop_loop()
         self._capable(Rejoins).leave()
+
+    def _stop_loop(self) -> None:
+        if self.loop is not None:
+            self.loop.stop()
+            self.loop = None
 
     def init_distributed(self, host: str, port: int, instance: str,
                          replaces: str | None = None) -> list[tuple[str, int]]:
@@ -147,7 +162,32 @@ class RankActor:
             self.reloader.consensus = self.runtime.consensus
             if self.runtime.builds_loaded:
                 self.reloader.adopt_kernel()
+        self._start_loop(version=None)
         return removed
+
+    def _start_loop(self, version: int | None) -> None:
+        self.loop = StepLoop(self.runtime, self.rank, self.runtime.context.world_size,
+                             self._flip_to, self.log, self._timeout_s)
+        self.loop.version = version
+
+    @ray.method(concurrency_group=SERVE_GROUP)
+    def restart_loop(self) -> None:
+        """Every rank of the engine: the step loop failed on some rank while none died. Its
+        requests were ended; a new loop starts with an empty batch."""
+        version = self.loop.version
+        self._stop_loop()
+        self.runtime.abort(self.runtime.running())
+        self._start_loop(version)
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def running_requests(self) -> int:
+        """Requests this rank's engine is generating (admitted, unfinished)."""
+        return 0 if self.loop is None else self.loop.running_count
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def loop_failure(self) -> str | None:
+        """Why this rank's step loop failed (None while it runs)."""
+        return None if self.loop is None else self.loop.failure
 
     @ray.method(concurrency_group=CONTROL_GROUP)
     def close(self) -> list[tuple[str, int]]:
@@ -155,6 +195,8 @@ class RankActor:
         of its engine instance's shared memory (all of it, once no owner on this node is
         alive), and what dead instances left on this node. Runs beside a busy or stuck main
         thread: unlinking names frees nothing a live mapping still uses."""
+        if self.loop is not None:
+            self.loop.stop(timeout_s=1.0)
         removed = node_shm.release(self.instance, self.log) if self.instance else []
         return removed + node_shm.sweep(self.log)
 
@@ -190,9 +232,25 @@ class RankActor:
         self.active = self.reloader
         self.reloader.start("first" if first_load and not self.reloader.has_kernel else "reload")
 
-    def flip_staged(self) -> None:
-        """Every rank staged everything: copy the staging into the kernel tensors."""
+    def flip_staged(self, version: int, in_flight: InFlight) -> None:
+        """Every rank staged everything: at a step boundary, on every rank of the engine at
+        once, copy the staging into the kernel tensors (``in_flight``: what running requests
+        do, ``actors.step_loop``)."""
+        self.loop.flip(version, in_flight)
+
+    def _flip_to(self, version: int) -> None:
+        """On the step loop's thread, between two steps."""
         self.staging_area.flip()
+        self.runtime.after_commit()
+
+    def pause(self, drain: bool) -> None:
+        """Stop the step loop before the weights are written in place (a plain reload, a
+        rollback); ``drain``: let the running requests finish first, holding new ones."""
+        self.loop.park(drain)
+
+    def resume(self, version: int) -> None:
+        """The step loop goes on, serving ``version``."""
+        self.loop.resume(version)
 
     def open_link(self, link: LinkMessage) -> None:
         """Connect this reload to a peer that sends its buckets (a trainer stream), after
@@ -245,8 +303,8 @@ class RankActor:
             self.reader.close()
         self._pending = None
 
-    def commit(self, live_kept: tuple[int, ...] = ()) -> None:
-        """Every rank of every engine finished: the new version is served from now on.
+    def commit(self, version: int, live_kept: tuple[int, ...] = ()) -> None:
+        """Every rank of every engine finished: ``version`` is served from now on.
         ``live_kept``: the ids of what ranks keep that the commit log holds from now on
         (trainer streams); anything else this rank kept is dropped."""
         if self._pending is not None:
@@ -254,7 +312,9 @@ class RankActor:
             self._pending = None
         for stream in [k for k in self._kept if k not in live_kept]:
             del self._kept[stream]
-        self.runtime.after_commit()
+        if self.loop.parked:  # a plain reload; a staged one committed at its flip
+            self.runtime.after_commit()
+        self.loop.version = version
 
     # ---- fault injection (tests, chaos drills) ------------------------------------------
 
@@ -307,14 +367,29 @@ class RankActor:
     @ray.method(concurrency_group=SERVE_GROUP)
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor | None:
         """Every rank computes; rank 0 returns float32 CPU logits [B, T, vocab]."""
-        self._require_loaded()
-        return self._capable(ServesLogits).forward(token_ids)
+        runtime = self._require_loaded()
+        self._capable(ServesLogits)
+        return self.loop.run_job(lambda: runtime.forward(token_ids))
 
-    @ray.method(concurrency_group=SERVE_GROUP)
-    def sample(self, prompts: list[list[int]], request: SamplingRequest
-               ) -> list[Generated] | None:
-        """Rank 0 returns ``request.n`` completions per prompt, prompt-major."""
-        return self._require_loaded().sample(prompts, request)
+    @ray.method(concurrency_group=SUBMIT_GROUP)
+    def submit(self, requests: list[Request]) -> None:
+        """Rank 0: requests to generate (admitted on every rank at the next step)."""
+        self._require_loaded()
+        self.loop.submit(requests)
+
+    @ray.method(concurrency_group=SUBMIT_GROUP)
+    def cancel(self, request_ids: list[str]) -> None:
+        """Rank 0: end these requests at the next step, freeing their slots."""
+        self.loop.cancel(request_ids)
+
+    @ray.method(concurrency_group=EVENTS_GROUP)
+    def events(self, timeout_s: float) -> list[Delta]:
+        """Rank 0: what the steps produced since the last call; waits up to ``timeout_s``
+        for something. Raises once the step loop failed and everything was handed out."""
+        deltas = self.loop.events(timeout_s)
+        if not deltas and self.loop.failure is not None:
+            raise RuntimeError(self.loop.failure)
+        return deltas
 
     @ray.method(concurrency_group=SERVE_GROUP)
     def limits(self) -> ServingLimits:
@@ -323,18 +398,21 @@ class RankActor:
 
     @ray.method(concurrency_group=SERVE_GROUP)
     def calibrate_kv_scales(self, token_ids: torch.Tensor) -> list[list[float]]:
-        self._require_loaded()
-        return self._capable(CalibratesKvScales).calibrate_kv_scales(token_ids)
+        runtime = self._require_loaded()
+        self._capable(CalibratesKvScales)
+        return self.loop.run_job(lambda: runtime.calibrate_kv_scales(token_ids))
 
     @ray.method(concurrency_group=SERVE_GROUP)
     def capture_cuda_graph(self, token_ids: torch.Tensor) -> None:
-        self._require_loaded()
-        self._capable(CapturesCudaGraphs).capture_cuda_graph(token_ids)
+        runtime = self._require_loaded()
+        self._capable(CapturesCudaGraphs)
+        self.loop.run_job(lambda: runtime.capture_cuda_graph(token_ids))
 
     @ray.method(concurrency_group=SERVE_GROUP)
     def replay_cuda_graph(self) -> torch.Tensor | None:
-        self._require_loaded()
-        return self._capable(CapturesCudaGraphs).replay_cuda_graph()
+        runtime = self._require_loaded()
+        self._capable(CapturesCudaGraphs)
+        return self.loop.run_job(runtime.replay_cuda_graph)
 
     @ray.method(concurrency_group=SERVE_GROUP)
     def inspect(self) -> dict[str, dict[str, Any]]:

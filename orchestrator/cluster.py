@@ -20,7 +20,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.node_shm import SharedMemoryUnavailable, describe, new_instance
-from actors.rank_actor import CONTROL_GROUP, SERVE_GROUP, RankActor
+from actors.rank_actor import CONTROL_GROUP, EVENTS_GROUP, SERVE_GROUP, SUBMIT_GROUP, RankActor
 from actors.reload import PeerFailedError, ReloadError
 from orchestrator.config import EngineConfig
 from orchestrator.errors import CheckpointError, RankError, SharedMemoryError
@@ -170,7 +170,8 @@ def create_engine(index: int, cfg: EngineConfig, dtype: str,
     tp = cfg.tensor_parallel_size
     group = _reserve(index, cfg, target_node)
     # ping answers even while the rank is busy (or stuck in a collective).
-    remote = ray.remote(concurrency_groups={CONTROL_GROUP: 1, SERVE_GROUP: 1})(RankActor)
+    remote = ray.remote(concurrency_groups={
+        CONTROL_GROUP: 1, SERVE_GROUP: 1, SUBMIT_GROUP: 1, EVENTS_GROUP: 1})(RankActor)
     options = cfg.options(dtype)
     ranks = [
         remote.options(

@@ -36,6 +36,13 @@ class Gate:
                 if reloading:
                     self._reloading = False
 
+    def check_serving(self) -> None:
+        """For requests, which never wait here (the engines hold them while a reload
+        writes): refused while the fleet is broken, or during a reload with 'fail'."""
+        self._check()
+        if self._reloading and self.serve_during_reload == "fail":
+            raise ReloadInProgressError("a reload is running (serve_during_reload='fail')")
+
     def _check(self) -> None:
         if self.broken is not None:
             raise RecoveryError(self.broken)

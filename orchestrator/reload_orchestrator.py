@@ -32,6 +32,7 @@ import time
 from typing import Any
 
 from actors.reload.staging_area import STAGING_PLACES
+from actors.step_loop import IN_FLIGHT_MODES, InFlight
 from orchestrator.config import EngineConfig
 from orchestrator.errors import ConfigError
 from orchestrator.fleet import Fleet
@@ -103,6 +104,7 @@ class ReloadOrchestrator(EngineServing):
                 plan_seconds = time.perf_counter() - begin
             with self.gate.hold(reloading=True):
                 self.load_report = self.transaction.load(first, plan, plan_seconds, first=True)
+            self.dispatcher.start()
         except BaseException:
             self.shutdown()
             raise
@@ -115,11 +117,13 @@ class ReloadOrchestrator(EngineServing):
     def shutdown(self) -> None:
         """Every rank releases what it created on its node (vLLM's shared memory), then
         the rank actors are killed and their placement groups freed."""
+        self.dispatcher.close()
         self.fleet.close()
         self.transaction.version = None
 
     def reload(self, source: Any, order: Order = "plan", strict: bool = True,
-               staged: bool | None = None, staging: str | None = None) -> ReloadReport:
+               staged: bool | None = None, staging: str | None = None,
+               in_flight: InFlight = "wait") -> ReloadReport:
         """Stream new weights into every rank of every engine, in place, all or nothing.
 
         ``source``: a checkpoint directory, a dict name -> tensor, an iterable of
@@ -135,12 +139,21 @@ class ReloadOrchestrator(EngineServing):
         ``staged=True``: serving goes on at the committed version while every rank streams
         and processes the new one into staging tensors (``staging``: 'device', or 'host' for
         pinned host memory on CUDA; one more copy of the layers the source touches, refused
-        before any byte moves if it does not fit). The flip waits for the serving call in
-        flight, copies the staging into the kernel tensors in place and commits: serving
-        waits only for the flip (``report.pause_seconds``). A failure before the flip drops
-        the staging; the engines never stopped serving and were never touched."""
+        before any byte moves if it does not fit). The flip copies the staging into the
+        kernel tensors in place between two steps of each engine, on all its ranks at once,
+        and commits: serving waits only for the flip (``report.pause_seconds``). Requests
+        running then do what ``in_flight`` says: 'keep' (go on with their KV cache),
+        'recompute' (their KV cache is computed again with the new weights first), 'wait'
+        (they finish on the old weights, new ones are held, then the flip) or 'abort' (they
+        end with ``finish_reason='abort'``). A failure before the flip drops the staging;
+        the engines never stopped serving and were never touched.
+
+        A plain reload lets running requests finish, holds new ones, writes in place and
+        goes on: like 'wait'."""
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        if in_flight not in IN_FLIGHT_MODES:
+            raise ValueError(f"in_flight must be one of {IN_FLIGHT_MODES}, got {in_flight!r}")
         place = staging or "device"
         if staged and place not in STAGING_PLACES:
             raise ValueError(f"staging must be one of {STAGING_PLACES}, got {place!r}")
@@ -151,7 +164,8 @@ class ReloadOrchestrator(EngineServing):
             try:
                 if staged:  # routed in the driver, or on the ranks' twins: serving goes on
                     source, plan, seconds = self._plan(source, order, strict, staged=True)
-                    report = self.transaction.load_staged(source, plan, seconds, place)
+                    report = self.transaction.load_staged(source, plan, seconds, place,
+                                                          in_flight)
                 else:
                     with self.gate.hold(reloading=True):
                         source, plan, seconds = self._plan(source, order, strict)

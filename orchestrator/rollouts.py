@@ -9,16 +9,17 @@ ranks' half is ``RankRuntime.sample`` (``actors.engines.runtime``).
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 
 import torch
 
-from actors.engines.runtime import Generated, SamplingRequest, ServingLimits
+from actors.engines.runtime import Request, SamplingRequest, ServingLimits
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "abort"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,14 +34,33 @@ class Completion:
     """Each new token's log-prob under the model (log-softmax of the raw logits, before
     temperature, top-k and top-p); None when not asked for."""
     finish_reason: FinishReason
-    """'stop': it drew a stop token; 'length': it reached ``max_new_tokens``."""
+    """'stop': it drew a stop token; 'length': it reached ``max_new_tokens``; 'abort': an
+    in-flight reload with ``in_flight='abort'`` ended it (with the tokens it had)."""
     version: int
-    """The committed version every token was drawn from."""
+    """The version its first token was drawn from (the version served when it ended, for
+    a completion with no tokens)."""
     engine: int
-    """Index of the engine (data-parallel replica) that served it."""
+    """Index of the engine (data-parallel replica) that served it (last, if a failed
+    engine's requests went on elsewhere)."""
     cached_tokens: int = 0
     """Prompt tokens served from the engine's prefix cache instead of computed again (vLLM;
-    the cache is dropped at every commit, so never across versions)."""
+    prefix-cache entries are salted with the version, so never across versions)."""
+    versions: list[tuple[int, int, int]] = field(default_factory=list)
+    """``(version, start, end)`` spans covering ``token_ids`` exactly, in order: tokens
+    ``start:end`` were drawn from that version's weights (more than one span when an
+    in-flight reload flipped the weights while it ran)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenDelta:
+    """What ``astream`` yields: the tokens one engine step added to one completion."""
+
+    token_ids: list[int]
+    logprobs: list[float] | None
+    version: int
+    """The weights these tokens were drawn from."""
+    finish_reason: FinishReason | None
+    """None until the last delta."""
 
 
 class Rollouts(Sequence[Completion]):
@@ -122,10 +142,15 @@ def as_prompts(prompts: Any) -> list[list[int]]:
 
 @dataclass(frozen=True, slots=True)
 class RolloutCall:
-    """One ``sample``/``generate`` call, checked against what the engines can serve."""
+    """One ``sample``/``generate``/``agenerate`` call, checked against what the engines can
+    serve."""
 
     prompts: list[list[int]]
-    request: SamplingRequest
+    n: int
+    sampling: SamplingRequest
+    seed: int
+    """Completion j of prompt i draws with ``seed + i * n + j``, whichever engine serves
+    it (for n > 1, vLLM's own rule for a prompt's completions)."""
 
     @classmethod
     def checked(cls, prompts: Any, limits: ServingLimits, *, max_new_tokens: int, n: int,
@@ -143,7 +168,8 @@ class RolloutCall:
                              "completions: sample with n=1 (or temperature > 0)")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature < 0 or not 0 < top_p <= 1 or (top_k is not None and top_k < 1):
+        if (not math.isfinite(temperature) or temperature < 0 or not 0 < top_p <= 1
+                or (top_k is not None and top_k < 1)):
             raise ValueError(f"need temperature >= 0, 0 < top_p <= 1 and top_k None or >= 1, "
                              f"got temperature={temperature}, top_p={top_p}, top_k={top_k}")
         for index, prompt in enumerate(ids):
@@ -153,20 +179,17 @@ class RolloutCall:
             if not 0 <= token < limits.vocab_size:
                 raise ValueError(f"stop token id {token} is outside the vocabulary "
                                  f"[0, {limits.vocab_size})")
+        sampling = SamplingRequest(
+            max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
+            top_k=top_k or 0, stop_token_ids=() if ignore_eos else tuple(sorted(set(stops))),
+            logprobs=logprobs)
         # Every rank must draw the same tokens: seeds are chosen here, never on a rank.
-        # Completion j of prompt i draws with seed + i * n + j, whichever engine serves it.
-        base = random.getrandbits(31) if seed is None else seed
-        request = SamplingRequest(
-            max_new_tokens=max_new_tokens, n=n, temperature=float(temperature),
-            top_p=float(top_p), top_k=top_k or 0,
-            seeds=tuple(base + i * n for i in range(len(ids))),
-            stop_token_ids=() if ignore_eos else tuple(sorted(set(stops))), logprobs=logprobs)
-        return cls(ids, request)
+        return cls(ids, n, sampling, random.getrandbits(31) if seed is None else seed)
 
-    def part(self, start: int, stop: int) -> tuple[list[list[int]], SamplingRequest]:
-        """Prompts ``start:stop`` with their seeds: what one engine is sent."""
-        return (self.prompts[start:stop],
-                replace(self.request, seeds=self.request.seeds[start:stop]))
+    def requests(self, new_id: Callable[[], str]) -> list[Request]:
+        """One request per completion, prompt-major."""
+        return [Request(new_id(), prompt, self.sampling, self.seed + i * self.n + j)
+                for i, prompt in enumerate(self.prompts) for j in range(self.n)]
 
 
 def check_prompt(index: int, prompt: list[int], limits: ServingLimits,
@@ -196,16 +219,15 @@ def spread(num_prompts: int, engines: list[int]) -> list[tuple[int, int, int]]:
     return ranges
 
 
-def completions(generated: list[Generated], first_prompt: int, n: int, version: int,
-                engine: int, logprobs: bool) -> list[Completion]:
-    """An engine's results for prompts ``first_prompt...``, prompt-major."""
-    for g in generated:
-        if logprobs and len(g.logprobs) != len(g.token_ids):
-            raise RuntimeError(f"engine {engine} returned {len(g.logprobs)} log-probs for "
-                               f"{len(g.token_ids)} tokens (its runtime's sample must score "
-                               "every token it draws when asked to)")
-    return [Completion(prompt_index=first_prompt + k // n, token_ids=list(g.token_ids),
-                       logprobs=list(g.logprobs) if logprobs else None,
-                       finish_reason=g.finish_reason, version=version, engine=engine,
-                       cached_tokens=g.cached_tokens)
-            for k, g in enumerate(generated)]
+def completion(prompt_index: int, tracked: Any, logprobs: bool, version: int) -> Completion:
+    """A finished request (``orchestrator.dispatcher.Tracked``) as a ``Completion``."""
+    if logprobs and len(tracked.logprobs) != len(tracked.token_ids):
+        raise RuntimeError(f"engine {tracked.engine} returned {len(tracked.logprobs)} "
+                           f"log-probs for {len(tracked.token_ids)} tokens (its runtime must "
+                           "score every token it draws when asked to)")
+    return Completion(prompt_index=prompt_index, token_ids=list(tracked.token_ids),
+                      logprobs=list(tracked.logprobs) if logprobs else None,
+                      finish_reason=tracked.finish_reason,
+                      version=tracked.spans[0][0] if tracked.spans else version,
+                      engine=tracked.engine, cached_tokens=tracked.cached_tokens,
+                      versions=list(tracked.spans))

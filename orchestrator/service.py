@@ -71,13 +71,13 @@ class Service(ServingAPI):
 
     def reload(self, source: Any, order: str = "plan", strict: bool = True,
                staged: bool | None = None, staging: str | None = None,
-               step: str | None = None) -> ReloadReport:
+               in_flight: str = "wait", step: str | None = None) -> ReloadReport:
         """``staged``/``staging`` None take the service config's; ``step`` names the
         watched directory it came from."""
         report = self.orch.reload(
             source, order=order, strict=strict,
             staged=self.service.staged if staged is None else staged,
-            staging=staging or self.service.staging)
+            staging=staging or self.service.staging, in_flight=in_flight)
         if step is not None:
             self.last_step = step
         return report

@@ -1,31 +1,48 @@
 """Serving: the one interface an RL driver programs against (``ServingAPI``), whoever serves
 it: a ``ReloadOrchestrator`` in the driver, or the service actor through a
 ``ServiceClient`` (``orchestrator.service``); and ``EngineServing``, the serving calls over a
-fleet: sampling, logits, KV-scale calibration, CUDA graphs, kernel-tensor inspection, memory
-and fault drills. Every call passes the gate, so none sees a half-applied version, and a
-rank that died while serving is rebuilt before the error reaches the caller.
+fleet: rollouts as requests of the engines' continuous batches (blocking, awaited or
+streamed; ``orchestrator.dispatcher``), logits, KV-scale calibration, CUDA graphs,
+kernel-tensor inspection, memory and fault drills. Every call passes the gate, so none sees a
+half-applied version; requests never wait at it (the engines hold them while a reload writes
+the weights). A rank that died while serving is rebuilt before the error reaches the caller,
+and the requests running on its engine go on once it is.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import torch
 
 from actors.engines.runtime import ServingLimits
 from actors.rank_actor import RankActor
+from actors.step_loop import Delta, InFlight
 from actors.transports.object_store import unpack_tensors
 from orchestrator.config import EngineConfig
+from orchestrator.dispatcher import Dispatcher, Tracked
 from orchestrator.errors import RankError
 from orchestrator.fleet import Calls, Fleet
 from orchestrator.gate import Gate
 from orchestrator.metrics import Metrics
 from orchestrator.report import ReloadReport
-from orchestrator.rollouts import RolloutCall, Rollouts, completions, spread
+from orchestrator.rollouts import (
+    Completion,
+    RolloutCall,
+    Rollouts,
+    TokenDelta,
+    completion,
+    spread,
+)
 from orchestrator.transaction import Transaction
+
+log = logging.getLogger("tp_reload")
 
 SERVING_CALLS = ("reload", "forward", "generate", "sample", "status", "placements")
 """The ``ServingAPI`` methods (besides the ``version`` property), as a service carries them."""
@@ -49,10 +66,13 @@ class ServingAPI(ABC):
 
     @abstractmethod
     def reload(self, source: Any, order: str = "plan", strict: bool = True,
-               staged: bool | None = None, staging: str | None = None) -> ReloadReport:
+               staged: bool | None = None, staging: str | None = None,
+               in_flight: InFlight = "wait") -> ReloadReport:
         """Stream new weights into every rank of every engine, all or nothing.
         ``staged``/``staging`` None: the server's default (unstaged, 'device' for an
-        orchestrator; the service's config for a service)."""
+        orchestrator; the service's config for a service). ``in_flight``: what requests
+        running at a staged reload's flip do ('keep', 'recompute', 'wait', 'abort';
+        ``actors.step_loop``); a plain reload lets them finish first ('wait')."""
 
     @abstractmethod
     def forward(self, token_ids: Any, engine: int = 0) -> torch.Tensor:
@@ -95,6 +115,9 @@ class EngineServing(ServingAPI):
         self.fleet = fleet
         self.gate = gate
         self.transaction = transaction
+        self.dispatcher = Dispatcher(fleet)
+        self.dispatcher.on_lost = self._engine_lost
+        transaction.on_recovered = self.dispatcher.resubmit
         self._limits: ServingLimits | None = None
 
     @property
@@ -135,24 +158,139 @@ class EngineServing(ServingAPI):
                seed: int | None = None, stop_token_ids: Sequence[int] | None = None,
                ignore_eos: bool = False, logprobs: bool = True, engine: int | None = None
                ) -> Rollouts:
-        engines = self._serving_engines(engine)
-        call = RolloutCall.checked(
+        """Blocking: every completion is a request of the continuous batch (``agenerate``),
+        submitted at once and waited for together."""
+        call = self._checked(prompts, max_new_tokens, n, temperature, top_p, top_k, seed,
+                             stop_token_ids, ignore_eos, logprobs)
+        requests = call.requests(self.dispatcher.new_id)
+        done = threading.Semaphore(0)
+        begin = time.perf_counter()
+        tracked = []
+        for index, start, stop in spread(len(call.prompts), self._serving_engines(engine)):
+            part, ref = self.dispatcher.submit(requests[start * n:stop * n], index,
+                                               lambda t, d: d.finish_reason and done.release())
+            tracked += part
+            self._submitted(part, ref)
+        for _ in tracked:
+            done.acquire()
+        out = Rollouts(call.prompts, [self._completion(k // n, t, logprobs)
+                                      for k, t in enumerate(tracked)])
+        self.metrics.rolled_out(sum(len(c.token_ids) for c in out), time.perf_counter() - begin)
+        return out
+
+    async def agenerate(self, prompt: Sequence[int], max_new_tokens: int = 256,
+                        temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None,
+                        seed: int | None = None, stop_token_ids: Sequence[int] | None = None,
+                        ignore_eos: bool = False, logprobs: bool = True,
+                        engine: int | None = None) -> Completion:
+        """One completion of one prompt, as a request of the engines' continuous batch:
+        concurrent calls are batched together and spread over the engines (``engine``: one
+        only). Seeded like ``sample``'s first completion of its first prompt. Cancelling the
+        awaiting task ends the request on its engine and frees its slot."""
+        tracked = None
+        async for _, current in self._stream(prompt, max_new_tokens, temperature, top_p,
+                                             top_k, seed, stop_token_ids, ignore_eos, logprobs,
+                                             engine):
+            tracked = current
+        return self._completion(0, tracked, logprobs)
+
+    async def astream(self, prompt: Sequence[int], max_new_tokens: int = 256,
+                      temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None,
+                      seed: int | None = None, stop_token_ids: Sequence[int] | None = None,
+                      ignore_eos: bool = False, logprobs: bool = True,
+                      engine: int | None = None) -> AsyncIterator[TokenDelta]:
+        """``agenerate``'s tokens as they are produced: one ``TokenDelta`` per engine step
+        that added any (the last one carries the finish reason)."""
+        async for delta, _ in self._stream(prompt, max_new_tokens, temperature, top_p, top_k,
+                                           seed, stop_token_ids, ignore_eos, logprobs, engine):
+            yield TokenDelta(delta.token_ids, delta.logprobs if logprobs else None,
+                             delta.version if delta.token_ids else self.version,
+                             delta.finish_reason)
+
+    async def _stream(self, prompt: Sequence[int], max_new_tokens: int, temperature: float,
+                      top_p: float, top_k: int | None, seed: int | None,
+                      stop_token_ids: Sequence[int] | None, ignore_eos: bool, logprobs: bool,
+                      engine: int | None) -> AsyncIterator[tuple[Delta, Tracked]]:
+        call = self._checked([list(prompt)], max_new_tokens, 1, temperature, top_p, top_k,
+                             seed, stop_token_ids, ignore_eos, logprobs)
+        loop = asyncio.get_running_loop()
+        deltas: asyncio.Queue[Delta] = asyncio.Queue()
+        index = self.dispatcher.least_loaded() if engine is None else \
+            self._serving_engines(engine)[0]
+        begin = time.perf_counter()
+        (tracked,), ref = self.dispatcher.submit(
+            call.requests(self.dispatcher.new_id), index,
+            lambda t, d: loop.call_soon_threadsafe(deltas.put_nowait, d))
+        try:
+            await self._submitted_async([tracked], ref)
+            while True:
+                delta = await deltas.get()
+                if delta.finish_reason == "error":
+                    break
+                yield delta, tracked
+                if delta.finish_reason is not None:
+                    break
+        except BaseException:  # cancelled, or the caller stopped iterating
+            if tracked.finish_reason is None:
+                self.dispatcher.cancel(tracked)
+            raise
+        if tracked.finish_reason == "error":
+            raise RankError(tracked.engine, 0, tracked.error or "the engine failed")
+        self.metrics.rolled_out(len(tracked.token_ids), time.perf_counter() - begin)
+
+    def _checked(self, prompts: Any, max_new_tokens: int, n: int, temperature: float,
+                 top_p: float, top_k: int | None, seed: int | None,
+                 stop_token_ids: Sequence[int] | None, ignore_eos: bool, logprobs: bool
+                 ) -> RolloutCall:
+        self.gate.check_serving()
+        return RolloutCall.checked(
             prompts, self.limits(), max_new_tokens=max_new_tokens, n=n,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
             stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, logprobs=logprobs)
-        parts = spread(len(call.prompts), engines)
-        begin = time.perf_counter()
-        with self.gate.hold():
-            calls = {key: ref for index, start, stop in parts for key, ref in
-                     self.fleet.call_engine(index, RankActor.sample,
-                                            *call.part(start, stop)).items()}
-            results = self._on_engine(calls, by_rank=False)
-            version = self.version
-        done = [c for index, start, _ in parts
-                for c in completions(results[(index, 0)], start, n, version, index, logprobs)]
-        self.metrics.rolled_out(sum(len(c.token_ids) for c in done),
-                                time.perf_counter() - begin)
-        return Rollouts(call.prompts, done)
+
+    def _submitted(self, tracked: list[Tracked], ref: Any) -> None:
+        try:
+            self.fleet.wait({(tracked[0].engine, 0): ref})
+        except BaseException:
+            self.dispatcher.forget(tracked)
+            raise
+
+    async def _submitted_async(self, tracked: list[Tracked], ref: Any) -> None:
+        try:
+            await ref
+        except Exception as exc:
+            self.dispatcher.forget(tracked)
+            raise RankError(tracked[0].engine, 0, str(exc)) from exc
+
+    def _completion(self, prompt_index: int, tracked: Tracked, logprobs: bool) -> Completion:
+        if tracked.finish_reason == "error":
+            raise RankError(tracked.engine, 0, tracked.error or "the engine failed")
+        return completion(prompt_index, tracked, logprobs, self.version)
+
+    def _engine_lost(self, index: int, why: str) -> None:
+        """An engine's step loop failed (a pump saw it): recover the fleet if a rank died,
+        so its requests go on. If none did, they end with the error and the engine's ranks
+        start a new step loop."""
+        def recover() -> None:
+            with self.gate.hold(reloading=True):
+                try:
+                    self.transaction.recover_if_restarted(RankError(index, 0, why))
+                    failed = self.fleet.wait(self.fleet.call_engine(index,
+                                                                    RankActor.loop_failure))
+                    if any(failed.values()):
+                        self.dispatcher.fail_lost(index)
+                        self.fleet.wait(self.fleet.call_engine(index, RankActor.restart_loop))
+                except Exception:  # noqa: BLE001 - the next call on the engine raises it
+                    log.exception("recovering engine %d failed", index)
+                    self.dispatcher.fail_lost(index)
+
+        threading.Thread(target=recover, name=f"tp-reload-recover-{index}", daemon=True).start()
+
+    def running(self) -> list[int]:
+        """Per engine: the requests it is generating now (admitted, unfinished)."""
+        results = self.fleet.wait({key: ref for e in self.fleet.engines for key, ref in
+                                   e.submit(RankActor.running_requests, only_rank=0).items()})
+        return [results[(e.index, 0)] for e in self.fleet.engines]
 
     def limits(self) -> ServingLimits:
         """Vocabulary, context length and EOS ids of the served model (asked once)."""

@@ -15,6 +15,7 @@ import json
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch
 
 from actors.rank_actor import RankActor
 from actors.reload import RANK_STAGES
+from actors.step_loop import InFlight
 from actors.transports.base import Delivery, DeliveryContext, Source
 from orchestrator.commit_log import CommitLog, CommittedSource, committed
 from orchestrator.config import EngineConfig
@@ -45,31 +47,39 @@ class Transaction:
         self.log = CommitLog()
         self.version: int | None = None
         """The committed version every rank serves (None before the first load)."""
+        self.on_recovered: Callable[[set[int]], None] | None = None
+        """Called with the engines a recovery rebuilt (their running requests were lost)."""
 
     # ---- loading -----------------------------------------------------------------------
 
     def load(self, source: Source, plan: Plan, plan_seconds: float, *, first: bool = False
              ) -> ReloadReport:
         """Stream ``source`` into the kernel tensors and commit it (version 0 when
-        ``first``). The caller holds the gate; a failed reload is rolled back before the
-        error is raised (a failed first load is the caller's to clean up)."""
+        ``first``). Requests running on the engines finish first (new ones wait), as with
+        an in-flight 'wait' flip. The caller holds the gate; a failed reload is rolled back
+        before the error is raised (a failed first load is the caller's to clean up)."""
         version = 0 if first else self.current + 1
         try:
+            begin = time.perf_counter()
+            self.fleet.run(RankActor.pause, True)
+            drained = time.perf_counter() - begin
             report, delivery = self.transfer(source, plan, plan_seconds, version, first=first)
             entry, covers = committed(source, delivery), first or not report.layers_kept
-            self.commit(entry, covers)
+            self.commit(entry, covers, version)
         except BaseException as error:
             if not first:
                 self.recover(error)
             raise
         self.log.record(entry, covers)
         self.version = version
-        return replace(report, pause_seconds=report.seconds)
+        self.fleet.run(RankActor.resume, version)
+        return replace(report, pause_seconds=report.seconds + drained)
 
-    def load_staged(self, source: Source, plan: Plan, plan_seconds: float, place: str
-                    ) -> ReloadReport:
+    def load_staged(self, source: Source, plan: Plan, plan_seconds: float, place: str,
+                    in_flight: InFlight = "wait") -> ReloadReport:
         """Stream ``source`` into staging tensors while the engines serve, then flip them in
-        under the gate: serving waits only for the flip (``pause_seconds``)."""
+        between two steps of every engine (``in_flight``: what running requests do,
+        ``actors.step_loop``): serving waits only for the flip (``pause_seconds``)."""
         begin = time.perf_counter() - plan_seconds
         version = self.current + 1
         try:
@@ -81,9 +91,9 @@ class Transaction:
         with self.gate.hold(reloading=True):  # waits for the serving call in flight
             flip_begin = time.perf_counter()
             try:
-                self.fleet.run(RankActor.flip_staged)
+                self.fleet.run(RankActor.flip_staged, version, in_flight)
                 entry, covers = committed(source, delivery), not report.layers_kept
-                self.commit(entry, covers)
+                self.commit(entry, covers, version)
                 if self.config.kv_scales == "calibrate":
                     self.calibrate(calibration_tokens(self.config))
             except BaseException as error:
@@ -165,11 +175,12 @@ class Transaction:
                 self.fleet.wait(calls)
                 progress.advance(nbytes)
 
-    def commit(self, entry: CommittedSource, covers_every_layer: bool) -> None:
+    def commit(self, entry: CommittedSource, covers_every_layer: bool, version: int) -> None:
         """Every rank finished: each drops what it computed with the old weights, and what
         it kept for sources the commit log will no longer hold (the caller records ``entry``
         once nothing else can fail)."""
-        self.fleet.run(RankActor.commit, self.log.rank_kept_after(entry, covers_every_layer))
+        self.fleet.run(RankActor.commit, version,
+                       self.log.rank_kept_after(entry, covers_every_layer))
 
     def calibrate(self, token_ids: torch.Tensor) -> list[list[list[float]]]:
         """FP8 KV scales of every engine from a forward of ``token_ids``; per engine
@@ -184,15 +195,22 @@ class Transaction:
         replays the commit log back to the last committed version."""
         try:
             restarted = self.fleet.rejoin_restarted()
+            # The replay writes the kernel tensors in place: no engine steps meanwhile (its
+            # running requests wait, on weights the replay leaves bit-identical unless a
+            # flip already happened).
+            self.fleet.run(RankActor.pause, False)
             self.fleet.run(RankActor.abort_reload)
             self._replay(restarted)
-            self.fleet.run(RankActor.commit, self.log.rank_kept())
+            self.fleet.run(RankActor.commit, self.version, self.log.rank_kept())
+            self.fleet.run(RankActor.resume, self.version)
         except BaseException as exc:
             self.gate.broken = (f"a failed reload ({error}) could not be rolled back ({exc}); "
                                 "restart the orchestrator")
             raise RecoveryError(self.gate.broken) from exc
         if restarted:
             error.add_note(f"restarted rank(s) {sorted(restarted)} were rebuilt")
+            if self.on_recovered is not None:
+                self.on_recovered({engine for engine, _ in restarted})
         error.add_note(f"every rank of every engine is back on version {self.version}")
         log.warning("reload failed (%s); restored version %s on every rank", error, self.version)
 

@@ -6,6 +6,7 @@ table runs on both engines (native and vLLM)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import shutil
@@ -20,7 +21,6 @@ from safetensors.torch import save_file
 
 from orchestrator import CheckpointError, RankError, ReloadInProgressError
 from tests.support import (
-    generate_fixed,
     kill_rank,
     load_tensors,
     reference_logits,
@@ -293,28 +293,68 @@ def test_exception_in_one_ranks_quantization(ray_cluster, steps, prompt, engine_
         assert orch.version == version + 1
 
 
+def test_requests_running_through_a_killed_staged_reload_finish_on_the_old_weights(
+        ray_cluster, steps, prompt, tmp_path, caplog):
+    """A rank dies while a staged reload streams and requests run on its engine: the reload
+    is rolled back, the dead rank rebuilt, and every request goes on as a continuation
+    (greedy: exactly) on the old weights; none is lost."""
+    requests = torch.randint(0, 251, (4, 6), generator=torch.Generator().manual_seed(3))
+    with start(steps["a"], 2) as orch:
+        served = Served(orch, prompt)
+        pids = [p["pid"] for p in orch.placements()[0]]
+        signal = tmp_path / "paused"
+        orch.inject_fault("process", "pause", engine=0, rank=1, signal_path=str(signal))
+
+        async def scenario():
+            tasks = [asyncio.ensure_future(orch.agenerate(p, 200, temperature=0.0,
+                                                          ignore_eos=True))
+                     for p in requests.tolist()]
+            while sum(await asyncio.to_thread(orch.running)) < len(requests):
+                await asyncio.sleep(0.01)
+            worker, errors = reload_until_paused(orch, str(steps["b"]), signal,
+                                                 "rank 1 never reached the process stage",
+                                                 staged=True, in_flight="keep")
+            kill_rank(orch, pids[1], rank=1)
+            await asyncio.to_thread(worker.join, 180)
+            return await asyncio.gather(*tasks), errors
+
+        done, errors = asyncio.run(scenario())
+        assert len(errors) == 1 and isinstance(errors[0], RankError)
+        went_on = [r.message for r in caplog.records if "goes on as" in r.message]
+        assert len(went_on) == len(requests), "each request goes on as a continuation"
+        expected = reference_sample(steps["a"], requests, 200)[0]
+        for row, completion in zip(expected.tolist(), done, strict=True):
+            assert completion.versions == [(served.version, 0, 200)]
+            assert completion.token_ids == row
+        served.assert_unchanged(orch, prompt, ranks=[0])
+
+
 # ---- concurrency -------------------------------------------------------------------------
 
 
 def test_reload_waits_for_a_running_generate(engine, steps, prompt):
+    """A plain reload lets the requests running on the engines finish on the old weights,
+    holds new ones, and serves them the new weights after."""
     before = serve(engine, prompt)
     long_prompt = prompt.repeat(8, 1)
     result: dict[str, object] = {}
 
     def generate() -> None:
-        result["tokens"] = generate_fixed(engine, long_prompt, 120)
+        result["out"] = engine.generate(long_prompt, 120, ignore_eos=True)
         result["done"] = time.monotonic()
 
     worker = threading.Thread(target=generate)
     worker.start()
-    while engine.gate._lock.acquire(blocking=False):  # wait until generate holds the engines
-        engine.gate._lock.release()
-        time.sleep(0.001)
+    deadline = time.monotonic() + 60
+    while sum(engine.running()) < len(long_prompt):  # every request admitted, none finished
+        assert time.monotonic() < deadline, "generate never started"
+        time.sleep(0.005)
     version = engine.version
     next_valid_reload(engine, steps, prompt)
     reloaded = time.monotonic()
     worker.join()
     assert result["done"] <= reloaded, "the reload ran while generate was still running"
+    assert all(c.versions == [(version, 0, 120)] for c in result["out"])
     assert engine.version == version + 1
     assert not torch.equal(serve(engine, prompt)[1], before[1])
 

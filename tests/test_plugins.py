@@ -17,7 +17,7 @@ from torch import nn
 
 from actors.dtypes import SAFETENSORS_CODES, dtype_name
 from actors.engines import EnginePlugin, register_engine
-from actors.engines.runtime import Generated, RankRuntime, SamplingRequest, ServingLimits
+from actors.engines.runtime import RankRuntime, Request, ServingLimits, Update
 from actors.lazy import TensorEntry, TensorWindow
 from actors.reload import LayerRecord, ReloadableModel, ReloadError, in_processing_order
 from actors.transports import BucketMessage, BucketTransport, Source, TensorInfo, register_transport
@@ -88,6 +88,7 @@ class MLPRuntime(RankRuntime):
         with torch.device("meta"):
             self.model = TinyMLP()
         self._reloadable = MLPReloadable(self.model)
+        self.active: dict[str, tuple[Request, list[int]]] = {}
 
     def rendezvous(self) -> tuple[str, int]:
         return "", 0  # one rank: nobody to meet
@@ -98,17 +99,38 @@ class MLPRuntime(RankRuntime):
     def reloadable(self) -> ReloadableModel:
         return self._reloadable
 
+    # A greedy batch without a KV cache: every step computes each request's whole context.
+
+    def admit(self, request: Request, version: int) -> None:
+        self.active[request.request_id] = (request, [])
+
+    def abort(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self.active.pop(request_id, None)
+
+    def has_work(self) -> bool:
+        return bool(self.active)
+
+    def running(self) -> list[str]:
+        return list(self.active)
+
     @torch.inference_mode()
-    def sample(self, prompts: list[list[int]], request: SamplingRequest) -> list[Generated]:
-        ids = torch.tensor(prompts)
-        tokens = greedy(self.model, ids, request.max_new_tokens)
-        steps = torch.cat([ids, tokens], dim=1)
-        scores = torch.stack([torch.log_softmax(self.model(steps[:, :i]), dim=-1)
-                              .gather(-1, steps[:, i:i + 1])[:, 0]
-                              for i in range(ids.shape[1], steps.shape[1])], dim=1)
-        return [Generated(row, score if request.logprobs else [], "length", 0)
-                for row, score in zip(tokens.tolist(), scores.tolist(), strict=True)
-                for _ in range(request.n)]
+    def step(self) -> list[Update]:
+        updates = []
+        for request_id, (request, tokens) in list(self.active.items()):
+            logits = self.model(torch.tensor([request.prompt + tokens]))[0]
+            tokens.append(int(logits.argmax()))
+            score = float(torch.log_softmax(logits, dim=-1)[tokens[-1]])
+            done = len(tokens) == request.sampling.max_new_tokens
+            if done:
+                del self.active[request_id]
+            updates.append(Update(request_id, tokens[-1:],
+                                  [score] if request.sampling.logprobs else [],
+                                  "length" if done else None, 0))
+        return updates
+
+    def recompute(self) -> None:
+        pass  # nothing cached
 
     def limits(self) -> ServingLimits:
         # A plain state dict, no config.json to read them from.

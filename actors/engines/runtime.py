@@ -35,19 +35,16 @@ class RankContext:
 
 @dataclass(frozen=True, slots=True)
 class SamplingRequest:
+    """How one completion is drawn."""
+
     max_new_tokens: int
-    """At most this many new tokens per completion."""
-    n: int
-    """Completions per prompt."""
+    """At most this many new tokens."""
     temperature: float
     """0 picks the most likely token (greedy)."""
     top_p: float
     """Nucleus sampling: draw from the smallest set of tokens whose probability reaches it."""
     top_k: int
     """Draw from the ``top_k`` most likely tokens only; 0: from all."""
-    seeds: tuple[int, ...]
-    """Per prompt: completion j of prompt i draws with ``seeds[i] + j`` (chosen by the
-    driver, so every rank draws the same tokens and a call is reproducible)."""
     stop_token_ids: tuple[int, ...]
     """A completion ends at the first of these it draws (kept as its last token)."""
     logprobs: bool
@@ -55,14 +52,28 @@ class SamplingRequest:
     logits, before temperature, top-k and top-p), as vLLM does by default."""
 
 
-class Generated(NamedTuple):
-    """One completion, as a rank returns it."""
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One completion to generate: what the driver submits and rank 0 admits on every rank."""
 
+    request_id: str
+    prompt: list[int]
+    sampling: SamplingRequest
+    seed: int
+    """Chosen by the driver, so every rank draws the same tokens and a call is reproducible."""
+
+
+class Update(NamedTuple):
+    """What one engine step produced for one request."""
+
+    request_id: str
     token_ids: list[int]
+    """The new tokens of this step (none for a request that was aborted)."""
     logprobs: list[float]
-    """Empty when not asked for."""
-    finish_reason: str
-    """'stop' (ends with a stop token) or 'length' (``max_new_tokens`` tokens)."""
+    """Their log-probs; empty when not asked for."""
+    finish_reason: str | None
+    """None while it runs; then 'stop' (ends with a stop token), 'length'
+    (``max_new_tokens`` tokens) or 'abort'."""
     cached_tokens: int
     """Prompt tokens served from a prefix cache instead of computed again."""
 
@@ -145,14 +156,39 @@ class RankRuntime(ABC):
         return ok
 
     def after_commit(self) -> None:  # noqa: B027 - optional: engines without caches
-        """A new version is served: drop state computed with the old weights."""
+        """A new version is served: drop state computed with the old weights that a later
+        request could reuse (running requests keep theirs; ``recompute`` drops them)."""
 
-    # ---- serving -----------------------------------------------------------------------
+    # ---- serving: continuous batching, stepped in lockstep on every rank ---------------
 
     @abstractmethod
-    def sample(self, prompts: list[list[int]], request: SamplingRequest
-               ) -> list[Generated] | None:
-        """Rank 0: ``request.n`` completions of each prompt, prompt-major."""
+    def admit(self, request: Request, version: int) -> None:
+        """Add ``request`` to the running batch (it starts at the next ``step``).
+        ``version``: the weights it starts on (an engine with a prefix cache keeps the
+        versions apart)."""
+
+    @abstractmethod
+    def abort(self, request_ids: list[str]) -> None:
+        """Drop these requests (unknown or finished ids are ignored), freeing their slots."""
+
+    @abstractmethod
+    def has_work(self) -> bool:
+        """Whether any admitted request is unfinished."""
+
+    @abstractmethod
+    def running(self) -> list[str]:
+        """The unfinished requests, in admission order."""
+
+    @abstractmethod
+    def step(self) -> list[Update]:
+        """One engine step over the running batch: prompts admitted since the last step are
+        computed, every running request draws one token. Deterministic given the same
+        admissions in the same order, so every rank of the engine draws the same tokens."""
+
+    @abstractmethod
+    def recompute(self) -> None:
+        """The weights changed under the running requests: drop their KV cache, so the next
+        step computes it again from their whole context (prompt and tokens so far)."""
 
     def limits(self) -> ServingLimits:
         """What a rollout must respect (after ``join``)."""

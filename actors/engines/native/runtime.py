@@ -1,5 +1,6 @@
 """The native engine as a rank runtime: this rank's shard of the model, its gloo/NCCL group,
-greedy decoding and sampling with a KV cache, FP8 KV-scale calibration and CUDA graphs."""
+continuous batching with a KV cache per cohort (``batcher``), FP8 KV-scale calibration and
+CUDA graphs."""
 
 from __future__ import annotations
 
@@ -9,43 +10,24 @@ import torch
 import torch.distributed as dist
 
 from actors.engines import EngineOptions
-from actors.engines.native.layers import Attention, KVCache
+from actors.engines.native.batcher import ContinuousBatcher
+from actors.engines.native.layers import Attention
 from actors.engines.native.parallel import TPGroup
 from actors.engines.native.reloadable import build_reloadable
 from actors.engines.native.spec import load_spec
 from actors.engines.runtime import (
     CalibratesKvScales,
     CapturesCudaGraphs,
-    Generated,
     RankContext,
     RankRuntime,
     Rejoins,
-    SamplingRequest,
+    Request,
     ServesLogits,
+    Update,
 )
 from actors.reload import ReloadableModel
 from quant import QuantConfig
 from quant.kv_cache import scales_from_amax
-
-
-def choose_tokens(logits: torch.Tensor, request: SamplingRequest,
-                  generators: list[torch.Generator]) -> torch.Tensor:
-    """[B, vocab] float32 logits -> [B, 1] token ids: argmax when temperature is 0, else
-    row b drawn with ``generators[b]`` from its top-k, top-p share of the distribution."""
-    if request.temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / request.temperature
-    if request.top_k:
-        kth = logits.topk(min(request.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if request.top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # Keep the most likely tokens until their mass reaches top_p (the first always).
-        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > request.top_p
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(outside, 0))
-    return torch.cat([torch.multinomial(row, 1, generator=g).unsqueeze(0)
-                      for row, g in zip(probs, generators, strict=True)])
 
 
 class NativeRuntime(RankRuntime, ServesLogits, CalibratesKvScales, CapturesCudaGraphs, Rejoins):
@@ -58,6 +40,7 @@ class NativeRuntime(RankRuntime, ServesLogits, CalibratesKvScales, CapturesCudaG
             self.spec, tp=self.tp, dtype=getattr(torch, options.dtype), device=self.device,
             quant=QuantConfig(options.quantization, options.kv_cache_dtype))
         self._store: dist.TCPStore | None = None
+        self.batcher = ContinuousBatcher(self.model, self.spec.num_layers, self.device)
 
     # ---- group and model ---------------------------------------------------------------
 
@@ -92,6 +75,8 @@ class NativeRuntime(RankRuntime, ServesLogits, CalibratesKvScales, CapturesCudaG
         if dist.is_initialized():
             dist.destroy_process_group()
         self._store = None
+        # A restarted peer holds no batch: the driver submits the running requests again.
+        self.batcher = ContinuousBatcher(self.model, self.spec.num_layers, self.device)
 
     def reloadable(self) -> ReloadableModel:
         return self._reloadable
@@ -108,52 +93,28 @@ class NativeRuntime(RankRuntime, ServesLogits, CalibratesKvScales, CapturesCudaG
         logits = self.model(ids, self._positions(ids.shape[1]))
         return logits.float().cpu() if self.context.rank == 0 else None
 
-    @torch.inference_mode()
-    def sample(self, prompts: list[list[int]], request: SamplingRequest
-               ) -> list[Generated] | None:
-        """Prompts of one length decode together, as one batch of all their ``n``
-        completions, with a KV cache. Logits are all-gathered and every rank draws from the
-        same generators, so every rank picks the same tokens and stops at the same step."""
-        n = request.n
-        done: list[Generated] = [None] * (len(prompts) * n)  # type: ignore[list-item]
-        by_length: dict[int, list[int]] = {}
-        for index, prompt in enumerate(prompts):
-            by_length.setdefault(len(prompt), []).append(index)
-        for indices in by_length.values():
-            rows = [(i, j) for i in indices for j in range(n)]
-            decoded = self._decode([prompts[i] for i, _ in rows],
-                                   [request.seeds[i] + j for i, j in rows], request)
-            for (i, j), generated in zip(rows, decoded, strict=True):
-                done[i * n + j] = generated
-        return done if self.context.rank == 0 else None
+    # The batch's calls run on the step loop's thread (``actors.step_loop``).
 
-    def _decode(self, rows: list[list[int]], seeds: list[int], request: SamplingRequest
-                ) -> list[Generated]:
-        """Completions of ``rows`` (prompts of one length), row b drawn with ``seeds[b]``."""
-        stops, length = set(request.stop_token_ids), len(rows[0])
-        generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
-        ids = torch.tensor(rows, device=self.device)
-        cache = KVCache.empty(self.spec.num_layers)
-        logits = self.model(ids, self._positions(length), cache)
-        tokens: list[list[int]] = [[] for _ in rows]
-        logprobs: list[list[float]] = [[] for _ in rows]
-        stopped = [False] * len(rows)
-        for step in range(request.max_new_tokens):
-            last = logits[:, -1].float()
-            next_ids = choose_tokens(last, request, generators)
-            scores = torch.log_softmax(last, dim=-1).gather(-1, next_ids)
-            for row, (token, score) in enumerate(zip(next_ids[:, 0].tolist(),
-                                                     scores[:, 0].tolist(), strict=True)):
-                if not stopped[row]:
-                    tokens[row].append(token)
-                    logprobs[row].append(score)
-                    stopped[row] = token in stops
-            if all(stopped) or step + 1 == request.max_new_tokens:
-                break
-            logits = self.model(next_ids, self._positions(1, length + step), cache)
-        # No prefix cache: every prompt is computed in full.
-        return [Generated(tokens[row], logprobs[row] if request.logprobs else [],
-                          "stop" if stopped[row] else "length", 0) for row in range(len(rows))]
+    @torch.inference_mode()
+    def admit(self, request: Request, version: int) -> None:
+        # No prefix cache: nothing computed is kept across requests, so versions never mix.
+        self.batcher.admit(request)
+
+    def abort(self, request_ids: list[str]) -> None:
+        self.batcher.abort(request_ids)
+
+    def has_work(self) -> bool:
+        return self.batcher.has_work()
+
+    def running(self) -> list[str]:
+        return self.batcher.running()
+
+    @torch.inference_mode()
+    def step(self) -> list[Update]:
+        return self.batcher.step()
+
+    def recompute(self) -> None:
+        self.batcher.recompute()
 
     def kernel_tensors(self) -> dict[str, torch.Tensor]:
         tensors = dict(self.model.named_parameters())

@@ -12,8 +12,9 @@ the engine.
 
 The engine is built with ``load_format="dummy"``: its kernel tensors exist from the start and
 every load, version 0 included, goes through tp-reload's reload engine into them (so a bad
-first checkpoint is refused the same way as a bad reload). After each commit the prefix cache
-is reset: nothing computed with old weights is served again.
+first checkpoint is refused the same way as a bad reload). Every request's prefix-cache
+entries are salted with the version it started on, and the cache is reset after each commit
+once no request runs: nothing computed with old weights is served to a later request.
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ import torch
 
 from actors.engines import EngineOptions
 from actors.engines.runtime import (
-    Generated,
     RankContext,
     RankRuntime,
-    SamplingRequest,
+    Request,
     ServingLimits,
+    Update,
     model_limits,
 )
 from actors.engines.vllm import shm
@@ -151,31 +152,50 @@ class VllmRuntime(RankRuntime):
         return bool(flag.item())
 
     def after_commit(self) -> None:
-        # Prefix-cache blocks hold keys and values computed with the old weights.
-        if not self.llm.reset_prefix_cache():
-            raise RuntimeError("vLLM refused to reset its prefix cache (requests running?)")
+        # Prefix-cache blocks hold keys and values computed with the old weights. Requests
+        # still running on them (an in-flight 'keep' flip) keep theirs: the version salt
+        # already keeps every later request off them, and they go when those finish.
+        if not self.has_work() and not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM refused to reset its prefix cache")
 
     # ---- serving -----------------------------------------------------------------------
 
-    def sample(self, prompts: list[list[int]], request: SamplingRequest
-               ) -> list[Generated] | None:
+    def admit(self, request: Request, version: int) -> None:
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
+        sampling = request.sampling
         # Stop tokens are exactly the request's: vLLM would add generation_config.json's EOS
         # ids unless told to ignore EOS (it has no tokenizer here, so no EOS of its own).
-        params = [SamplingParams(n=request.n, temperature=request.temperature,
-                                 top_p=request.top_p, top_k=request.top_k,
-                                 max_tokens=request.max_new_tokens, seed=seed,
-                                 stop_token_ids=list(request.stop_token_ids), ignore_eos=True,
-                                 logprobs=0 if request.logprobs else None, detokenize=False)
-                  for seed in request.seeds]  # vLLM draws completion j with seed + j
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params,
-                                    use_tqdm=False)
-        if self.context.rank != 0:
-            return None
-        return [generated(completion, request.logprobs, output.num_cached_tokens or 0)
-                for output in outputs
-                for completion in sorted(output.outputs, key=lambda c: c.index)]
+        params = SamplingParams(
+            n=1, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+            max_tokens=sampling.max_new_tokens, seed=request.seed,
+            stop_token_ids=list(sampling.stop_token_ids), ignore_eos=True,
+            logprobs=0 if sampling.logprobs else None, detokenize=False,
+            output_kind=RequestOutputKind.DELTA)
+        # The version salts the prefix cache: a request never reuses keys and values
+        # computed with other weights, even while older requests still hold theirs.
+        prompt = {"prompt_token_ids": request.prompt, "cache_salt": f"v{version}"}
+        self.llm.llm_engine.add_request(request.request_id, prompt, params)
+
+    def abort(self, request_ids: list[str]) -> None:
+        self.llm.llm_engine.abort_request(request_ids, internal=False)
+
+    def has_work(self) -> bool:
+        return self.llm.llm_engine.has_unfinished_requests()
+
+    def running(self) -> list[str]:
+        states = self.llm.llm_engine.output_processor.request_states.values()
+        return [state.external_req_id for state in states]
+
+    def step(self) -> list[Update]:
+        return [update(output, completion) for output in self.llm.llm_engine.step()
+                for completion in output.outputs]
+
+    def recompute(self) -> None:
+        # Preempts every running request: the next step computes its prompt and tokens so
+        # far again, on the weights served now.
+        self.llm.reset_prefix_cache(reset_running_requests=True)
 
     def limits(self) -> ServingLimits:
         return model_limits(self.options.model, self.llm.llm_engine.model_config.max_model_len)
@@ -186,10 +206,13 @@ class VllmRuntime(RankRuntime):
         return tensors
 
 
-def generated(completion: Any, logprobs: bool, cached_tokens: int) -> Generated:
-    """A vLLM ``CompletionOutput`` as a rank returns it."""
+def update(output: Any, completion: Any) -> Update:
+    """A vLLM step's ``RequestOutput`` (delta kind) for one request."""
     tokens = list(completion.token_ids)
     scores = ([step[token].logprob for token, step in zip(tokens, completion.logprobs,
-                                                          strict=True)] if logprobs else [])
-    reason = "stop" if completion.finish_reason == "stop" else "length"
-    return Generated(tokens, scores, reason, cached_tokens)
+                                                          strict=True)]
+              if completion.logprobs is not None else [])
+    reason = completion.finish_reason if output.finished else None
+    if reason not in (None, "stop", "length"):
+        reason = "abort"
+    return Update(output.request_id, tokens, scores, reason, output.num_cached_tokens or 0)
