@@ -42,8 +42,9 @@ class Options:
     requests: int = 32
     window_s: float = 20.0
     warmup_s: float = 5.0
-    max_new_tokens: tuple[int, int] = (32, 192)
-    prompt_tokens: tuple[int, int] = (8, 128)
+    max_new_tokens: tuple[int, int] = (16, 64)
+    prompt_tokens: tuple[int, int] = (4, 32)
+    dtype: str = "bfloat16"
     modes: tuple[str, ...] = MODES
     workdir: Path = Path("/tmp/tp-reload-bench")
 
@@ -65,6 +66,11 @@ class Window:
         return [b[0] - a[0] for times in self.arrivals.values()
                 for a, b in zip(times, times[1:], strict=False)
                 if self.begin <= a[0] and b[0] < self.end]
+
+    def versions_after(self, moment: float) -> set[int]:
+        """The versions of the tokens that arrived after ``moment`` in this window."""
+        return {v for times in self.arrivals.values() for t, v in times
+                if moment <= t < self.end}
 
     def gap_across(self, begin: float, end: float) -> float:
         """Longest gap between two consecutive tokens of one request that spans any of
@@ -130,7 +136,7 @@ async def measure_windows(orch: ReloadOrchestrator, opts: Options, sources: list
         await asyncio.sleep(max(0.0, begin + opts.window_s - ended))
         window = clients.window(begin, time.perf_counter())
         window.reload = {"started": started, "ended": ended, "seconds": report.seconds,
-                         "pause_s": report.pause_seconds}
+                         "pause_s": report.pause_seconds, "version": report.version}
         windows[mode] = window
     clients.stop()
     await running
@@ -150,6 +156,10 @@ def summarize(baseline: Window, windows: dict[str, Window]) -> dict[str, Any]:
         rows.append({"mode": mode, "tokens_per_s": rate, "ratio_to_no_reload": rate / base_rate,
                      "reload_s": reload["seconds"], "pause_s": reload["pause_s"],
                      "max_gap_across_flip_s": gap, "gap_bound_s": bound,
+                     # Tokens already drawn may still be on their way when reload() returns.
+                     "versions_after_reload": sorted(window.versions_after(
+                         reload["ended"] + 2 * step_s)),
+                     "version": reload["version"],
                      "throughput_held": rate / base_rate >= THROUGHPUT_TARGET,
                      "gap_held": gap <= bound})
     return {"no_reload_tokens_per_s": base_rate, "decode_step_s": step_s, "modes": rows}
@@ -160,14 +170,16 @@ def run(opts: Options) -> dict[str, Any]:
     sources = [ensure_checkpoint(opts.workdir, opts.size, seed=s) for s in (0, 1)]
     cores = os.cpu_count() or 1
     config = EngineConfig(model=str(sources[0]), engine=opts.engine, tensor_parallel_size=opts.tp,
-                          dtype="bfloat16", num_cpus_per_rank=max(0.5, cores / opts.tp),
+                          dtype=opts.dtype, num_cpus_per_rank=max(0.5, cores / opts.tp),
                           timeout_s=1800,
                           engine_args={"kv_cache_memory_bytes": 1 << 30}
                           if opts.engine == "vllm" else {})
     with ReloadOrchestrator(config) as orch:
         baseline, windows = asyncio.run(measure_windows(orch, opts, sources))
     return {"machine": machine_description(), "engine": opts.engine, "size": opts.size,
-            "tp": opts.tp, "requests": opts.requests, "window_s": opts.window_s,
+            "dtype": opts.dtype, "tp": opts.tp, "requests": opts.requests,
+            "window_s": opts.window_s, "max_new_tokens": opts.max_new_tokens,
+            "prompt_tokens": opts.prompt_tokens,
             **summarize(baseline, windows)}
 
 
@@ -198,12 +210,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--window", type=float, default=20.0, help="seconds per window")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--dtype", default="bfloat16", help="the engines' dtype")
+    parser.add_argument("--new-tokens", type=int, nargs=2, default=[16, 64],
+                        metavar=("MIN", "MAX"))
+    parser.add_argument("--prompt-tokens", type=int, nargs=2, default=[4, 32],
+                        metavar=("MIN", "MAX"))
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/tp-reload-bench"))
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     result = run(Options(engine=args.engine, size=args.size, tp=args.tp,
                          requests=args.requests, window_s=args.window,
-                         modes=tuple(args.modes), workdir=args.workdir))
+                         modes=tuple(args.modes), workdir=args.workdir, dtype=args.dtype,
+                         max_new_tokens=tuple(args.new_tokens),
+                         prompt_tokens=tuple(args.prompt_tokens)))
     print(format_table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -3,9 +3,7 @@
 Usage::
 
     with ReloadOrchestrator(EngineConfig(model="ckpt/step0", tensor_parallel_size=2)) as orch:
-        greedy = orch.generate([[1, 2, 3]], max_new_tokens=8)
         out = orch.sample([[1, 2, 3], [4, 5]], max_new_tokens=64, n=4, temperature=1.0)
-        tokens, logprobs, mask = out.padded()     # 8 completions, right-padded
         report = orch.reload("ckpt/step1")          # or a dict / iterable of (name, tensor)
 
 It composes parts with one job each: the fleet (``orchestrator.fleet``: engines, ranks and
@@ -16,12 +14,11 @@ typed calls to them), the router (``orchestrator.router``: plans), the transacti
 Ordering invariants:
   * ``start`` (or entering the context) must be called before any other method; it places
     the engines, forms each engine's process group and performs the first load (version 0).
-  * every call reaches all ranks of one engine, because forward passes use collectives; a
-    rank that fails raises ``RankError`` naming engine and rank with its traceback text.
+  * a request goes to rank 0 of one engine, which admits it on every rank at one step; a
+    call that computes reaches all ranks of one engine; a failed rank raises ``RankError``.
   * ``reload`` reaches every rank of every engine; the version increments only when every
     rank finished, and on any failure every rank is rolled back first.
-  * ``shutdown`` (or leaving the context) has every rank release its node's shared memory,
-    kills the rank actors and frees their placement groups; it cannot be restarted.
+  * ``shutdown`` has every rank release its node's shared memory, then kills them.
 """
 
 from __future__ import annotations
@@ -57,8 +54,7 @@ class ReloadOrchestrator(EngineServing):
                          metrics or Metrics())
         self.load_report: ReloadReport | None = None
         self.last_report: ReloadReport | None = None
-        self._reloads = threading.Lock()  # one reload at a time; staged ones hold the gate
-        # only for their flip
+        self._reloads = threading.Lock()  # one at a time; staged: the gate only to flip
 
     @classmethod
     def from_yaml(cls, path: str, **overrides: Any) -> ReloadOrchestrator:
@@ -134,22 +130,17 @@ class ReloadOrchestrator(EngineServing):
         own order. Layers the source does not touch keep their weights (``layers_kept``);
         ``strict=False`` ignores names that match no parameter. The version increments only
         when every rank finished; on any failure every rank is rolled back to the last
-        committed version before the error is raised. Serving calls wait meanwhile.
+        committed version before the error is raised. Running requests finish first; new
+        ones wait.
 
-        ``staged=True``: serving goes on at the committed version while every rank streams
-        and processes the new one into staging tensors (``staging``: 'device', or 'host' for
-        pinned host memory on CUDA; one more copy of the layers the source touches, refused
-        before any byte moves if it does not fit). The flip copies the staging into the
-        kernel tensors in place between two steps of each engine, on all its ranks at once,
-        and commits: serving waits only for the flip (``report.pause_seconds``). Requests
-        running then do what ``in_flight`` says: 'keep' (go on with their KV cache),
-        'recompute' (their KV cache is computed again with the new weights first), 'wait'
-        (they finish on the old weights, new ones are held, then the flip) or 'abort' (they
-        end with ``finish_reason='abort'``). A failure before the flip drops the staging;
-        the engines never stopped serving and were never touched.
-
-        A plain reload lets running requests finish, holds new ones, writes in place and
-        goes on: like 'wait'."""
+        ``staged=True``: serving goes on while every rank streams and processes the new
+        version into staging tensors (``staging``: 'device', or 'host' for pinned host
+        memory on CUDA; refused before any byte moves if it does not fit). Each engine then
+        flips the staging into its kernel tensors between two decode steps, on all its ranks
+        at once, and the fleet commits: serving waits only for the flip
+        (``report.pause_seconds``). Running requests do what ``in_flight`` says ('keep',
+        'recompute', 'wait', 'abort': ``actors.step_loop``). A failure before the flip
+        drops the staging; the engines never stopped serving and were never touched."""
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         if in_flight not in IN_FLIGHT_MODES:

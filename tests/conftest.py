@@ -131,6 +131,15 @@ def vllm_tp2(ray_cluster, llama32):
 
 
 @pytest.fixture(scope="session")
+def native_tp2(ray_cluster, llama32):
+    """A native float32 TP=2 engine for the session, first serving llama32['a'], for the
+    tests that leave it serving (the bad-input table, rollouts in flight); ``serving``
+    brings it to the checkpoint a test expects."""
+    with start(llama32["a"], 2) as orch:
+        yield orch
+
+
+@pytest.fixture(scope="session")
 def vllm_drill(ray_cluster, llama32):
     """A float32 TP=2 vLLM engine for the drills that kill its ranks (each leaves it
     rebuilt and serving, and checks so), apart from the engines other tests share."""

@@ -66,3 +66,20 @@ def test_benchmark_puts_vllms_own_reload_beside_ours(ray_cluster, workdir):
         assert set(case["peers"]) == {"vllm"} and case["peers"]["vllm"] > 0
     compared = [t for t, _, _ in targets(result) if "vLLM's reload_weights" in t]
     assert len(compared) == 4, "dir and memory, both orders"
+
+
+def test_inflight_benchmark_measures_each_mode_while_clients_stream(ray_cluster, workdir):
+    """Clients stream through every window; after each in-flight reload the tokens they get
+    are drawn from the new version (the flip happened while they ran, none stopped)."""
+    from benchmarks.inflight_bench import Options as InflightOptions
+    from benchmarks.inflight_bench import run as run_inflight
+
+    result = run_inflight(InflightOptions(engine="native", size="tiny", tp=2, requests=4,
+                                          window_s=3.0, warmup_s=1.0, workdir=workdir,
+                                          max_new_tokens=(8, 32), prompt_tokens=(4, 16)))
+    assert result["no_reload_tokens_per_s"] > 0 and result["decode_step_s"] > 0
+    assert [row["mode"] for row in result["modes"]] == ["keep", "recompute", "wait", "abort"]
+    for row in result["modes"]:
+        assert row["tokens_per_s"] > 0, f"{row['mode']}: no token during the window"
+        assert row["versions_after_reload"] == [row["version"]], row["mode"]
+        assert 0 < row["pause_s"] <= row["reload_s"]

@@ -47,11 +47,15 @@ def steps(llama32) -> dict[str, Path]:
 @pytest.fixture(scope="module", params=ENGINES)
 def engine(ray_cluster, steps, request):
     """A TP=2 engine the bad-input table runs on, whatever it serves (each test reloads the
-    step it does not serve): native of its own, vLLM the session's shared one."""
-    if request.param == "vllm":
-        yield request.getfixturevalue("vllm_tp2")
-        return
-    with start(steps["a"], 2, engine=request.param) as orch:
+    step it does not serve): the session's shared native or vLLM one."""
+    return request.getfixturevalue("vllm_tp2" if request.param == "vllm" else "native_tp2")
+
+
+@pytest.fixture(scope="module")
+def native_drill(ray_cluster, steps):
+    """A native TP=2 engine for the drills that kill its ranks (each leaves it rebuilt and
+    serving, at a version it checks itself)."""
+    with start(steps["a"], 2) as orch:
         yield orch
 
 
@@ -221,36 +225,34 @@ def test_tensor_larger_than_the_models_is_refused(engine, steps, prompt):
     pytest.param("vllm", "process", marks=pytest.mark.vllm)])
 def test_rank_killed_mid_reload_is_rebuilt(ray_cluster, steps, prompt, tmp_path, engine_name,
                                            stage, request):
-    """vLLM: on the session's drill engine (``vllm_drill``), which the SIGKILL drill of
-    test_node_shm.py uses too; either leaves it rebuilt and serving."""
-    with contextlib.ExitStack() as own:
-        orch = (serving(request.getfixturevalue("vllm_drill"), steps["a"])
-                if engine_name == "vllm" else
-                own.enter_context(start(steps["a"], 2, engine=engine_name)))
-        served = Served(orch, prompt)
-        pids = [p["pid"] for p in orch.placements()[0]]
-        signal = tmp_path / "paused"
-        orch.inject_fault(stage, "pause", engine=0, rank=1, signal_path=str(signal))
-        worker, errors = reload_until_paused(orch, str(steps["b"]), signal,
-                                             f"rank 1 never reached the {stage} stage")
-        kill_rank(orch, pids[1], rank=1)
-        worker.join(timeout=180)
-        assert len(errors) == 1 and isinstance(errors[0], RankError)
-        assert (errors[0].engine, errors[0].rank) == (0, 1)
-        assert f"back on version {served.version}" in "".join(errors[0].__notes__)
-        fresh = [p["pid"] != old for p, old in zip(orch.placements()[0], pids, strict=True)]
-        if engine_name == "native":
-            # Rank 0 kept its process and its tensors; rank 1 rejoined it.
-            assert fresh == [False, True]
-            served.assert_unchanged(orch, prompt, ranks=[0])
-        else:
-            # vLLM forms its process group once per process: the whole engine is rebuilt.
-            assert fresh == [True, True]
-            served.assert_unchanged(orch, prompt, ranks=[])
-        rebuilt = orch.inspect()[1]
-        assert {n: (t["shape"], t["dtype"]) for n, t in rebuilt.items()} == \
-               {n: (t["shape"], t["dtype"]) for n, t in served.tensors[1].items()}
-        next_valid_reload(orch, steps, prompt)
+    """On the drill engine of each: native, this module's (``native_drill``); vLLM, the
+    session's (``vllm_drill``), which the SIGKILL drill of test_node_shm.py uses too; either
+    leaves it rebuilt and serving."""
+    orch = serving(request.getfixturevalue(f"{engine_name}_drill"), steps["a"])
+    served = Served(orch, prompt)
+    pids = [p["pid"] for p in orch.placements()[0]]
+    signal = tmp_path / "paused"
+    orch.inject_fault(stage, "pause", engine=0, rank=1, signal_path=str(signal))
+    worker, errors = reload_until_paused(orch, str(steps["b"]), signal,
+                                         f"rank 1 never reached the {stage} stage")
+    kill_rank(orch, pids[1], rank=1)
+    worker.join(timeout=180)
+    assert len(errors) == 1 and isinstance(errors[0], RankError)
+    assert (errors[0].engine, errors[0].rank) == (0, 1)
+    assert f"back on version {served.version}" in "".join(errors[0].__notes__)
+    fresh = [p["pid"] != old for p, old in zip(orch.placements()[0], pids, strict=True)]
+    if engine_name == "native":
+        # Rank 0 kept its process and its tensors; rank 1 rejoined it.
+        assert fresh == [False, True]
+        served.assert_unchanged(orch, prompt, ranks=[0])
+    else:
+        # vLLM forms its process group once per process: the whole engine is rebuilt.
+        assert fresh == [True, True]
+        served.assert_unchanged(orch, prompt, ranks=[])
+    rebuilt = orch.inspect()[1]
+    assert {n: (t["shape"], t["dtype"]) for n, t in rebuilt.items()} == \
+           {n: (t["shape"], t["dtype"]) for n, t in served.tensors[1].items()}
+    next_valid_reload(orch, steps, prompt)
 
 
 def test_only_reload_errors_blame_the_checkpoint(ray_cluster):
@@ -293,40 +295,41 @@ def test_exception_in_one_ranks_quantization(ray_cluster, steps, prompt, engine_
         assert orch.version == version + 1
 
 
+@pytest.mark.slow
 def test_requests_running_through_a_killed_staged_reload_finish_on_the_old_weights(
-        ray_cluster, steps, prompt, tmp_path, caplog):
+        native_drill, steps, prompt, tmp_path, caplog):
     """A rank dies while a staged reload streams and requests run on its engine: the reload
     is rolled back, the dead rank rebuilt, and every request goes on as a continuation
     (greedy: exactly) on the old weights; none is lost."""
     requests = torch.randint(0, 251, (4, 6), generator=torch.Generator().manual_seed(3))
-    with start(steps["a"], 2) as orch:
-        served = Served(orch, prompt)
-        pids = [p["pid"] for p in orch.placements()[0]]
-        signal = tmp_path / "paused"
-        orch.inject_fault("process", "pause", engine=0, rank=1, signal_path=str(signal))
+    orch = serving(native_drill, steps["a"])
+    served = Served(orch, prompt)
+    pids = [p["pid"] for p in orch.placements()[0]]
+    signal = tmp_path / "paused"
+    orch.inject_fault("process", "pause", engine=0, rank=1, signal_path=str(signal))
 
-        async def scenario():
-            tasks = [asyncio.ensure_future(orch.agenerate(p, 200, temperature=0.0,
-                                                          ignore_eos=True))
-                     for p in requests.tolist()]
-            while sum(await asyncio.to_thread(orch.running)) < len(requests):
-                await asyncio.sleep(0.01)
-            worker, errors = reload_until_paused(orch, str(steps["b"]), signal,
-                                                 "rank 1 never reached the process stage",
-                                                 staged=True, in_flight="keep")
-            kill_rank(orch, pids[1], rank=1)
-            await asyncio.to_thread(worker.join, 180)
-            return await asyncio.gather(*tasks), errors
+    async def scenario():
+        tasks = [asyncio.ensure_future(orch.agenerate(p, 200, temperature=0.0,
+                                                      ignore_eos=True))
+                 for p in requests.tolist()]
+        while sum(await asyncio.to_thread(orch.running)) < len(requests):
+            await asyncio.sleep(0.01)
+        worker, errors = reload_until_paused(orch, str(steps["b"]), signal,
+                                             "rank 1 never reached the process stage",
+                                             staged=True, in_flight="keep")
+        kill_rank(orch, pids[1], rank=1)
+        await asyncio.to_thread(worker.join, 180)
+        return await asyncio.gather(*tasks), errors
 
-        done, errors = asyncio.run(scenario())
-        assert len(errors) == 1 and isinstance(errors[0], RankError)
-        went_on = [r.message for r in caplog.records if "goes on as" in r.message]
-        assert len(went_on) == len(requests), "each request goes on as a continuation"
-        expected = reference_sample(steps["a"], requests, 200)[0]
-        for row, completion in zip(expected.tolist(), done, strict=True):
-            assert completion.versions == [(served.version, 0, 200)]
-            assert completion.token_ids == row
-        served.assert_unchanged(orch, prompt, ranks=[0])
+    done, errors = asyncio.run(scenario())
+    assert len(errors) == 1 and isinstance(errors[0], RankError)
+    went_on = [r.message for r in caplog.records if "goes on as" in r.message]
+    assert len(went_on) == len(requests), "each request goes on as a continuation"
+    expected = reference_sample(steps["a"], requests, 200)[0]
+    for row, completion in zip(expected.tolist(), done, strict=True):
+        assert completion.versions == [(served.version, 0, 200)]
+        assert completion.token_ids == row
+    served.assert_unchanged(orch, prompt, ranks=[0])
 
 
 # ---- concurrency -------------------------------------------------------------------------
@@ -434,16 +437,15 @@ def test_soak_fifty_reloads_with_faults(ray_cluster, steps, prompt):
 
 
 @pytest.mark.slow
-def test_rank_killed_while_serving_is_rebuilt(ray_cluster, steps, prompt):
-    with start(steps["a"], 2) as orch:
-        orch.reload(str(steps["b"]))
-        before = orch.forward(prompt)
-        kill_rank(orch, orch.placements()[0][0]["pid"], rank=0)
-        with pytest.raises(RankError) as failed:
-            orch.forward(prompt)
-        assert "back on version 1" in "".join(getattr(failed.value, "__notes__", []))
-        assert torch.equal(orch.forward(prompt), before)
-        next_valid_reload(orch, steps, prompt)
+def test_rank_killed_while_serving_is_rebuilt(native_drill, steps, prompt):
+    orch = serving(native_drill, steps["b"])
+    before, version = orch.forward(prompt), orch.version
+    kill_rank(orch, orch.placements()[0][0]["pid"], rank=0)
+    with pytest.raises(RankError) as failed:
+        orch.forward(prompt)
+    assert f"back on version {version}" in "".join(getattr(failed.value, "__notes__", []))
+    assert torch.equal(orch.forward(prompt), before)
+    next_valid_reload(orch, steps, prompt)
 
 
 @pytest.mark.parametrize("method", ["fp8", pytest.param("w4a8", marks=pytest.mark.slow)])

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from tests.support import load_tensors, reference_model, serving, start
+from tests.support import load_tensors, reference_model, serving
 
 pytestmark = pytest.mark.ray
 
@@ -55,17 +55,11 @@ def prompts() -> list[list[int]]:
 
 @pytest.fixture(params=["native", pytest.param("vllm", marks=pytest.mark.vllm)])
 def engine(request, llama32):
-    """An orchestrator serving llama32['a']: a native TP=2 engine of this module, or the
-    session's shared vLLM pair."""
+    """An orchestrator serving llama32['a']: the session's shared native TP=2 engine or
+    vLLM pair."""
     if request.param == "native":
         return serving(request.getfixturevalue("native_tp2"), llama32["a"])
     return serving(request.getfixturevalue("vllm_tp2"), llama32["a"])
-
-
-@pytest.fixture(scope="module")
-def native_tp2(ray_cluster, llama32):
-    with start(llama32["a"], 2) as orch:
-        yield orch
 
 
 async def gather_generate(orch, calls: list[dict]):
