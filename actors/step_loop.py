@@ -38,8 +38,9 @@ from actors.engines.runtime import RankRuntime, Request, Update
 
 InFlight = Literal["keep", "recompute", "wait", "abort"]
 IN_FLIGHT_MODES: tuple[InFlight, ...] = ("keep", "recompute", "wait", "abort")
-# An idle rank 0 still broadcasts this often, so its peers' broadcast never times out.
-IDLE_TICK_S = 1.0
+# An idle rank 0 still broadcasts this often (at most a quarter of the group's timeout),
+# so its peers' broadcast never times out.
+IDLE_TICK_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,7 +241,7 @@ class StepLoop:
         """Rank 0: what every rank does before the next step."""
         with self._cond:
             if not (self._inbox or self.runtime.has_work() or self._flip or self._park):
-                self._cond.wait(IDLE_TICK_S)
+                self._cond.wait(min(IDLE_TICK_S, self.timeout_s / 4))
             inbox, self._inbox = self._inbox, []
         cancel, jobs, stop = [], 0, False
         for item in inbox:

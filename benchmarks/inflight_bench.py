@@ -118,7 +118,9 @@ class Clients:
 
 async def measure_windows(orch: ReloadOrchestrator, opts: Options, sources: list[Path]
                           ) -> tuple[Window, dict[str, Window]]:
-    vocab = json.loads((sources[0] / "config.json").read_text())["vocab_size"]
+    """Clients stream through a window without a reload, then one window per mode; each
+    window goes on at least a quarter of ``window_s`` after its reload returned."""
+    vocab = json.loads((Path(sources[0]) / "config.json").read_text())["vocab_size"]
     clients = Clients(orch, opts, vocab)
     running = asyncio.ensure_future(clients.run())
     await asyncio.sleep(opts.warmup_s)
@@ -133,7 +135,7 @@ async def measure_windows(orch: ReloadOrchestrator, opts: Options, sources: list
         started = time.perf_counter()
         report = await asyncio.to_thread(orch.reload, str(source), staged=True, in_flight=mode)
         ended = time.perf_counter()
-        await asyncio.sleep(max(0.0, begin + opts.window_s - ended))
+        await asyncio.sleep(max(opts.window_s / 4, begin + opts.window_s - ended))
         window = clients.window(begin, time.perf_counter())
         window.reload = {"started": started, "ended": ended, "seconds": report.seconds,
                          "pause_s": report.pause_seconds, "version": report.version}

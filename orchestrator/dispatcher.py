@@ -31,8 +31,9 @@ from orchestrator.fleet import Fleet
 
 log = logging.getLogger("tp_reload")
 
-# How long one long poll of an engine's rank 0 waits for something to hand out.
-POLL_S = 0.5
+# How long one long poll of an engine's rank 0 waits for something to hand out (it returns
+# as soon as a step produced anything; this only paces an idle engine's polls).
+POLL_S = 2.0
 # How long the pump waits before asking again an engine that cannot answer (rebuilding).
 RETRY_S = 0.2
 
@@ -104,10 +105,15 @@ class Dispatcher:
             pump.start()
             self._pumps.append(pump)
 
+    def stop(self) -> None:
+        """The pumps stop at their next answer (the engines closing give them one)."""
+        self._closed.set()
+
     def close(self) -> None:
+        """After the engines closed: every request still in flight ends with an error."""
         self._closed.set()
         for pump in self._pumps:
-            pump.join(POLL_S + 1.0)
+            pump.join(1.0)
         self._pumps = []
         with self._lock:
             pending, self._by_id = list(self._by_id.values()), {}

@@ -111,15 +111,15 @@ class ReloadOrchestrator(EngineServing):
         return self
 
     def shutdown(self) -> None:
-        """Every rank releases what it created on its node (vLLM's shared memory), then
-        the rank actors are killed and their placement groups freed."""
-        self.dispatcher.close()
+        """Ranks release what they made on their node, then are killed with their groups."""
+        self.dispatcher.stop()
         self.fleet.close()
+        self.dispatcher.close()
         self.transaction.version = None
 
     def reload(self, source: Any, order: Order = "plan", strict: bool = True,
                staged: bool | None = None, staging: str | None = None,
-               in_flight: InFlight = "wait") -> ReloadReport:
+               in_flight: InFlight | None = None) -> ReloadReport:
         """Stream new weights into every rank of every engine, in place, all or nothing.
 
         ``source``: a checkpoint directory, a dict name -> tensor, an iterable of
@@ -143,9 +143,9 @@ class ReloadOrchestrator(EngineServing):
         drops the staging; the engines never stopped serving and were never touched."""
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        place, in_flight = staging or "device", in_flight or "wait"
         if in_flight not in IN_FLIGHT_MODES:
             raise ValueError(f"in_flight must be one of {IN_FLIGHT_MODES}, got {in_flight!r}")
-        place = staging or "device"
         if staged and place not in STAGING_PLACES:
             raise ValueError(f"staging must be one of {STAGING_PLACES}, got {place!r}")
         if staged and not self.config.plugin.supports("staging"):

@@ -71,13 +71,14 @@ class Service(ServingAPI):
 
     def reload(self, source: Any, order: str = "plan", strict: bool = True,
                staged: bool | None = None, staging: str | None = None,
-               in_flight: str = "wait", step: str | None = None) -> ReloadReport:
-        """``staged``/``staging`` None take the service config's; ``step`` names the
-        watched directory it came from."""
+               in_flight: str | None = None, step: str | None = None) -> ReloadReport:
+        """``staged``/``staging``/``in_flight`` None take the service config's; ``step``
+        names the watched directory it came from."""
         report = self.orch.reload(
             source, order=order, strict=strict,
             staged=self.service.staged if staged is None else staged,
-            staging=staging or self.service.staging, in_flight=in_flight)
+            staging=staging or self.service.staging,
+            in_flight=in_flight or self.service.in_flight)
         if step is not None:
             self.last_step = step
         return report

@@ -67,12 +67,12 @@ class ServingAPI(ABC):
     @abstractmethod
     def reload(self, source: Any, order: str = "plan", strict: bool = True,
                staged: bool | None = None, staging: str | None = None,
-               in_flight: InFlight = "wait") -> ReloadReport:
+               in_flight: InFlight | None = None) -> ReloadReport:
         """Stream new weights into every rank of every engine, all or nothing.
-        ``staged``/``staging`` None: the server's default (unstaged, 'device' for an
-        orchestrator; the service's config for a service). ``in_flight``: what requests
-        running at a staged reload's flip do ('keep', 'recompute', 'wait', 'abort';
-        ``actors.step_loop``); a plain reload lets them finish first ('wait')."""
+        ``staged``/``staging``/``in_flight`` None: the server's default (unstaged, 'device',
+        'wait' for an orchestrator; the service's config for a service). ``in_flight``:
+        what requests running at a staged reload's flip do ('keep', 'recompute', 'wait',
+        'abort'; ``actors.step_loop``); a plain reload lets them finish first ('wait')."""
 
     @abstractmethod
     def forward(self, token_ids: Any, engine: int = 0) -> torch.Tensor:

@@ -212,7 +212,7 @@ class Transaction:
             if self.on_recovered is not None:
                 self.on_recovered({engine for engine, _ in restarted})
         error.add_note(f"every rank of every engine is back on version {self.version}")
-        log.warning("reload failed (%s); restored version %s on every rank", error, self.version)
+        log.warning("recovered from %s: every rank serves version %s", error, self.version)
 
     def recover_if_restarted(self, error: RankError) -> None:
         """A rank that died while serving comes back empty: rebuild it before the error

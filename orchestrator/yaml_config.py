@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from actors.reload.staging_area import STAGING_PLACES
+from actors.step_loop import IN_FLIGHT_MODES
 from orchestrator.config import EngineConfig
 from orchestrator.errors import ConfigError
 from orchestrator.fields import check_types
@@ -43,6 +44,9 @@ class ServiceConfig:
     staging: str = "device"
     """Where a staged reload keeps its staging copy: 'device', or 'host' (pinned host
     memory on CUDA: the flip is one host-to-device copy)."""
+    in_flight: str = "wait"
+    """What requests running at a staged reload's flip do: 'keep', 'recompute', 'wait' or
+    'abort' (``reload(in_flight=...)``)."""
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -56,6 +60,9 @@ class ServiceConfig:
         if self.staging not in STAGING_PLACES:
             raise ConfigError(f"ServiceConfig.staging={self.staging!r} is not one of "
                               f"{STAGING_PLACES}")
+        if self.in_flight not in IN_FLIGHT_MODES:
+            raise ConfigError(f"ServiceConfig.in_flight={self.in_flight!r} is not one of "
+                              f"{IN_FLIGHT_MODES}")
         if self.watch_dir is not None:
             self.watch_dir = str(self.watch_dir)
 

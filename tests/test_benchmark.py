@@ -4,9 +4,12 @@ buckets of about one layer as there."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from benchmarks.reload_bench import Options, run, targets
+from tests.support import serving
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -68,15 +71,17 @@ def test_benchmark_puts_vllms_own_reload_beside_ours(ray_cluster, workdir):
     assert len(compared) == 4, "dir and memory, both orders"
 
 
-def test_inflight_benchmark_measures_each_mode_while_clients_stream(ray_cluster, workdir):
-    """Clients stream through every window; after each in-flight reload the tokens they get
-    are drawn from the new version (the flip happened while they ran, none stopped)."""
+def test_inflight_benchmark_measures_each_mode_while_clients_stream(native_tp2, llama32):
+    """Clients stream through every window (on the session's native TP=2 engine); after each
+    in-flight reload the tokens they get are drawn from the new version (the flip happened
+    while they ran, and none stopped)."""
     from benchmarks.inflight_bench import Options as InflightOptions
-    from benchmarks.inflight_bench import run as run_inflight
+    from benchmarks.inflight_bench import measure_windows, summarize
 
-    result = run_inflight(InflightOptions(engine="native", size="tiny", tp=2, requests=4,
-                                          window_s=3.0, warmup_s=1.0, workdir=workdir,
-                                          max_new_tokens=(8, 32), prompt_tokens=(4, 16)))
+    opts = InflightOptions(engine="native", tp=2, requests=4, window_s=2.0, warmup_s=0.5,
+                           max_new_tokens=(8, 32), prompt_tokens=(4, 16))
+    orch = serving(native_tp2, llama32["a"])
+    result = summarize(*asyncio.run(measure_windows(orch, opts, [llama32["a"], llama32["b"]])))
     assert result["no_reload_tokens_per_s"] > 0 and result["decode_step_s"] > 0
     assert [row["mode"] for row in result["modes"]] == ["keep", "recompute", "wait", "abort"]
     for row in result["modes"]:

@@ -12,6 +12,7 @@ import pytest
 from actors.engines import EnginePlugin, register_engine
 from actors.engines.native import check_tp, load_spec
 from orchestrator import ConfigError, EngineConfig, ReloadOrchestrator
+from orchestrator.yaml_config import ServiceConfig
 from tests.support import expected_rank_bytes, parent_layer, write_checkpoint
 
 
@@ -152,3 +153,8 @@ def test_staged_reload_options_are_refused_before_anything_moves(llama_dir, monk
     native = ReloadOrchestrator(EngineConfig(model=str(llama_dir)))
     with pytest.raises(ValueError, match=r"staging must be one of \('device', 'host'\)"):
         native.reload(str(llama_dir), staged=True, staging="disk")
+    with pytest.raises(ValueError, match=r"in_flight must be one of \('keep', 'recompute', "
+                                         r"'wait', 'abort'\), got 'pause'"):
+        native.reload(str(llama_dir), staged=True, in_flight="pause")
+    with pytest.raises(ConfigError, match=r"ServiceConfig.in_flight='later' is not one of"):
+        ServiceConfig(in_flight="later")

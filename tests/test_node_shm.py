@@ -25,7 +25,7 @@ import torch
 from actors import node_shm
 from actors.engines.vllm.shm import explain
 from actors.node_shm import SHM_DIR, SharedMemoryUnavailable, new_instance
-from orchestrator import RankError, SharedMemoryError
+from orchestrator import SharedMemoryError
 from tests.support import (
     process_alive,
     sample_fixed,
@@ -235,9 +235,11 @@ def test_sigkilled_vllm_rank_is_rebuilt_and_leaves_nothing(ray_cluster, checkpoi
     os.kill(pid, signal.SIGKILL)
     while process_alive(pid):
         time.sleep(0.02)
-    with caplog.at_level(logging.WARNING, "tp_reload"), pytest.raises(RankError) as failed:
-        sample_fixed(orch, prompt, NEW_TOKENS, temperature=0)
-    assert "were rebuilt" in "".join(failed.value.__notes__)
+    # The requests sent next meet the dead rank: the engine is rebuilt and they go on there.
+    with caplog.at_level(logging.WARNING, "tp_reload"):
+        after_kill = sample_fixed(orch, prompt, NEW_TOKENS, temperature=0)
+    assert "goes on as" in caplog.text
+    assert torch.equal(after_kill.tokens, served.tokens)
     rebuilt = orch.engines[0].instance
     assert rebuilt != dead and not any(n.startswith(dead) for n in ours())
     assert not node_shm.temp_dir(dead).exists() and node_shm.temp_dir(rebuilt).is_dir()

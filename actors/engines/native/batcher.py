@@ -71,6 +71,9 @@ class Cohort:
 
 
 class ContinuousBatcher:
+    """The serving half of ``RankRuntime`` (admit, abort, has_work, running, step,
+    recompute) for the native model."""
+
     def __init__(self, forward: Forward, num_layers: int, device: torch.device) -> None:
         self.forward = forward
         self.num_layers = num_layers
@@ -78,7 +81,8 @@ class ContinuousBatcher:
         self.cohorts: list[Cohort] = []
         self._admitted: list[Request] = []
 
-    def admit(self, request: Request) -> None:
+    def admit(self, request: Request, version: int) -> None:
+        # No prefix cache: nothing computed is kept across requests, so versions never mix.
         self._admitted.append(request)
 
     def abort(self, request_ids: list[str]) -> None:
@@ -103,6 +107,7 @@ class ContinuousBatcher:
         self.cohorts = [Cohort([row for row in cohort.rows if row.finish_reason is None])
                         for cohort in self.cohorts if not cohort.done]
 
+    @torch.inference_mode()
     def step(self) -> list[Update]:
         self._form_cohorts()
         updates = [update for cohort in self.cohorts for update in self._advance(cohort)]

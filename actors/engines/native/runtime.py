@@ -95,10 +95,8 @@ class NativeRuntime(RankRuntime, ServesLogits, CalibratesKvScales, CapturesCudaG
 
     # The batch's calls run on the step loop's thread (``actors.step_loop``).
 
-    @torch.inference_mode()
     def admit(self, request: Request, version: int) -> None:
-        # No prefix cache: nothing computed is kept across requests, so versions never mix.
-        self.batcher.admit(request)
+        self.batcher.admit(request, version)
 
     def abort(self, request_ids: list[str]) -> None:
         self.batcher.abort(request_ids)
@@ -109,7 +107,6 @@ class NativeRuntime(RankRuntime, ServesLogits, CalibratesKvScales, CapturesCudaG
     def running(self) -> list[str]:
         return self.batcher.running()
 
-    @torch.inference_mode()
     def step(self) -> list[Update]:
         return self.batcher.step()
 
