@@ -28,6 +28,7 @@ from typing import Any
 from benchmarks.checkpoints import ensure_checkpoint
 from benchmarks.reload_bench import machine_description
 from orchestrator import EngineConfig, ReloadOrchestrator
+from orchestrator.scratch import local_ray
 
 MODES = ("keep", "recompute", "wait", "abort")
 THROUGHPUT_TARGET = 0.9
@@ -176,7 +177,8 @@ def run(opts: Options) -> dict[str, Any]:
                           timeout_s=1800,
                           engine_args={"kv_cache_memory_bytes": 1 << 30}
                           if opts.engine == "vllm" else {})
-    with ReloadOrchestrator(config) as orch:
+    with (local_ray(num_cpus=cores, include_dashboard=False, log_to_driver=False),
+          ReloadOrchestrator(config) as orch):
         baseline, windows = asyncio.run(measure_windows(orch, opts, sources))
     return {"machine": machine_description(), "engine": opts.engine, "size": opts.size,
             "dtype": opts.dtype, "tp": opts.tp, "requests": opts.requests,
