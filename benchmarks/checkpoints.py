@@ -12,6 +12,9 @@ from safetensors.torch import load_file, save_file
 
 log = logging.getLogger("tp_reload.bench")
 
+SCRATCH_PREFIX = "tp-reload-bench-scratch-"
+"""A benchmark run's own temporary directory (torch's Inductor cache), removed at its end."""
+
 # name -> (LlamaConfig fields, max shard size)
 SIZES: dict[str, tuple[dict, str]] = {
     # The tests' size: every case and row of the quick run, a quarter of the bytes.

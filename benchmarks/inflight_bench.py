@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.checkpoints import ensure_checkpoint
+from benchmarks.checkpoints import SCRATCH_PREFIX, ensure_checkpoint
 from benchmarks.reload_bench import machine_description
 from orchestrator import EngineConfig, ReloadOrchestrator
-from orchestrator.scratch import local_ray
+from orchestrator.scratch import inductor_cache_in, local_ray, owned_temp_dir
 
 MODES = ("keep", "recompute", "wait", "abort")
 THROUGHPUT_TARGET = 0.9
@@ -169,6 +169,12 @@ def summarize(baseline: Window, windows: dict[str, Window]) -> dict[str, Any]:
 
 
 def run(opts: Options) -> dict[str, Any]:
+    """On a local Ray of its own; torch's Inductor cache goes with a scratch directory."""
+    with owned_temp_dir(SCRATCH_PREFIX) as scratch, inductor_cache_in(scratch):
+        return measure(opts)
+
+
+def measure(opts: Options) -> dict[str, Any]:
     opts.workdir.mkdir(parents=True, exist_ok=True)
     sources = [ensure_checkpoint(opts.workdir, opts.size, seed=s) for s in (0, 1)]
     cores = os.cpu_count() or 1

@@ -38,6 +38,7 @@ from benchmarks.baselines import (
     vllm_reload_seconds,
 )
 from benchmarks.checkpoints import (
+    SCRATCH_PREFIX,
     SIZES,
     ensure_checkpoint,
     half_depth,
@@ -51,7 +52,7 @@ from orchestrator import (
     TrainerEndpoint,
     TrainerSource,
 )
-from orchestrator.scratch import local_ray
+from orchestrator.scratch import inductor_cache_in, local_ray, owned_temp_dir
 
 log = logging.getLogger("tp_reload.bench")
 PEERS = ("dcp", "full")
@@ -358,11 +359,13 @@ def fixed_cost(orch: ReloadOrchestrator | None, path: Path, opts: Options) -> di
 
 
 def run(opts: Options) -> dict[str, Any]:
-    """Every case of ``opts``, on the Ray already initialized or on a local one of its own."""
-    path = ensure_checkpoint(opts.workdir, opts.size)
-    tensors = load_tensors(path)
-    with local_ray(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False):
-        return measure(opts, path, tensors)
+    """Every case of ``opts``, on the Ray already initialized or on a local one of its own;
+    torch's Inductor cache goes with a scratch directory."""
+    with owned_temp_dir(SCRATCH_PREFIX) as scratch, inductor_cache_in(scratch):
+        path = ensure_checkpoint(opts.workdir, opts.size)
+        tensors = load_tensors(path)
+        with local_ray(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False):
+            return measure(opts, path, tensors)
 
 
 def measure(opts: Options, path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
