@@ -38,7 +38,8 @@ def session_dir(pytestconfig: pytest.Config) -> Path:
     return pytestconfig.stash[SESSION_DIR][0]
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]):
     unmarked = [i.nodeid for i in items if "ray_cluster" in getattr(i, "fixturenames", ())
                 and not i.get_closest_marker("ray")]
     if unmarked:
@@ -46,12 +47,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("vllm"):
             item.add_marker(pytest.mark.slow)  # each starts vLLM engines: 10 s and more
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs CUDA (gpu marker); this machine has no GPU")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        SHARED.declared(item)  # an unknown name is a usage error before anything runs
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA (gpu marker); this machine has no GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+    result = yield  # pytest's own hooks deselect (-m, -k) and group parameters
+    items[:] = SHARED.ordered(items)
+    return result
+
+
+@pytest.hookimpl(trylast=True)  # after the test's own fixtures are torn down
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    SHARED.close_unneeded(item)
 
 
 @pytest.fixture(autouse=True)
@@ -119,15 +128,77 @@ def llama32(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             for name, seed in (("a", 41), ("b", 42))}
 
 
+class SharedEngines:
+    """The session's vLLM engines that tests share (``vllm_tp2``, ``vllm_fp8``,
+    ``vllm_drill``), each started at its first user and closed, leaving no trace on the node
+    (``closed_without_trace``), after its last. An idle vLLM rank costs about 5% of a core
+    here (gloo wakes each of its 14 transport threads every 10 ms) and the suite is bound by
+    its 2 cores, so their users run last, together, grouped by engine: the engines never
+    idle through the rest of the suite. A user is a test that names the fixture as an
+    argument, or one marked ``shares(name)`` (for a fixture it requests by name at run
+    time)."""
+
+    ORDER = ("vllm_fp8", "vllm_drill", "vllm_tp2")
+    """The order their users run in: the engines with fewer users first, so each closes
+    as early as it can."""
+
+    def __init__(self) -> None:
+        self.running: dict[str, contextlib.ExitStack] = {}
+        self.needed_after: dict[str, set[str]] = {}
+        """nodeid -> the engines some later test of the session uses."""
+
+    def declared(self, item: pytest.Item) -> set[str]:
+        names = set(getattr(item, "fixturenames", ())) & set(self.ORDER)
+        for mark in item.iter_markers("shares"):
+            unknown = set(mark.args) - set(self.ORDER)
+            if unknown:
+                raise pytest.UsageError(f"{item.nodeid}: shares{mark.args} names no shared "
+                                        f"engine (known: {self.ORDER})")
+            names |= set(mark.args)
+        return names
+
+    def ordered(self, items: list[pytest.Item]) -> list[pytest.Item]:
+        """Tests on no shared engine first, in pytest's order; then each engine's users."""
+        def group(item: pytest.Item) -> int:
+            used = self.declared(item)
+            return min((self.ORDER.index(n) + 1 for n in used), default=0)
+
+        ordered = sorted(items, key=group)  # stable: pytest's order within each group
+        later: set[str] = set()
+        for item in reversed(ordered):
+            self.needed_after[item.nodeid] = set(later)
+            later |= self.declared(item)
+        return ordered
+
+    def start(self, name: str, orch):
+        stack = contextlib.ExitStack()
+        started = stack.enter_context(closed_without_trace(orch))
+        self.running[name] = stack
+        return started
+
+    def close(self, name: str) -> None:
+        stack = self.running.pop(name, None)
+        if stack is not None:
+            stack.close()
+
+    def close_unneeded(self, item: pytest.Item) -> None:
+        needed = self.needed_after.get(item.nodeid, set(self.ORDER))
+        for name in [n for n in self.running if n not in needed]:
+            self.close(name)
+
+
+SHARED = SharedEngines()
+
+
 @pytest.fixture(scope="session")
 def vllm_tp2(ray_cluster, llama32):
-    """Two float32 TP=2 vLLM engines (``num_engines=2``) for the session, first serving
-    llama32['a']. vLLM engines are the suite's dearest part (each rank imports vLLM for
-    about 10 s here): the tests that leave an engine serving share these (``serving`` brings
-    them to the checkpoint they expect; most use engine 0); drills that kill or break ranks
-    start engines of their own."""
-    with closed_without_trace(start(llama32["a"], 2, engine="vllm", num_engines=2)) as orch:
-        yield orch
+    """Two float32 TP=2 vLLM engines (``num_engines=2``), first serving llama32['a'].
+    vLLM engines are the suite's dearest part (each rank imports vLLM for about 10 s here):
+    the tests that leave an engine serving share these (``serving`` brings them to the
+    checkpoint they expect; most use engine 0); drills that kill or break ranks start
+    engines of their own."""
+    yield SHARED.start("vllm_tp2", start(llama32["a"], 2, engine="vllm", num_engines=2))
+    SHARED.close("vllm_tp2")
 
 
 @pytest.fixture(scope="session")
@@ -143,8 +214,8 @@ def native_tp2(ray_cluster, llama32):
 def vllm_drill(ray_cluster, llama32):
     """A float32 TP=2 vLLM engine for the drills that kill its ranks (each leaves it
     rebuilt and serving, and checks so), apart from the engines other tests share."""
-    with closed_without_trace(start(llama32["a"], 2, engine="vllm")) as orch:
-        yield orch
+    yield SHARED.start("vllm_drill", start(llama32["a"], 2, engine="vllm"))
+    SHARED.close("vllm_drill")
 
 
 @contextlib.contextmanager
@@ -163,11 +234,11 @@ def closed_without_trace(orch):
 
 @pytest.fixture(scope="session")
 def vllm_fp8(ray_cluster, llama32):
-    """One bfloat16 TP=2 vLLM engine with online fp8_per_channel for the session, first
-    serving llama32['a'], shared by the tests of that method that leave it serving."""
-    with closed_without_trace(start(llama32["a"], 2, engine="vllm", dtype="bfloat16",
-                                    quantization="fp8_per_channel")) as orch:
-        yield orch
+    """One bfloat16 TP=2 vLLM engine with online fp8_per_channel, first serving
+    llama32['a'], shared by the tests of that method that leave it serving."""
+    yield SHARED.start("vllm_fp8", start(llama32["a"], 2, engine="vllm", dtype="bfloat16",
+                                         quantization="fp8_per_channel"))
+    SHARED.close("vllm_fp8")
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,7 @@ from tests.support import (
 )
 
 pytestmark = pytest.mark.ray
-ENGINES = ["native", pytest.param("vllm", marks=pytest.mark.vllm)]
+ENGINES = ["native", pytest.param("vllm", marks=[pytest.mark.vllm, pytest.mark.shares("vllm_tp2")])]
 NEW_TOKENS = 6
 
 
@@ -222,7 +222,7 @@ def test_tensor_larger_than_the_models_is_refused(engine, steps, prompt):
 @pytest.mark.slow
 @pytest.mark.parametrize(("engine_name", "stage"), [
     ("native", "transfer"), ("native", "process"),
-    pytest.param("vllm", "process", marks=pytest.mark.vllm)])
+    pytest.param("vllm", "process", marks=[pytest.mark.vllm, pytest.mark.shares("vllm_drill")])])
 def test_rank_killed_mid_reload_is_rebuilt(ray_cluster, steps, prompt, tmp_path, engine_name,
                                            stage, request):
     """On the drill engine of each: native, this module's (``native_drill``); vLLM, the
@@ -275,7 +275,8 @@ def test_only_reload_errors_blame_the_checkpoint(ray_cluster):
     ("native", "fp8", "float32"),
     # vLLM's online FP8 reduces amax over the TP group while processing: without failure
     # consensus rank 0 would wait in that collective for rank 1 forever.
-    pytest.param("vllm", "fp8_per_channel", "bfloat16", marks=pytest.mark.vllm)])
+    pytest.param("vllm", "fp8_per_channel", "bfloat16",
+                 marks=[pytest.mark.vllm, pytest.mark.shares("vllm_fp8")])])
 def test_exception_in_one_ranks_quantization(ray_cluster, steps, prompt, engine_name,
                                              quantization, dtype, request):
     """vLLM: on the session's shared fp8_per_channel engine (``vllm_fp8``)."""

@@ -53,7 +53,8 @@ def prompts() -> list[list[int]]:
     return [torch.randint(0, 251, (3 + i,), generator=gen).tolist() for i in range(COUNT)]
 
 
-@pytest.fixture(params=["native", pytest.param("vllm", marks=pytest.mark.vllm)])
+@pytest.fixture(params=["native", pytest.param("vllm", marks=[pytest.mark.vllm,
+                                                               pytest.mark.shares("vllm_tp2")])])
 def engine(request, llama32):
     """An orchestrator serving llama32['a']: the session's shared native TP=2 engine or
     vLLM pair."""

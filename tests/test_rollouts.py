@@ -90,7 +90,8 @@ def native_pair(ray_cluster, eos_checkpoint):
         yield orch
 
 
-@pytest.fixture(params=["native", pytest.param("vllm", marks=pytest.mark.vllm)])
+@pytest.fixture(params=["native", pytest.param("vllm", marks=[pytest.mark.vllm,
+                                                               pytest.mark.shares("vllm_tp2")])])
 def engines(request, llama32):
     """(orchestrator with two engines, the stop ids its model's config names, or None to pass
     them explicitly). vLLM: the session's shared pair, on llama32['a'] (EOS id 2)."""

@@ -75,7 +75,7 @@ def assert_serves(orch, path: Path, prompt: torch.Tensor, engine: int = 0):
     return samples
 
 
-@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("tp", [1, pytest.param(2, marks=pytest.mark.shares("vllm_tp2"))])
 def test_vllm_engine_serves_and_reloads_like_transformers(ray_cluster, vsteps, prompt, tp,
                                                           request):
     """TP=1 on an engine of its own, TP=2 on the session's shared one."""
@@ -132,7 +132,9 @@ def test_two_vllm_engines_reload_together(vllm_tp2, vsteps, prompt):
     assert len(pids) == 4
 
 
-@pytest.mark.parametrize("method", ["fp8_per_channel", "int8_per_channel_weight_only"])
+@pytest.mark.parametrize("method", [pytest.param("fp8_per_channel",
+                                                 marks=pytest.mark.shares("vllm_fp8")),
+                                    "int8_per_channel_weight_only"])
 def test_online_quantized_reload_equals_vllms_own_loader(ray_cluster, vsteps, prompt, method,
                                                          request):
     """After a reload, tokens and log-probs equal those of a fresh engine vLLM itself built
