@@ -50,7 +50,7 @@ def expert_bytes_share(path: Path) -> float:
 
 
 @pytest.mark.parametrize("tp", [pytest.param(1, marks=pytest.mark.slow), 2])
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("family", ["qwen3_moe", pytest.param("mixtral", marks=pytest.mark.slow)])
 def test_moe_reload_matches_transformers(ray_cluster, tmp_path, prompt, family, tp):
     a = write_checkpoint(tmp_path / "a", family, seed=31)
     b = write_checkpoint(tmp_path / "b", family, seed=32)

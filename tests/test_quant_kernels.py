@@ -50,10 +50,15 @@ def test_abs_max_along_a_dim_is_exact_and_propagates_nan():
     assert torch.equal(amax[finite], expected[finite])
 
 
-vllm_kernels = pytest.importorskip("actors.engines.vllm.kernels", reason="vLLM is not installed")
+@pytest.fixture
+def vllm_kernels():
+    """Imported by the tests that use it, not at collection: importing vLLM takes 5 s here,
+    which every pytest run (the inner loop's too) would pay."""
+    return pytest.importorskip("actors.engines.vllm.kernels", reason="vLLM is not installed")
 
 
-def test_vllm_fast_paths_match_vllm_bit_for_bit():
+@pytest.mark.slow  # imports vLLM
+def test_vllm_fast_paths_match_vllm_bit_for_bit(vllm_kernels):
     from vllm.model_executor.layers.quantization.online import fp8 as online_fp8
 
     w = weight(rows=700, cols=1536)
@@ -85,7 +90,8 @@ def test_vllm_fast_paths_match_vllm_bit_for_bit():
     assert online_fp8.weight_amax is original_amax
 
 
-def test_vllm_fast_paths_leave_cuda_alone():
+@pytest.mark.slow  # imports vLLM
+def test_vllm_fast_paths_leave_cuda_alone(vllm_kernels):
     from vllm.model_executor.layers.quantization.online import fp8 as online_fp8
 
     original = online_fp8.weight_amax

@@ -61,7 +61,7 @@ def assert_serves(orch, path: Path, prompt: torch.Tensor, engine: int = 0) -> No
 
 
 @pytest.mark.parametrize(("tp", "engines"), [
-    (1, 1), (2, 1), pytest.param(4, 1, marks=pytest.mark.slow),
+    pytest.param(1, 1, marks=pytest.mark.slow), (2, 1), pytest.param(4, 1, marks=pytest.mark.slow),
     pytest.param(2, 2, marks=pytest.mark.slow)])
 def test_reload_directory_in_place(ray_cluster, steps, prompt, tp, engines, request):
     with engine_at_a(request, steps, tp, engines) as orch:
