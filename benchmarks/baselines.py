@@ -5,9 +5,8 @@ kernel tensors are preallocated; a run narrows each source tensor to the rank's 
 copies it into place (the model's own loaders: one read, one copy), then quantizes each
 quantized layer once and copies the result into the preallocated kernel tensors.
 
-* floor: ``RankWork`` fed from the same files (lazy slices: only the rank's bytes are read)
-  or from the same in-memory tensors, in the benchmark process, one rank after another; the
-  floor is the slowest rank (ranks run in parallel in a real engine).
+* the floors (``benchmarks.floors``): ``RankWork`` alone, with bare torch, in processes of
+  their own.
 * peer ``dcp``: torch.distributed.checkpoint's ``HuggingFaceStorageReader`` loads the
   checkpoint into a TP-sharded DTensor state dict over gloo (one process per rank), then the
   same fuse, quantization and copy.
@@ -22,7 +21,6 @@ import queue
 import socket
 import time
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +29,7 @@ from torch import nn
 
 from actors.engines.native import TPGroup, build_model, load_spec
 from actors.rank_actor import process_memory, reset_peak_rss
-from actors.transports import BucketReader
-from actors.transports.files import FileBucket, checkpoint_inventory, file_entry
+from actors.transports.files import checkpoint_inventory
 from quant import QuantConfig
 
 
@@ -72,39 +69,6 @@ class RankWork:
                 for name, tensor in self._quantize(module).items():
                     self.kernel[id(module)][name].copy_(tensor)
         return {"load": loaded - begin, "quantize": time.perf_counter() - loaded}
-
-
-def file_entries(model_dir: Path) -> FileBucket:
-    return FileBucket(tuple(file_entry(i) for i in checkpoint_inventory(model_dir)))
-
-
-def _one_rank(work: RankWork, model_dir: Path | None,
-              tensors: dict[str, torch.Tensor] | None) -> dict[str, float]:
-    if model_dir is None:
-        return work.run(tensors.items())
-    reader = BucketReader()
-    try:
-        return work.run(reader.items(file_entries(model_dir)))
-    finally:
-        reader.close()
-
-
-def floor_seconds(works: list[RankWork], model_dir: Path | None,
-                  tensors: dict[str, torch.Tensor] | None) -> dict[str, float]:
-    """The strict floor: each rank's work alone (no contention), then the slowest rank, as
-    if the ranks ran in parallel with perfect scaling."""
-    per_rank = [_one_rank(work, model_dir, tensors) for work in works]
-    return max(per_rank, key=lambda stages: sum(stages.values()))
-
-
-def concurrent_floor_seconds(works: list[RankWork], model_dir: Path | None,
-                             tensors: dict[str, torch.Tensor] | None) -> float:
-    """The same work with every rank at once, one thread per rank in this process (torch
-    releases the GIL in its kernels; Python overhead still contends): wall seconds."""
-    begin = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=len(works)) as pool:
-        list(pool.map(lambda work: _one_rank(work, model_dir, tensors), works))
-    return time.perf_counter() - begin
 
 
 # ---- peers, one process per rank -------------------------------------------------------
