@@ -201,6 +201,7 @@ class FloorProcesses:
         import torch.multiprocessing as mp
 
         ctx = mp.get_context("spawn")
+        _remove_orphaned_regions()
         layout = Layout.of(self.model_dir)
         region = REGION_DIR / f"{REGION_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
         with open(region, "xb") as f:
@@ -297,6 +298,18 @@ class FloorProcesses:
             if kind == "memory":
                 floors["transport"].add(*self.transport())
         return floors
+
+
+def _remove_orphaned_regions() -> None:
+    """Regions a killed benchmark created but did not live to unlink (named after its pid)."""
+    for region in REGION_DIR.glob(f"{REGION_PREFIX}*"):
+        pid = int(region.name[len(REGION_PREFIX):].split("-")[0])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            region.unlink(missing_ok=True)
+        except PermissionError:  # alive, someone else's
+            pass
 
 
 def _wall(runs: list[tuple[float, float, Any]]) -> float:

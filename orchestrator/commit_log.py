@@ -10,9 +10,11 @@ deterministic. It serves two failures:
   * a dead rank: Ray restarts the actor empty, it rejoins a new process group and replays
     the log from its first entry.
 
-Memory cost: in-memory sources stay in the Ray object store (one copy per node, shared by all
-ranks and engines) while they are in the log; a trainer stream stays in the engine ranks,
-each keeping the boxes it received (its share), and a restarted rank cannot rebuild it;
+Memory cost: in-memory sources stay in the node's shared memory (tp-reload's regions, or the
+Ray object store: one copy per node, shared by all ranks and engines) while they are in the
+log (``node_bytes``, reported after every reload as ``ReloadReport.rollback_bytes``); a
+trainer stream stays in the engine ranks, each keeping the boxes it received (its share),
+and a restarted rank cannot rebuild it;
 checkpoint directories cost nothing but must stay unchanged until superseded; replay checks
 their files' size and mtime, and refuses to rebuild from a directory that changed.
 """
@@ -34,6 +36,8 @@ class CommittedSource:
     """Checkpoint file -> (size, mtime_ns) when it was committed."""
     rank_kept: int | None = None
     """Id of what every rank keeps to replay this source (a trainer stream), if anything."""
+    node_bytes: int = 0
+    """Bytes its messages keep in the node's shared memory while it is logged."""
 
     def check_unchanged(self) -> None:
         for path, expected in self.fingerprints.items():
@@ -50,7 +54,8 @@ class CommittedSource:
 def committed(source: Source, delivery: Delivery) -> CommittedSource:
     """What the log keeps of ``source``, as its transport delivered it."""
     return CommittedSource(source.description, tuple(delivery.replay),
-                           source.transport.fingerprints(source), delivery.rank_kept)
+                           source.transport.fingerprints(source), delivery.rank_kept,
+                           delivery.node_bytes)
 
 
 @dataclass(slots=True)
@@ -63,6 +68,10 @@ class CommitLog:
 
     def _after(self, entry: CommittedSource, covers_every_layer: bool) -> list[CommittedSource]:
         return [entry] if covers_every_layer else [*self.entries, entry]
+
+    def node_bytes(self) -> int:
+        """What the log keeps in the node's shared memory now."""
+        return sum(e.node_bytes for e in self.entries)
 
     def rank_kept(self) -> tuple[int, ...]:
         """Ids of what the log replays from what the engine ranks kept."""

@@ -18,6 +18,7 @@ KV_CACHE_DTYPES = ("auto", "fp8")
 KV_SCALES = ("checkpoint", "calibrate")
 PLACEMENT_STRATEGIES = ("PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD")
 ENGINE_PLACEMENTS = ("SPREAD", "ANY")
+MEMORY_TRANSPORTS = ("auto", "object_store")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -53,6 +54,10 @@ class EngineConfig:
     """Ray CPU request per rank actor; fractional values let TP=4 run on a 2-core machine."""
     bucket_bytes: int = 256 << 20
     """Upper bound of one streamed bucket during a reload."""
+    memory_transport: str = "auto"
+    """How in-memory sources (a dict or pairs of tensors) reach the ranks: 'auto' writes them
+    once into shared memory tp-reload keeps on the node when the driver and every rank share
+    it, else Ray's object store; 'object_store' always the object store."""
     placement_strategy: str = "STRICT_PACK"
     """Ray placement-group strategy for one engine's ranks: STRICT_PACK keeps an engine's
     TP group on one node (its collectives then never cross the network)."""
@@ -119,7 +124,8 @@ class EngineConfig:
         choices = {"dtype": DTYPES, "device": DEVICES, "kv_cache_dtype": KV_CACHE_DTYPES,
                    "kv_scales": KV_SCALES, "placement_strategy": PLACEMENT_STRATEGIES,
                    "engine_placement": ENGINE_PLACEMENTS, "engine": tuple(engine_names()),
-                   "serve_during_reload": ("wait", "fail")}
+                   "serve_during_reload": ("wait", "fail"),
+                   "memory_transport": MEMORY_TRANSPORTS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(

@@ -115,7 +115,7 @@ class ReloadOrchestrator(EngineServing):
         self.dispatcher.stop()
         self.fleet.close()
         self.dispatcher.close()
-        self.transaction.version = None
+        self.transaction.close()
 
     def reload(self, source: Any, order: Order = "plan", strict: bool = True,
                staged: bool | None = None, staging: str | None = None,

@@ -59,11 +59,18 @@ class ReloadReport:
     staging_bytes: int = 0
     """Staged reloads: the most staging memory any rank held (one more copy of the layers
     the source touched)."""
+    transport: str = ""
+    """How the source's bytes travelled (``files``, ``shared_memory``, ``object_store``,
+    ``trainer_stream``, or a registered transport's name)."""
+    rollback_bytes: int = 0
+    """What the commit log keeps in the node's shared memory after this reload to roll back
+    from (in-memory sources: one copy per node, not per rank)."""
 
     @classmethod
     def from_ranks(cls, stats: dict[RankKey, dict[str, Any]], *, version: int, seconds: float,
                    stage_seconds: dict[str, float], plan: Plan, source: Source,
-                   bytes_sent: dict[int, int], layer_kinds: dict[str, str]) -> ReloadReport:
+                   bytes_sent: dict[int, int], layer_kinds: dict[str, str],
+                   transport: str = "") -> ReloadReport:
         """The report of one load from every rank's ``finish_reload`` statistics."""
         first = stats[min(stats)]
         bytes_by_kind: dict[str, int] = {}
@@ -86,7 +93,8 @@ class ReloadReport:
                       for w in s["warnings"]],
             order=plan.order, source=source.description, source_bytes=source.nbytes,
             buckets=len(plan.buckets), buffered_timeline=first["buffered_timeline"],
-            bytes_sent=bytes_sent, bytes_by_kind=bytes_by_kind, seconds_by_kind=seconds_by_kind)
+            bytes_sent=bytes_sent, bytes_by_kind=bytes_by_kind, seconds_by_kind=seconds_by_kind,
+            transport=transport)
 
     def share(self, kind: str) -> tuple[float, float]:
         """(fraction of source bytes, fraction of rank seconds) spent on layers of ``kind``,

@@ -24,7 +24,7 @@ import torch
 from actors.rank_actor import RankActor
 from actors.reload import RANK_STAGES
 from actors.step_loop import InFlight
-from actors.transports.base import Delivery, DeliveryContext, Source
+from actors.transports.base import Delivery, DeliveryContext, Source, TransportState
 from orchestrator.commit_log import CommitLog, CommittedSource, committed
 from orchestrator.config import EngineConfig
 from orchestrator.errors import RankError, RecoveryError
@@ -49,6 +49,14 @@ class Transaction:
         """The committed version every rank serves (None before the first load)."""
         self.on_recovered: Callable[[set[int]], None] | None = None
         """Called with the engines a recovery rebuilt (their running requests were lost)."""
+        self.transports = TransportState()
+
+    def close(self) -> None:
+        """The fleet is gone: nothing is committed, and what transports kept for replay (the
+        log's messages) and for reuse goes."""
+        self.version = None
+        self.log = CommitLog()
+        self.transports.close()
 
     # ---- loading -----------------------------------------------------------------------
 
@@ -73,7 +81,8 @@ class Transaction:
         self.log.record(entry, covers)
         self.version = version
         self.fleet.run(RankActor.resume, version)
-        return replace(report, pause_seconds=report.seconds + drained)
+        return replace(report, pause_seconds=report.seconds + drained,
+                       rollback_bytes=self.log.node_bytes())
 
     def load_staged(self, source: Source, plan: Plan, plan_seconds: float, place: str,
                     in_flight: InFlight = "wait") -> ReloadReport:
@@ -103,7 +112,8 @@ class Transaction:
             self.version = version
             pause = time.perf_counter() - flip_begin
         return replace(report, seconds=time.perf_counter() - begin, staged=True,
-                       pause_seconds=pause, staging_bytes=max(staged.values()))
+                       pause_seconds=pause, staging_bytes=max(staged.values()),
+                       rollback_bytes=self.log.node_bytes())
 
     @property
     def current(self) -> int:
@@ -121,7 +131,8 @@ class Transaction:
                             len(plan.buckets), enabled=self.config.progress)
         started = self.fleet.call(RankActor.start_reload, first, staged)
         context = DeliveryContext(self.fleet, self.router.routing, self.config.device,
-                                  self.config.timeout_s)
+                                  self.config.timeout_s, self.transports,
+                                  self.config.memory_transport)
         delivery = source.transport.deliver(source, plan, context)
         try:
             pending, send_seconds = self._queue(delivery, source.transport.max_in_flight,
@@ -151,7 +162,8 @@ class Transaction:
         report = ReloadReport.from_ranks(
             stats, version=version, seconds=time.perf_counter() - begin, stage_seconds=stage,
             plan=plan, source=source, bytes_sent=dict(enumerate(sent)),
-            layer_kinds=self.router.routing.layer_kinds)
+            layer_kinds=self.router.routing.layer_kinds,
+            transport=delivery.carrier or source.transport.name)
         for warning in report.warnings:
             log.warning(warning)
         return report, delivery

@@ -2,7 +2,8 @@
 
 Built in: ``trainer_stream`` (a ``TrainerSource``: the trainer's Ray actors send each engine
 rank its pieces), ``files`` (a checkpoint directory every rank reads itself) and
-``object_store`` (a dict or iterable of tensors, through Ray's object store). Any other is
+``shared_memory`` (a dict or iterable of tensors: through shared memory tp-reload keeps on
+the node when the driver and the ranks share it, through Ray's object store otherwise). Any other is
 a ``Transport`` registered from outside the package with ``register_transport``; it is tried
 before the built-in ones, and nothing in the orchestrator changes.
 """
@@ -36,11 +37,11 @@ def register_transport(transport: Transport) -> Transport:
 
 def transports() -> list[Transport]:
     from actors.transports.files import FilesTransport
-    from actors.transports.object_store import ObjectStoreTransport
+    from actors.transports.shared_memory import SharedMemoryTransport
     from actors.transports.trainer_stream import TrainerStreamTransport
 
     if not any(isinstance(t, FilesTransport) for t in _registered):
-        _registered.extend([TrainerStreamTransport(), FilesTransport(), ObjectStoreTransport()])
+        _registered.extend([TrainerStreamTransport(), FilesTransport(), SharedMemoryTransport()])
     return list(_registered)
 
 

@@ -146,6 +146,32 @@ class Delivery:
     """After every rank finished: wait for the sending side; bytes each sender sent."""
     blame: Callable[[BaseException, float], BaseException] = lambda error, timeout_s: error
     """After a failure: the error to report (a failed sender rather than its receivers)."""
+    carrier: str = ""
+    """How the bytes travel, when a transport picks between ways (``shared_memory``,
+    ``object_store``); empty: the transport's name."""
+    node_bytes: int = 0
+    """Bytes the replay messages keep alive in a node's shared memory (the object store, or
+    tp-reload's own regions): what the commit log costs while it holds this source."""
+
+
+class TransportState:
+    """What transports keep for one orchestrator between reloads (regions they reuse, what
+    they learned of the fleet), by transport name; closed, last made first, when the
+    orchestrator shuts down."""
+
+    def __init__(self) -> None:
+        self.kept: dict[str, Any] = {}
+
+    def get(self, name: str, make: Callable[[], Any]) -> Any:
+        """``name``'s state, made by ``make()`` the first time (anything with ``close()``)."""
+        if name not in self.kept:
+            self.kept[name] = make()
+        return self.kept[name]
+
+    def close(self) -> None:
+        while self.kept:
+            _, state = self.kept.popitem()
+            state.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +183,10 @@ class DeliveryContext:
     device: str
     """The engines' device (``cpu``/``cuda``)."""
     timeout_s: float
+    state: TransportState = field(default_factory=TransportState)
+    """The orchestrator's transport state (kept across its reloads)."""
+    memory_transport: str = "auto"
+    """``EngineConfig.memory_transport``."""
 
 
 class Transport(ABC):
