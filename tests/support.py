@@ -134,6 +134,14 @@ def sample_fixed(server: Any, prompts: Any, max_new_tokens: int, **kwargs: Any) 
     return fixed_length(server.sample(prompts, max_new_tokens, ignore_eos=True, **kwargs))
 
 
+def serves(orch: Any, path: Path, prompt: torch.Tensor, new_tokens: int = 6) -> bool:
+    """Greedy tokens equal transformers' on ``path`` and log-probs within 1e-4."""
+    got = sample_fixed(orch, prompt, new_tokens, temperature=0)
+    tokens, logprobs = reference_sample(path, prompt, new_tokens)
+    return (torch.equal(got.tokens, tokens)
+            and (got.logprobs - logprobs).abs().max().item() <= 1e-4)
+
+
 def generate_fixed(server: Any, prompts: torch.Tensor, max_new_tokens: int,
                    engine: int | None = None) -> torch.Tensor:
     """[B, T + N]: the prompts and exactly ``max_new_tokens`` greedy tokens, as

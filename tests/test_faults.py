@@ -28,6 +28,7 @@ from tests.support import (
     rel_l2,
     reload_until_paused,
     sample_fixed,
+    serves,
     serving,
     start,
     write_checkpoint,
@@ -62,14 +63,6 @@ def native_drill(ray_cluster, steps):
 def serve(orch, prompt: torch.Tensor):
     samples = sample_fixed(orch, prompt, NEW_TOKENS, temperature=0)
     return samples.tokens, samples.logprobs
-
-
-def serves(orch, path: Path, prompt: torch.Tensor) -> bool:
-    """Greedy tokens equal transformers' on ``path`` and log-probs within 1e-4."""
-    tokens, logprobs = serve(orch, prompt)
-    expected_tokens, expected_logprobs = reference_sample(path, prompt, NEW_TOKENS)
-    return (torch.equal(tokens, expected_tokens)
-            and (logprobs - expected_logprobs).abs().max().item() <= 1e-4)
 
 
 class Served:

@@ -22,16 +22,14 @@ from orchestrator import RankError
 from tests.support import (
     kill_rank,
     load_tensors,
-    reference_sample,
     reload_until_paused,
-    sample_fixed,
+    serves,
     serving,
     start,
 )
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
-NEW_TOKENS = 6
 ENGINES = ["native", pytest.param("vllm", marks=[pytest.mark.vllm, pytest.mark.shares("vllm_tp2")])]
 
 
@@ -39,14 +37,6 @@ def regions() -> set[str]:
     """tp-reload's in-memory-source regions in /dev/shm now."""
     return {name for names in node_shm.instances().values() for name in names
             if "-region" in name}
-
-
-def serves(orch, path: Path, prompt: torch.Tensor) -> bool:
-    """Greedy tokens equal transformers' on ``path`` and log-probs within 1e-4."""
-    got = sample_fixed(orch, prompt, NEW_TOKENS, temperature=0)
-    tokens, logprobs = reference_sample(path, prompt, NEW_TOKENS)
-    return (torch.equal(got.tokens, tokens)
-            and (got.logprobs - logprobs).abs().max().item() <= 1e-4)
 
 
 def kernel_tensors(orch) -> list[dict[str, torch.Tensor]]:
