@@ -3,6 +3,9 @@ precisions an engine runs in (and converts a trainer's weights from)."""
 
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
 import torch
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -38,3 +41,14 @@ def itemsize(code: str) -> int:
 
 
 ENGINE_DTYPE_NAMES: tuple[str, ...] = tuple(dtype_name(d) for d in ENGINE_DTYPES)
+
+
+def view_in(buffer: Any, offset: int, dtype: torch.dtype, shape: tuple[int, ...]
+            ) -> torch.Tensor:
+    """The tensor stored at ``offset`` of ``buffer`` (a mapping), as a view: no copy. A
+    read-only buffer gives a view that is only ever read (torch would warn about it)."""
+    count = torch.Size(shape).numel() * dtype.itemsize
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        raw = torch.frombuffer(buffer, dtype=torch.uint8, count=count, offset=offset)
+    return raw.view(dtype).reshape(shape)

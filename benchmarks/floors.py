@@ -30,7 +30,6 @@ import mmap
 import os
 import secrets
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from actors.dtypes import SAFETENSORS_DTYPES
+from actors.dtypes import SAFETENSORS_DTYPES, view_in
 from actors.transports.files import checkpoint_files, checkpoint_inventory
 
 STAGES = ("load", "quantize")
@@ -80,12 +79,8 @@ class Layout:
 
     def views(self, region: mmap.mmap) -> dict[str, torch.Tensor]:
         """Each tensor as a view of the region: no copy."""
-        out = {}
-        for name, (offset, shape, dtype) in self.slots.items():
-            count = torch.Size(shape).numel() * dtype.itemsize
-            raw = torch.frombuffer(region, dtype=torch.uint8, count=count, offset=offset)
-            out[name] = raw.view(dtype).reshape(shape)
-        return out
+        return {name: view_in(region, offset, dtype, shape)
+                for name, (offset, shape, dtype) in self.slots.items()}
 
 
 def _mapped(model_dir: Path) -> tuple[list[mmap.mmap], dict[str, torch.Tensor]]:
@@ -100,13 +95,8 @@ def _mapped(model_dir: Path) -> tuple[list[mmap.mmap], dict[str, torch.Tensor]]:
         header = json.loads(region[8:8 + size])
         header.pop("__metadata__", None)
         for name, entry in header.items():
-            begin, end = entry["data_offsets"]
-            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-            with warnings.catch_warnings():  # read-only memory; only ever read
-                warnings.simplefilter("ignore", UserWarning)
-                raw = torch.frombuffer(region, dtype=torch.uint8, count=end - begin,
-                                       offset=8 + size + begin)
-            views[name] = raw.view(dtype).reshape(entry["shape"])
+            views[name] = view_in(region, 8 + size + entry["data_offsets"][0],
+                                  SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]))
     return maps, views
 
 

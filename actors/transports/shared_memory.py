@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-import warnings
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from typing import Any
 import torch
 
 from actors import node_shm
-from actors.dtypes import dtype_name
+from actors.dtypes import dtype_name, view_in
 from actors.lazy import TensorEntry, TensorWindow
 from actors.node_shm import SharedMemoryUnavailable
 from actors.transports.base import (
@@ -76,7 +75,7 @@ class Region:
 
     def write(self, offset: int, tensor: torch.Tensor) -> None:
         raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        torch.frombuffer(self.map, dtype=torch.uint8, count=raw.numel(), offset=offset).copy_(raw)
+        view_in(self.map, offset, torch.uint8, (raw.numel(),)).copy_(raw)
 
     def close(self) -> None:
         self.map.close()
@@ -148,16 +147,9 @@ class SharedBucket(BucketMessage):
 
     def read(self, reader: BucketReader) -> Items:
         region = _mapped(self.region)
-        items = []
-        with warnings.catch_warnings():  # read-only memory; these views are only ever read
-            warnings.simplefilter("ignore", UserWarning)
-            for entry, offset in zip(self.entries, self.offsets, strict=True):
-                dtype = getattr(torch, entry.dtype)
-                count = torch.Size(entry.shape).numel() * dtype.itemsize
-                raw = torch.frombuffer(region, dtype=torch.uint8, count=count, offset=offset)
-                view = raw.view(dtype).reshape(entry.shape)
-                items.append((entry.name, TensorWindow(entry.name, view)))
-        return items
+        return [(e.name, TensorWindow(e.name, view_in(region, offset, getattr(torch, e.dtype),
+                                                        e.shape)))
+                for e, offset in zip(self.entries, self.offsets, strict=True)]
 
 
 KEPT_MAPPINGS = 3
