@@ -52,6 +52,21 @@ def box_numel(bounds: Bounds) -> int:
     return math.prod(hi - lo for lo, hi in bounds)
 
 
+def box_shape(box: Bounds) -> tuple[int, ...]:
+    return tuple(hi - lo for lo, hi in box)
+
+
+def intersect(a: Bounds, b: Bounds) -> Bounds | None:
+    box = tuple((max(lo1, lo2), min(hi1, hi2)) for (lo1, hi1), (lo2, hi2) in zip(a, b, strict=True))
+    return box if all(lo < hi for lo, hi in box) else None
+
+
+def cut(box: Bounds, inside: Bounds) -> tuple[slice, ...]:
+    """Index of ``box`` within a tensor that holds ``inside`` (both in source coordinates)."""
+    return tuple(slice(lo - base, hi - base)
+                 for (lo, hi), (base, _) in zip(box, inside, strict=True))
+
+
 def _materialized(value: Any) -> Any:
     if isinstance(value, LazyWindow):
         return value.materialize()
@@ -192,3 +207,34 @@ class TensorWindow(LazyWindow):
 
     def _read(self, bounds: Bounds) -> torch.Tensor:
         return self._tensor[tuple(slice(lo, hi) for lo, hi in bounds)]
+
+
+class BoxesWindow(LazyWindow):
+    """A source tensor of which this rank has some boxes (received, or in a shared region):
+    a box inside one of them is a view; one that spans several is put together from them
+    (they never overlap)."""
+
+    def __init__(self, entry: TensorEntry, boxes: dict[Bounds, torch.Tensor],
+                 borrowed: bool = False) -> None:
+        super().__init__(entry.shape, getattr(torch, entry.dtype), entry.name)
+        self.boxes = boxes
+        self.borrowed = borrowed
+
+    def _read(self, bounds: Bounds) -> torch.Tensor:
+        if bounds in self.boxes:
+            return self.boxes[bounds]
+        for box, window in self.boxes.items():
+            if intersect(bounds, box) == bounds:
+                return window[cut(bounds, box)]
+        device = next((w.device for w in self.boxes.values()), torch.device("cpu"))
+        joined = torch.empty(box_shape(bounds), dtype=self.dtype, device=device)
+        found = 0
+        for box, window in self.boxes.items():
+            common = intersect(bounds, box)
+            if common is not None:
+                joined[cut(common, bounds)] = window[cut(common, box)]
+                found += box_numel(common)
+        if found != box_numel(bounds):
+            # The routing's dry run and this read disagree: a loader broke the read contract.
+            raise AssertionError(f"'{self.name}': box {bounds} is not all here")
+        return joined

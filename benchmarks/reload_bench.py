@@ -8,7 +8,8 @@ Cases: TP in {1, 2} x quantization in {none, fp8} (vLLM: fp8_per_channel) x sour
 breakdown), the floor and the peers (``benchmarks.baselines``), repeated (min and median),
 peak buffered bytes and the peak RSS of each path's rank processes. Peers: DCP and full load
 for the native engine; vLLM's own ``reload_weights`` on the same engines for ``--engine
-vllm``. Prints a table and whether each target holds.
+vllm``; for the trainer source, the same trainer over a process group (``process_group``).
+Prints a table and whether each target holds.
 """
 
 from __future__ import annotations
@@ -177,8 +178,8 @@ class BenchTrainer(TrainerEndpoint):
 
 
 SOURCES = ("dir", "memory", "trainer")
-"""A checkpoint directory; the driver's in-memory dict (through the object store); a trainer
-actor on the same node streaming to the engine ranks (``TrainerSource``)."""
+"""A checkpoint directory; the driver's in-memory dict; a trainer actor on the same node
+(``TrainerSource``). Both of the last two go through the node's shared memory."""
 
 
 def run_engine_cases(path: Path, tp: int, quantization: str | None, tensors: dict,
@@ -193,6 +194,8 @@ def run_engine_cases(path: Path, tp: int, quantization: str | None, tensors: dic
     cases = [Case(opts.engine, tp, quantization, s, o)
              for s in SOURCES for o in ("plan", "source")]
     trainer = ray.remote(num_cpus=0)(BenchTrainer).remote(tensors)
+    # Up before anything is timed: its start (taking the tensors) competes for the cores.
+    ray.get(trainer.tp_reload_manifest.remote())
     sources = {"dir": str(path), "memory": tensors, "trainer": TrainerSource([trainer])}
     with ReloadOrchestrator(engine_config(path, tp, quantization, opts)) as orch:
         for kind, source in sources.items():
@@ -203,6 +206,7 @@ def run_engine_cases(path: Path, tp: int, quantization: str | None, tensors: dic
                     measure_ours(orch, case, source)
         for case in cases:
             log.warning("ours %-28s min %.3fs", case.name, min(case.ours))
+        measure_stream_peer(orch, sources["trainer"], cases, opts.repeats)
         if opts.engine == "vllm":
             measure_vllm_peer(orch, path, tensors, cases, opts.repeats)
         stages = orch.config.plugin.supports("staging")
@@ -272,6 +276,23 @@ def measure_vllm_peer(orch: ReloadOrchestrator, path: Path, tensors: dict, cases
             if case.source == kind:
                 case.peers["vllm"] = seconds
     orch.reload(str(path))
+
+
+def measure_stream_peer(orch: ReloadOrchestrator, trainer: TrainerSource, cases: list[Case],
+                        repeats: int) -> None:
+    """The same trainer source over a process group (``shared_memory=False``: what carried
+    every trainer source before, and still does across nodes), on the same engines."""
+    orch.config.shared_memory = False
+    try:
+        orch.reload(trainer)
+        seconds = [orch.reload(trainer).seconds for _ in range(repeats)]
+    finally:
+        orch.config.shared_memory = True
+    log.warning("peer process_group tp%d %-15s min %.3fs", cases[0].tp,
+                cases[0].quantization or "none", min(seconds))
+    for case in cases:
+        if case.source == "trainer":
+            case.peers["process_group"] = seconds
 
 
 def run_floor(path: Path, tp: int, quantization: str | None, cases: list[Case],
@@ -418,6 +439,8 @@ PEER_BOUND = 1.0
 """Ours against the best peer, and against vLLM's own reload_weights."""
 VLLM_MEMORY_BOUND = 0.5
 """Ours against vLLM's reload_weights from the driver's in-memory tensors."""
+STREAM_BOUND = 0.5
+"""Ours from a trainer on the node against the same trainer over a process group."""
 
 
 PLAN_ORDER_NOISE = 1.05
@@ -473,6 +496,10 @@ def _peer_targets(case: dict[str, Any]) -> list[tuple[str, bool, str]]:
         ratio = case["ours_s"] / peers["vllm"]
         out.append((f"ours <= {bound}x vLLM's reload_weights, {case['name']}", ratio <= bound,
                     f"{ratio:.2f}"))
+    if "process_group" in peers:
+        ratio = case["ours_s"] / peers["process_group"]
+        out.append((f"ours <= {STREAM_BOUND}x the trainer's process-group stream, "
+                    f"{case['name']}", ratio <= STREAM_BOUND, f"{ratio:.2f}"))
     out += [(f"{case['floor_kind']} floor <= peer {name}, {case['name']}",
              case["floor_s"] <= seconds, f"floor {case['floor_s']:.3f}s, {name} {seconds:.3f}s")
             for name, seconds in peers.items()]

@@ -10,9 +10,11 @@ trainer's own model.
 
 The toy objective teaches a small random Llama to continue ``t`` with ``(t + 1) % vocab``.
 Trainer mode (the default) reloads from ``TrainerSource([trainer])``: the trainer actor is a
-``TrainerEndpoint`` and sends each engine rank its slices itself, over a process group that
-spans it and the engine ranks (nothing through the driver or the object store). Memory mode
-hands the trainer's state dict over through Ray's object store; dir mode
+``TrainerEndpoint`` and writes its tensors once into the node's shared memory, which every
+engine rank reads in place (across nodes: it sends each engine rank its slices over a process
+group; nothing goes through the driver or the object store either way). Memory mode hands the
+trainer's state dict over through the driver (the node's shared memory, or Ray's object
+store across nodes); dir mode
 saves ``step_N`` with ``save_pretrained`` plus a ``COMPLETE`` marker (the layout
 ``tp-reload serve --watch`` consumes) and reloads from the directory. Unquantized engines must
 reproduce the trainer exactly (greedy tokens equal, logits within 1e-4); FP8 engines must stay

@@ -18,7 +18,6 @@ KV_CACHE_DTYPES = ("auto", "fp8")
 KV_SCALES = ("checkpoint", "calibrate")
 PLACEMENT_STRATEGIES = ("PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD")
 ENGINE_PLACEMENTS = ("SPREAD", "ANY")
-MEMORY_TRANSPORTS = ("auto", "object_store")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -54,10 +53,12 @@ class EngineConfig:
     """Ray CPU request per rank actor; fractional values let TP=4 run on a 2-core machine."""
     bucket_bytes: int = 256 << 20
     """Upper bound of one streamed bucket during a reload."""
-    memory_transport: str = "auto"
-    """How in-memory sources (a dict or pairs of tensors) reach the ranks: 'auto' writes them
-    once into shared memory tp-reload keeps on the node when the driver and every rank share
-    it, else Ray's object store; 'object_store' always the object store."""
+    shared_memory: bool = True
+    """Whether in-memory and trainer sources travel through shared memory tp-reload keeps on
+    the node when their sender (the driver, a trainer's ranks) and every rank share it: the
+    sender writes each byte once and the ranks read it in place. False, or across nodes: an
+    in-memory source goes through Ray's object store and a trainer streams over a process
+    group."""
     placement_strategy: str = "STRICT_PACK"
     """Ray placement-group strategy for one engine's ranks: STRICT_PACK keeps an engine's
     TP group on one node (its collectives then never cross the network)."""
@@ -124,8 +125,7 @@ class EngineConfig:
         choices = {"dtype": DTYPES, "device": DEVICES, "kv_cache_dtype": KV_CACHE_DTYPES,
                    "kv_scales": KV_SCALES, "placement_strategy": PLACEMENT_STRATEGIES,
                    "engine_placement": ENGINE_PLACEMENTS, "engine": tuple(engine_names()),
-                   "serve_during_reload": ("wait", "fail"),
-                   "memory_transport": MEMORY_TRANSPORTS}
+                   "serve_during_reload": ("wait", "fail")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(

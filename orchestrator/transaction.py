@@ -132,7 +132,7 @@ class Transaction:
         started = self.fleet.call(RankActor.start_reload, first, staged)
         context = DeliveryContext(self.fleet, self.router.routing, self.config.device,
                                   self.config.timeout_s, self.transports,
-                                  self.config.memory_transport)
+                                  self.config.shared_memory)
         delivery = source.transport.deliver(source, plan, context)
         try:
             pending, send_seconds = self._queue(delivery, source.transport.max_in_flight,

@@ -222,13 +222,13 @@ def vllm_drill(ray_cluster, llama32):
 def closed_without_trace(orch):
     """``orch`` started; once it closes, nothing of its engine instances (as they are then)
     may be left on the node: no shared memory, no temporary directory; nor any region of
-    its in-memory sources (``actors.transports.shared_memory``)."""
+    its in-memory and trainer sources (``actors.transports.regions``)."""
     from actors import node_shm
 
     with orch:
         yield orch
         instances = [engine.instance for engine in orch.engines]
-        regions = orch.transaction.transports.kept.get("shared_memory")
+        regions = orch.transaction.transports.kept.get("regions")
         instances += [regions.instance] if regions is not None else []
     left = [i for i in instances if i in node_shm.instances()
             or node_shm.temp_dir(i).exists()]

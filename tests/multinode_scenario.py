@@ -79,6 +79,7 @@ def main(workdir: str, preset: str) -> None:
                        "trainer": after_trainer},
             "versions": [dir_report.version, memory_report.version, trainer_report.version],
             "trainer_bytes_sent": sum(trainer_report.bytes_sent.values()),
+            "transports": [r.transport for r in (dir_report, memory_report, trainer_report)],
             "sample_engines": [c.engine for c in rollouts],
             "sample_prompts": [c.prompt_index for c in rollouts],
             "strategy": [orch.config.placement_strategy, orch.config.engine_placement],

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
 import threading
@@ -18,6 +19,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from actors.transports.trainer_stream.trainer import TrainerEndpoint
 
 if TYPE_CHECKING:
     from orchestrator import ReloadOrchestrator
@@ -341,3 +344,53 @@ def kill_rank(orch: ReloadOrchestrator, pid: int, rank: int, engine: int = 0,
             raise AssertionError(f"rank {rank} (pid {pid}) still alive {timeout_s}s after "
                                  "ray.kill")
         time.sleep(0.02)
+
+
+class TensorTrainer(TrainerEndpoint):
+    """A one-rank trainer holding full tensors; with ``die_after_buckets``, its process dies
+    partway through that bucket of a reload (whichever way the reload carries it)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], die_after_buckets: int | None = None
+                 ) -> None:
+        self.tensors = tensors
+        self.die_after_buckets = die_after_buckets
+        self.writes = 0
+
+    def tp_reload_weights(self) -> dict[str, torch.Tensor]:
+        return self.tensors
+
+    def tp_reload_send(self, address, rank, buckets):
+        if self.die_after_buckets is None:
+            return super().tp_reload_send(address, rank, buckets)
+        # Sends the first buckets, then the process dies while the engines still wait.
+        super().tp_reload_send(address, rank, buckets[:self.die_after_buckets])
+        os._exit(1)
+
+    def tp_reload_write(self, stream, region, pieces, last):
+        if self.writes == self.die_after_buckets:
+            # Writes half of the bucket's pieces, then the process dies mid-bucket.
+            super().tp_reload_write(stream, region, pieces[:len(pieces) // 2], False)
+            os._exit(1)
+        self.writes += 1
+        return super().tp_reload_write(stream, region, pieces, last)
+
+
+def kernel_tensors(orch: ReloadOrchestrator) -> list[dict[str, torch.Tensor]]:
+    """Every rank's kernel tensors of engine 0."""
+    return [orch.get_tensors(rank=r) for r in range(orch.config.tensor_parallel_size)]
+
+
+def unequal_tensors(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]]
+                    ) -> list[tuple[int, str]]:
+    """(rank, name) of every kernel tensor that differs between two ``kernel_tensors``."""
+    assert [r.keys() for r in a] == [r.keys() for r in b]
+    return [(rank, n) for rank, (x, y) in enumerate(zip(a, b, strict=True)) for n in x
+            if not torch.equal(x[n], y[n])]
+
+
+def regions() -> set[str]:
+    """tp-reload's regions for in-memory and trainer sources in /dev/shm now."""
+    from actors import node_shm
+
+    return {name for names in node_shm.instances().values() for name in names
+            if "-region" in name}

@@ -43,6 +43,8 @@ def test_benchmark_measures_every_path(ray_cluster, workdir):
         if case["source"] == "dir":
             assert set(case["peers"]) == {"dcp", "full"}
             assert set(case["peak_rss_bytes"]) == {"ours", "dcp", "full"}
+        if case["source"] == "trainer":  # the same trainer over a process group
+            assert set(case["peers"]) == {"process_group"}
     # Serving waits for all of a plain reload, and only for a staged one's flip.
     assert [r["name"] for r in result["staged"]] == ["tp2-none-dir"]
     for row in result["staged"]:
@@ -54,9 +56,11 @@ def test_benchmark_measures_every_path(ray_cluster, workdir):
     depths = result["depths"]
     assert [d["layers"] for d in depths] == [4, 8] and all(d["holds"] for d in depths)
     rows = targets(result)
-    # per case its floor; per dir case the best peer and each peer above the floor; plan vs
+    # per case its floor; per dir case the best peer and each peer above the floor; per
+    # trainer case the best peer, the peer above the floor and half the stream; plan vs
     # source per pair; the fixed cost; the depth check
-    assert len(rows) == 6 + 2 * 3 + 3 + 1 + 1
+    assert len(rows) == 6 + 2 * 3 + 2 * 3 + 3 + 1 + 1
+    assert sum("0.5x the trainer's process-group stream" in t for t, _, _ in rows) == 2
     assert sum("the concurrent floor," in t for t, _, _ in rows) == 2
     assert sum("the transport floor," in t for t, _, _ in rows) == 4
     fixed = result["fixed_cost"]
@@ -88,8 +92,9 @@ def test_benchmark_puts_vllms_own_reload_beside_ours(ray_cluster, workdir):
     cases = {c["name"]: c for c in result["cases"]}
     assert set(cases) == {f"vllm-tp2-none-{s}-{o}" for s in ("dir", "memory", "trainer")
                           for o in ("plan", "source")}
-    for case in (c for c in cases.values() if c["source"] != "trainer"):
-        assert set(case["peers"]) == {"vllm"} and case["peers"]["vllm"] > 0
+    for case in cases.values():
+        peer = "process_group" if case["source"] == "trainer" else "vllm"
+        assert set(case["peers"]) == {peer} and case["peers"][peer] > 0
     for case in cases.values():
         floors_are_measured(case)
     compared = [t for t, _, _ in targets(result) if "vLLM's reload_weights" in t]

@@ -129,6 +129,30 @@ def test_nan_in_a_middle_layer_is_refused_naming_the_tensor(tmp_path, prompt, de
     assert rel_l2(rank.forward(prompt), reference_logits(a, prompt)) <= 1e-4
 
 
+def test_finite_weights_whose_sum_overflows_pass_the_screen_and_inf_does_not(tmp_path):
+    """The CPU screen sums what was written (cheaper than min and max): a tensor of huge
+    finite values, whose sum overflows, must still load; one Inf among them must not."""
+    a = write_checkpoint(tmp_path / "a", "llama", seed=1)
+    rank = InProcessRank(a, "cpu")
+    name = "model.layers.1.mlp.up_proj.weight"
+    tensors = load_tensors(a)
+    tensors[name].fill_(3e38)
+    huge = single_file(tmp_path / "huge", a, tensors)
+    rank.load(huge)
+    assert torch.all(rank.kernel()["model.layers.1.mlp.gate_up_proj.weight"][-1] == 3e38)
+    tensors[name][2, 3] = float("inf")
+    with pytest.raises(ReloadError, match=rf"'{name}' contains Inf"):
+        rank.load(single_file(tmp_path / "inf", a, tensors))
+
+
+def single_file(path: Path, like: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """``tensors`` as a one-file checkpoint with ``like``'s config."""
+    path.mkdir()
+    (path / "config.json").write_text((like / "config.json").read_text())
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("place", ["device", "host"])
 def test_staging_loads_beside_the_serving_model_then_flips_in_place(tmp_path, prompt, device,

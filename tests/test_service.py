@@ -261,8 +261,8 @@ def test_ray_job_serves_vllm_and_watches_a_trainer(ray_head, tmp_path):
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_two_vllm_engines_spread_over_two_simulated_nodes(background):
-    """``tests/multinode_scenario.py``: directory, in-memory and trainer-stream reloads are
-    correct on both engines (greedy tokens equal transformers', log-probs within 1e-4), and
+    """``tests/multinode_scenario.py``: directory, in-memory (the object store) and trainer
+    (a process group) reloads across nodes are correct on both engines (greedy tokens equal transformers', log-probs within 1e-4), and
     one ``sample`` call is served by both."""
     result = last_json(background.result("multinode").stdout)
     engine_nodes = result["engine_nodes"]
@@ -273,6 +273,8 @@ def test_two_vllm_engines_spread_over_two_simulated_nodes(background):
         "engines should sit on the two worker nodes, one each"
     assert result["versions"] == [1, 2, 3]
     assert result["trainer_bytes_sent"] > 0
+    # Engines on other nodes than the driver: no shared memory between them.
+    assert result["transports"] == ["files", "object_store", "trainer_stream"]
     for stage, errors in result["errors"].items():
         assert len(errors) == 2 and max(errors) <= 1e-4, (stage, errors)
     assert result["sample_engines"] == [0] * 4 + [1] * 4

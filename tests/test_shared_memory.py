@@ -1,8 +1,9 @@
-"""In-memory sources through the node's shared memory (``actors.transports.shared_memory``):
-the same bits as through Ray's object store on both engines, equal to transformers; a rank
-killed mid-read rolls back and the next reload works; a driver killed mid-write leaves its
-regions to the next start on the node, which removes them; nothing is left once the
-orchestrator closes."""
+"""In-memory and trainer sources through the node's shared memory
+(``actors.transports.regions``): the same bits as through Ray's object store and a trainer's
+process group on both engines, equal to transformers; a rank killed mid-read rolls back and
+the next reload works; a driver killed mid-write leaves its regions to the next start on the
+node, which removes them; nothing is left once the orchestrator closes. A trainer killed
+mid-write: ``test_trainer_stream``."""
 
 from __future__ import annotations
 
@@ -15,17 +16,21 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 
-from actors import node_shm
-from orchestrator import RankError
+from orchestrator import RankError, TrainerSource
 from tests.support import (
+    TensorTrainer,
+    kernel_tensors,
     kill_rank,
     load_tensors,
+    regions,
     reload_until_paused,
     serves,
     serving,
     start,
+    unequal_tensors,
 )
 
 pytestmark = pytest.mark.ray
@@ -33,50 +38,44 @@ ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ["native", pytest.param("vllm", marks=[pytest.mark.vllm, pytest.mark.shares("vllm_tp2")])]
 
 
-def regions() -> set[str]:
-    """tp-reload's in-memory-source regions in /dev/shm now."""
-    return {name for names in node_shm.instances().values() for name in names
-            if "-region" in name}
-
-
-def kernel_tensors(orch) -> list[dict[str, torch.Tensor]]:
-    return [orch.get_tensors(rank=r) for r in range(orch.config.tensor_parallel_size)]
-
-
 @contextmanager
-def memory_transport(orch, name: str):
-    """``orch`` sending in-memory sources by ``name`` for a while (a shared engine)."""
-    before = orch.config.memory_transport
-    orch.config.memory_transport = name
+def shared_memory(orch, on: bool):
+    """``orch`` with ``EngineConfig.shared_memory=on`` for a while (a shared engine)."""
+    before = orch.config.shared_memory
+    orch.config.shared_memory = on
     try:
         yield orch
     finally:
-        orch.config.memory_transport = before
+        orch.config.shared_memory = before
 
 
 @pytest.mark.parametrize("engine_name", ENGINES)
-def test_shared_memory_reload_equals_the_object_stores_bit_for_bit(
+def test_shared_memory_reloads_equal_the_object_store_and_the_stream_bit_for_bit(
         ray_cluster, llama32, prompt, engine_name, request):
+    """An in-memory dict and a trainer actor, each reloaded through the node's shared memory
+    and then the other way (Ray's object store; a process group): the same kernel tensors
+    on every rank, serving transformers' tokens."""
     orch = serving(request.getfixturevalue(f"{engine_name}_tp2"), llama32["a"])
     step_b = load_tensors(llama32["b"])
-    report = orch.reload(step_b)
-    # One copy on the node whatever the number of ranks, kept for rollback.
-    assert report.transport == "shared_memory"
-    assert report.rollback_bytes >= report.source_bytes
-    assert len(regions()) >= 1
-    through_shm = kernel_tensors(orch)
-    assert serves(orch, llama32["b"], prompt)
+    trainer = ray.remote(num_cpus=0)(TensorTrainer).remote(step_b)
+    try:
+        for source, other_way in ((step_b, "object_store"),
+                                  (TrainerSource([trainer]), "trainer_stream")):
+            report = orch.reload(source)
+            # One copy on the node whatever the number of ranks, kept for rollback.
+            assert report.transport == "shared_memory"
+            assert report.rollback_bytes >= report.source_bytes
+            assert len(regions()) >= 1
+            through_shm = kernel_tensors(orch)
+            assert serves(orch, llama32["b"], prompt)
 
-    orch.reload(str(llama32["a"]))
-    with memory_transport(orch, "object_store"):
-        report = orch.reload(step_b)
-    assert report.transport == "object_store"
-    through_store = kernel_tensors(orch)
-    for rank, (shm, store) in enumerate(zip(through_shm, through_store, strict=True)):
-        assert shm.keys() == store.keys()
-        unequal = [n for n in shm if not torch.equal(shm[n], store[n])]
-        assert not unequal, f"rank {rank}: {unequal}"
-    assert serves(orch, llama32["b"], prompt)
+            orch.reload(str(llama32["a"]))
+            with shared_memory(orch, False):
+                assert orch.reload(source).transport == other_way
+            assert unequal_tensors(kernel_tensors(orch), through_shm) == [], other_way
+            assert serves(orch, llama32["b"], prompt)
+    finally:
+        ray.kill(trainer)
 
 
 @pytest.mark.slow

@@ -1,12 +1,12 @@
 """Reloads straight from a trainer's Ray actors (``TrainerSource``): a 2-process FSDP2 trainer
-on gloo streams its shards to a TP=2 engine, every trainer rank sending; a trainer that dies
-mid-stream and a diverged stream leave the engines bit-identical; checked against
+on gloo writes its shards into the node's shared memory for a TP=2 engine, every trainer rank
+writing, and streams them over a process group with the same bits; a trainer that dies
+mid-bucket and a diverged trainer leave the engines bit-identical, both ways; checked against
 transformers carrying the trainer's gathered weights."""
 
 from __future__ import annotations
 
 import math
-import os
 import socket
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,10 +15,21 @@ import pytest
 import ray
 import torch
 
+from actors.lazy import TensorEntry
 from actors.transports.trainer_stream.schedule import schedule
 from actors.transports.trainer_stream.trainer import ListedTrainer, _check_holdings
 from orchestrator import CheckpointError, TrainerEndpoint, TrainerError, TrainerSource
-from tests.support import load_tensors, reference_logits, rel_l2, start, write_checkpoint
+from tests.support import (
+    TensorTrainer,
+    kernel_tensors,
+    load_tensors,
+    reference_logits,
+    regions,
+    rel_l2,
+    start,
+    unequal_tensors,
+    write_checkpoint,
+)
 
 BOUND = 1e-4
 
@@ -115,6 +126,54 @@ def test_pieces_arrive_where_the_receiver_reads():
     assert torch.equal(weights["s"]._read(()), full["s"])
 
 
+def test_shared_region_holds_each_held_box_once_and_serves_every_read_box():
+    """The shared-memory layout of a trainer's holdings: two ranks hold row halves of a bf16
+    matrix that every TP rank reads a column slab of (each slab spans both halves), and
+    replicas of a scalar. Each held box is written once, by one rank (the replicas take
+    turns); a real region of /dev/shm, written as the trainer ranks would, read through the
+    ranks' message: every read box equals the source slice bit for bit."""
+    from actors.lazy import cut
+    from actors.transports.base import BucketReader
+    from actors.transports.regions import RegionPool, SharedBucket, write_at
+    from actors.transports.trainer_stream.shared import layout
+
+    full = {"w": torch.randn(6, 8).to(torch.bfloat16), "s": torch.tensor(2.5)}
+    holders = {"w": [(0, ((0, 3), (0, 8))), (1, ((3, 6), (0, 8)))], "s": [(0, ()), (1, ())]}
+    listed = ListedTrainer(SimpleNamespace(actors=(None, None)), holders, on_cuda=False)
+    infos = {"w": SimpleNamespace(torch_dtype=torch.bfloat16, shape=(6, 8)),
+             "s": SimpleNamespace(torch_dtype=torch.float32, shape=())}
+    plan = SimpleNamespace(buckets=[SimpleNamespace(tensors=[SimpleNamespace(name="w")]),
+                                    SimpleNamespace(tensors=[SimpleNamespace(name="s")])])
+    reads = ({"w": (((0, 6), (0, 4)),), "s": ((),)}, {"w": (((0, 6), (4, 8)),), "s": ((),)})
+    writes, where, nbytes = layout(listed, plan, infos, reads)
+    written = [(p.name, p.box) for rank in writes for bucket in rank for p in bucket]
+    assert sorted(written) == [("s", ()), ("w", ((0, 3), (0, 8))), ("w", ((3, 6), (0, 8)))]
+    assert [[len(b) for b in rank] for rank in writes] in ([[1, 1], [1, 0]], [[1, 0], [1, 1]])
+    assert nbytes >= full["w"].nbytes + full["s"].nbytes
+    pool = RegionPool()
+    try:
+        lease = pool.lease(nbytes, "a test")
+        for rank in writes:
+            for bucket in rank:
+                for piece in bucket:
+                    source = full[piece.name]
+                    whole = tuple((0, n) for n in source.shape)
+                    write_at(lease.region.map, piece.offset, source[cut(piece.box, whole)])
+        entries = [(TensorEntry("w", "bfloat16", (6, 8)),), (TensorEntry("s", "float32", ()),)]
+        weights = {}
+        for index, bucket_entries in enumerate(entries):
+            message = SharedBucket(bucket_entries, lease.region.name, where[index])
+            weights.update(message.read(BucketReader()))
+        for rank_reads in reads:
+            for name, boxes in rank_reads.items():
+                for box in boxes:
+                    index = tuple(slice(lo, hi) for lo, hi in box)
+                    assert torch.equal(weights[name]._read(box), full[name][index])
+        assert torch.equal(weights["w"]._read(((1, 5), (2, 3))), full["w"][1:5, 2:3])
+    finally:
+        pool.close()
+
+
 def test_trainer_holdings_that_overlap_or_leave_gaps_are_refused():
     with pytest.raises(CheckpointError, match="'w'.*overlapping"):
         _check_holdings("w", (4, 2), [(0, ((0, 3), (0, 2))), (1, ((2, 4), (0, 2)))])
@@ -156,25 +215,6 @@ class FSDPTrainer(TrainerEndpoint):
         return {n: t.full_tensor() for n, t in self.model.state_dict().items()}
 
 
-class Holder(TrainerEndpoint):
-    """A one-rank trainer holding full tensors."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor], die_after_buckets: int | None = None
-                 ) -> None:
-        self.tensors = tensors
-        self.die_after_buckets = die_after_buckets
-
-    def tp_reload_weights(self) -> dict[str, torch.Tensor]:
-        return self.tensors
-
-    def tp_reload_send(self, address, rank, buckets):
-        if self.die_after_buckets is None:
-            return super().tp_reload_send(address, rank, buckets)
-        # Sends the first buckets, then the process dies while the engines still wait.
-        super().tp_reload_send(address, rank, buckets[:self.die_after_buckets])
-        os._exit(1)
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -195,7 +235,9 @@ def _serves(orch, weights: dict[str, torch.Tensor], config_dir: Path, prompt: to
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_fsdp2_trainer_streams_its_shards_to_every_engine_rank(ray_cluster, tmp_path, prompt):
+def test_fsdp2_trainer_reloads_its_shards_into_every_engine_rank(ray_cluster, tmp_path, prompt):
+    """Through the node's shared memory (the trainer shares the driver's node), then the
+    same weights over a process group: bit-identical kernel tensors, transformers' logits."""
     initial = write_checkpoint(tmp_path / "a", "llama", seed=20)
     init = f"tcp://127.0.0.1:{_free_port()}"
     remote = ray.remote(num_cpus=0)(FSDPTrainer)
@@ -206,19 +248,33 @@ def test_fsdp2_trainer_streams_its_shards_to_every_engine_rank(ray_cluster, tmp_
         before = orch.inspect()
         report = orch.reload(TrainerSource(trainers))
         full = ray.get([t.full_weights.remote() for t in trainers])[0]
+        assert report.transport == "shared_memory"
         assert orch.version == 1 and report.layers_kept == []
         assert _serves(orch, full, initial, prompt) <= BOUND
         assert orch.inspect() == before, "a kernel tensor moved"
-        # Every trainer rank sent its own shards (no rank funnels the other's bytes), and
-        # together exactly the bytes the engine ranks read: each read box once.
+        # Every trainer rank wrote its own shards (no rank funnels the other's bytes), and
+        # together each byte of the source once, whatever the number of readers.
         sent = report.bytes_sent
         assert set(sent) == {0, 1} and min(sent.values()) > 0.3 * sum(sent.values())
-        assert sum(sent.values()) == sum(report.bytes_read.values())
+        assert sum(sent.values()) == report.source_bytes
         assert report.peak_buffered_bytes <= report.predicted_peak_buffered_bytes
-        # The trainer steps again and streams again: the group is formed per reload.
+        through_shm = kernel_tensors(orch)
+
+        orch.reload(str(initial))
+        orch.config.shared_memory = False
+        report = orch.reload(TrainerSource(trainers))
+        assert report.transport == "trainer_stream"
+        assert unequal_tensors(kernel_tensors(orch), through_shm) == []
+        # Over the group each engine rank receives exactly its read boxes, each once.
+        assert sum(report.bytes_sent.values()) == sum(report.bytes_read.values())
+
+        # The trainer steps again and reloads again, both ways: nothing is kept per trainer.
         ray.get([t.step.remote() for t in trainers])
         orch.reload(TrainerSource(trainers))
+        orch.config.shared_memory = True
         full = ray.get([t.full_weights.remote() for t in trainers])[0]
+        assert _serves(orch, full, initial, prompt) <= BOUND
+        assert orch.reload(TrainerSource(trainers)).transport == "shared_memory"
         assert _serves(orch, full, initial, prompt) <= BOUND
     for trainer in trainers:
         ray.kill(trainer)
@@ -226,29 +282,47 @@ def test_fsdp2_trainer_streams_its_shards_to_every_engine_rank(ray_cluster, tmp_
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_failed_streams_leave_the_engines_bit_identical(ray_cluster, tmp_path, prompt):
+def test_failed_trainer_reloads_leave_the_engines_bit_identical(ray_cluster, tmp_path, prompt):
+    """Through shared memory and over a process group: a trainer that dies partway through
+    a bucket rolls back to a version that came from a trainer; a diverged one is refused;
+    nothing of the orchestrator's is left in /dev/shm once it closes."""
     a, b, c = (write_checkpoint(tmp_path / n, "llama", seed=s)
                for n, s in (("a", 30), ("b", 31), ("c", 32)))
-    remote = ray.remote(num_cpus=0)(Holder)
+    remote = ray.remote(num_cpus=0)(TensorTrainer)
+    left_before = regions()
     with start(a, 2, bucket_bytes=32 << 10) as orch:
-        good = load_tensors(b)
-        orch.reload(TrainerSource([remote.remote(good)]))  # version 1 comes from a trainer
-        assert _serves(orch, good, b, prompt) <= BOUND
-        served, before = orch.forward(prompt), orch.inspect()
+        for shared, carrier in ((True, "shared_memory"), (False, "trainer_stream")):
+            orch.config.shared_memory = shared
+            good = load_tensors(b)
+            report = orch.reload(TrainerSource([remote.remote(good)]))  # from a trainer
+            assert report.transport == carrier
+            assert _serves(orch, good, b, prompt) <= BOUND
+            served, before = orch.forward(prompt), orch.inspect()
+            committed = kernel_tensors(orch)
 
-        dying = remote.remote(load_tensors(c), die_after_buckets=2)
-        with pytest.raises(TrainerError, match="trainer rank 0") as info:
-            orch.reload(TrainerSource([dying]))
-        assert info.value.died
-        # Rolled back by replaying what the ranks kept of version 1's stream.
-        assert orch.version == 1 and orch.inspect() == before
-        assert torch.equal(orch.forward(prompt), served)
+            dying = remote.remote(load_tensors(c), die_after_buckets=2)
+            with pytest.raises(TrainerError, match="trainer rank 0") as info:
+                orch.reload(TrainerSource([dying]))
+            assert info.value.died, carrier
+            # Rolled back by replaying what the node or the ranks kept of the last version.
+            assert orch.inspect() == before
+            assert unequal_tensors(kernel_tensors(orch), committed) == [], carrier
+            assert torch.equal(orch.forward(prompt), served)
+            # The region of the failed reload went back to the pool: the log's and a spare.
+            assert len(regions() - left_before) <= 2
 
         diverged = load_tensors(c)
         diverged["model.layers.1.mlp.down_proj.weight"][3, 5] = float("nan")
-        with pytest.raises(CheckpointError, match="down_proj.weight.*NaN"):
-            orch.reload(TrainerSource([remote.remote(diverged)]))
-        assert orch.version == 1 and torch.equal(orch.forward(prompt), served)
+        version = orch.version
+        for shared in (True, False):
+            orch.config.shared_memory = shared
+            with pytest.raises(CheckpointError, match="down_proj.weight.*NaN"):
+                orch.reload(TrainerSource([remote.remote(diverged)]))
+            assert orch.version == version and torch.equal(orch.forward(prompt), served)
 
+        orch.config.shared_memory = True
+        assert orch.reload(TrainerSource([remote.remote(load_tensors(c))])).version == version + 1
+        assert _serves(orch, load_tensors(c), c, prompt) <= BOUND
         orch.reload(str(c))
         assert rel_l2(orch.forward(prompt), reference_logits(c, prompt)) <= BOUND
+    assert regions() - left_before == set(), "the closed orchestrator left regions"

@@ -46,12 +46,27 @@ def screen_written(load: LayerLoad, written: dict[str, torch.Tensor],
         tensor = written[name]
         if name in skip or not tensor.is_floating_point() or not tensor.numel():
             continue
-        # min and max are finite exactly when every element is: one fast reduction instead
-        # of a full isfinite mask (~20x slower on CPU bf16).
-        low, high = torch.aminmax(tensor)
         screens.append(PendingScreen(load.record.name, name, _sources(load, name),
-                                     torch.stack([low, high]).float()))
+                                     extremes(tensor)))
     return screens
+
+
+SUMMED = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def extremes(tensor: torch.Tensor) -> torch.Tensor:
+    """Two values, both finite exactly when every element of ``tensor`` is. min and max
+    are (one reduction, where a full isfinite mask is ~20x slower on CPU bf16). On a CPU
+    rank a sum is cheaper still (~45% less than aminmax on bf16 just written, here) and
+    just as exact one way: any NaN or Inf makes it non-finite; a non-finite sum of finite
+    values (an overflow) is settled by min and max. On CUDA the reduction stays on the
+    device unread (no host sync per layer), so it is min and max at once."""
+    if tensor.device.type == "cpu" and tensor.dtype in SUMMED:
+        total = tensor.sum()
+        if math.isfinite(total.item()):
+            return torch.stack([total, total]).float()
+    low, high = torch.aminmax(tensor)
+    return torch.stack([low, high]).float()
 
 
 def nonfinite_error(load: LayerLoad, param: str, kind: str) -> ReloadError:

@@ -185,8 +185,8 @@ class DeliveryContext:
     timeout_s: float
     state: TransportState = field(default_factory=TransportState)
     """The orchestrator's transport state (kept across its reloads)."""
-    memory_transport: str = "auto"
-    """``EngineConfig.memory_transport``."""
+    shared_memory: bool = True
+    """``EngineConfig.shared_memory``."""
 
 
 class Transport(ABC):

@@ -15,18 +15,27 @@ receives fail at once; the reload is rolled back like any other and the error na
 trainer rank. A stream cannot be replayed from the trainer later, so every engine rank keeps
 the boxes it received of each committed stream while the commit log needs them (its share of
 the source, about what the object store keeps of an in-memory source).
+
+When the driver, every trainer rank and every engine rank share a node (and the engines are
+not on CUDA beside a CUDA trainer, which NCCL serves), the trainer writes into the node's
+shared memory instead (``shared``): each byte written once, read in place by every rank, one
+copy kept on the node for rollback. The stream above stays for everything else.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from typing import Any
 
 import ray
 
+from actors.node_shm import SharedMemoryUnavailable
 from actors.transports.base import Delivery, DeliveryContext, Source, Transport
+from actors.transports.regions import shares_node
 from actors.transports.trainer_stream.schedule import schedule
+from actors.transports.trainer_stream.shared import deliver_shared
 from actors.transports.trainer_stream.trainer import (
     HeldTensor,
     ListedTrainer,
@@ -36,6 +45,8 @@ from actors.transports.trainer_stream.trainer import (
 )
 from actors.transports.trainer_stream.wire import KeptBucket, LinkAddress, StreamLink
 from orchestrator.plan import Plan
+
+log = logging.getLogger("tp_reload")
 
 
 class TrainerStreamTransport(Transport):
@@ -52,10 +63,22 @@ class TrainerStreamTransport(Transport):
         return list_trainer(self, source, timeout_s)
 
     def deliver(self, source: Source, plan: Plan, context: DeliveryContext) -> Delivery:
+        listed: ListedTrainer = source.handle
+        stream = next(self._ids)
+        nccl = listed.on_cuda and context.device == "cuda"
+        if not nccl and shares_node(context, listed.nodes):
+            try:
+                return deliver_shared(source, plan, context, stream)
+            except SharedMemoryUnavailable as exc:  # a small /dev/shm (containers: 64 MiB)
+                log.warning("%s; this trainer source streams over a process group", exc)
+        return self._stream(source, plan, context, stream)
+
+    def _stream(self, source: Source, plan: Plan, context: DeliveryContext, stream: int
+                ) -> Delivery:
         """Queue the stream on every engine rank (join, then one call per bucket) and every
         trainer rank (one call that sends all its pieces)."""
         listed: ListedTrainer = source.handle
-        fleet, stream = context.fleet, next(self._ids)
+        fleet = context.fleet
         trainers = len(listed.source.actors)
         keys = fleet.rank_keys()
         plan_of = schedule(listed, plan, {t.name: t for t in source.tensors},
@@ -65,7 +88,7 @@ class TrainerStreamTransport(Transport):
         link_rank = {key: trainers + i for i, key in enumerate(keys)}
         steps = [(fleet.open_link({key: StreamLink(address, rank, stream)
                                    for key, rank in link_rank.items()}), 0)]
-        sending = [actor.tp_reload_send.remote(address, t, plan_of.sends[t])
+        sending = [[actor.tp_reload_send.remote(address, t, plan_of.sends[t])]
                    for t, actor in enumerate(listed.source.actors)]
         for index, bucket in enumerate(plan.buckets):
             steps.append((fleet.load_bucket_each({key: plan_of.receives[key][index]

@@ -9,10 +9,10 @@ import itertools
 from dataclasses import dataclass
 
 from actors.dtypes import dtype_name
-from actors.lazy import Bounds, TensorEntry
+from actors.lazy import Bounds, TensorEntry, intersect
 from actors.transports.base import TensorInfo
 from actors.transports.trainer_stream.trainer import ListedTrainer
-from actors.transports.trainer_stream.wire import RecvPiece, SendPiece, StreamBucket, intersect
+from actors.transports.trainer_stream.wire import RecvPiece, SendPiece, StreamBucket
 from orchestrator.plan import Plan
 
 RankKey = tuple[int, int]

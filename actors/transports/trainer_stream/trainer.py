@@ -13,13 +13,14 @@ import ray
 import torch
 
 from actors.dtypes import SAFETENSORS_CODES, dtype_name
-from actors.lazy import Bounds
+from actors.lazy import Bounds, cut, intersect
 from actors.reload.routes import covers
 from actors.transports.base import Source, TensorInfo, Transport
+from actors.transports.regions import mapped, write_at
 from actors.transports.trainer_stream.wire import (
     LinkAddress,
     SendPiece,
-    intersect,
+    WritePiece,
     join,
     send_buckets,
 )
@@ -77,31 +78,62 @@ def held_tensor(name: str, tensor: torch.Tensor) -> tuple[HeldTensor, torch.Tens
 
 class TrainerEndpoint:
     """Mix into a trainer's Ray actor class to reload engines from it directly:
-    ``orch.reload(TrainerSource([actor, ...]))``. Implement ``tp_reload_weights``."""
+    ``orch.reload(TrainerSource([actor, ...]))``. Implement ``tp_reload_weights``. The
+    actor runs its calls in order (a plain, not threaded or async, actor)."""
 
     def tp_reload_weights(self) -> Mapping[str, torch.Tensor]:
         """The weights to send, in checkpoint format (``model.layers.0.mlp.up_proj.weight``):
         full tensors, or this rank's DTensor shards (e.g. an FSDP2 model's ``state_dict()``).
-        Called once to list and once to send; both calls must give the same tensors."""
+        Called once to list and once per reload to send; both calls must give the same
+        tensors."""
         raise NotImplementedError("a TrainerEndpoint implements tp_reload_weights()")
 
-    def tp_reload_manifest(self) -> list[HeldTensor]:
-        return [held_tensor(n, t)[0] for n, t in self.tp_reload_weights().items()]
+    def tp_reload_manifest(self) -> tuple[str, list[HeldTensor]]:
+        """This rank's node id and what it holds."""
+        node = ray.get_runtime_context().get_node_id()
+        return node, [held_tensor(n, t)[0] for n, t in self.tp_reload_weights().items()]
 
     def tp_reload_send(self, address: LinkAddress, rank: int,
                        buckets: list[list[SendPiece]]) -> int:
         """Join the reload's group and send this rank's pieces; returns the bytes sent."""
-        held = {}
-        for name, tensor in self.tp_reload_weights().items():
-            info, local = held_tensor(name, tensor)
-            if address.backend == "gloo" and local.device.type != "cpu":
-                local = local.cpu()  # gloo moves host memory
-            held[name] = (local, info.box)
+        held = _held(self, on_cpu=address.backend == "gloo")  # gloo moves host memory
         group = join(address, rank)
         try:
             return send_buckets(group, held, buckets)
         finally:
             del group
+
+    def tp_reload_write(self, stream: str, region: str, pieces: list[WritePiece],
+                        last: bool) -> int:
+        """Write this rank's ``pieces`` of one bucket into ``region`` of the node's shared
+        memory (one call per bucket of stream ``stream``, the ``last`` one last); returns
+        the bytes written."""
+        if _streaming.get("stream") != stream:
+            _streaming.clear()
+            _streaming.update(stream=stream, held=_held(self, on_cpu=False))
+        held = _streaming["held"]
+        if last:
+            _streaming.clear()
+        buffer = mapped(region, writable=True)
+        written = 0
+        for piece in pieces:
+            local, inside = held[piece.name]
+            written += write_at(buffer, piece.offset, local[cut(piece.box, inside)])
+        return written
+
+
+_streaming: dict[str, Any] = {}
+"""A trainer process's stream being written into shared memory: its id and its held
+tensors, so ``tp_reload_weights`` is asked once per reload, not once per bucket."""
+
+
+def _held(endpoint: TrainerEndpoint, on_cpu: bool) -> dict[str, tuple[torch.Tensor, Bounds]]:
+    """name -> (the local tensor, the box of the full tensor it holds)."""
+    held = {}
+    for name, tensor in endpoint.tp_reload_weights().items():
+        info, local = held_tensor(name, tensor)
+        held[name] = (local.cpu() if on_cpu else local, info.box)
+    return held
 
 
 class TrainerSource:
@@ -120,20 +152,22 @@ class ListedTrainer:
     holders: dict[str, list[tuple[int, Bounds]]]
     """Tensor -> (trainer rank, box held), in rank order."""
     on_cuda: bool
+    nodes: tuple[str, ...] = ()
+    """Each trainer rank's Ray node id."""
 
-    def wait(self, sending: list[Any], timeout_s: float) -> list[int]:
-        """Bytes each trainer rank sent (``sending``: this reload's ``tp_reload_send``
-        calls, one per trainer rank); TrainerError naming the rank that failed."""
+    def wait(self, sending: list[list[Any]], timeout_s: float) -> list[int]:
+        """Bytes each trainer rank sent (``sending``: this reload's calls of each trainer
+        rank); TrainerError naming the rank that failed."""
         sent = []
-        for rank, call in enumerate(sending):
+        for rank, calls in enumerate(sending):
             try:
-                sent.append(ray.get(call, timeout=timeout_s))
+                sent.append(sum(ray.get(calls, timeout=timeout_s)))
             except Exception as exc:  # noqa: BLE001 - any failure of a trainer rank
                 raise TrainerError(rank, _error_text(exc),
                                    died=isinstance(exc, ray.exceptions.RayActorError)) from exc
         return sent
 
-    def blame(self, sending: list[Any], error: BaseException, timeout_s: float
+    def blame(self, sending: list[list[Any]], error: BaseException, timeout_s: float
               ) -> BaseException:
         """What a failed stream reports: a trainer rank that died, or that failed while no
         engine rank died (engine ranks receive every piece even after failing, so a trainer
@@ -158,12 +192,15 @@ def list_trainer(transport: Transport, source: TrainerSource, timeout_s: float) 
     tensor the ranks disagree on, leave partly unheld, or hold overlapping parts of."""
     if not source.actors:
         raise CheckpointError("trainer source: no trainer actors given")
-    manifests = []
-    for rank, actor in enumerate(source.actors):
+    listing = [actor.tp_reload_manifest.remote() for actor in source.actors]
+    nodes, manifests = [], []
+    for rank, call in enumerate(listing):
         try:
-            manifests.append(ray.get(actor.tp_reload_manifest.remote(), timeout=timeout_s))
+            node, manifest = ray.get(call, timeout=timeout_s)
         except Exception as exc:  # noqa: BLE001 - a trainer that cannot list is refused
             raise TrainerError(rank, _error_text(exc)) from exc
+        nodes.append(node)
+        manifests.append(manifest)
     first: dict[str, HeldTensor] = {}
     holders: dict[str, list[tuple[int, Bounds]]] = {}
     for rank, manifest in enumerate(manifests):
@@ -186,7 +223,7 @@ def list_trainer(transport: Transport, source: TrainerSource, timeout_s: float) 
         infos.append(TensorInfo(name, held.shape, SAFETENSORS_CODES[dtype],
                                 numel * dtype.itemsize, None))
     on_cuda = all(h.device == "cuda" for m in manifests for h in m)
-    listed = ListedTrainer(source, holders, on_cuda)
+    listed = ListedTrainer(source, holders, on_cuda, tuple(nodes))
     return Source(transport, tuple(infos),
                   f"trainer of {len(source.actors)} rank(s), {len(infos)} tensors", listed)
 

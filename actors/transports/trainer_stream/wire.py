@@ -10,7 +10,7 @@ lowest unfinished piece can always proceed, so no pair of ranks waits on each ot
 
 Nothing goes through the driver or the object store. The sender cuts each piece from its own
 tensor (a view when contiguous); the receiver gets each read box once, in memory of its own,
-and hands the reload engine a ``ReceivedWeight`` that serves those boxes.
+and hands the reload engine a ``BoxesWindow`` that serves those boxes.
 
 The group is a stateless ``ProcessGroupGloo`` (``ProcessGroupNCCL`` when every member is on
 CUDA) built from a ``PrefixStore`` over the driver's ``TCPStore``: it lives beside each
@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 
-from actors.lazy import Bounds, LazyWindow, TensorEntry, box_numel
+from actors.lazy import Bounds, BoxesWindow, TensorEntry, box_shape, cut
 from actors.transports.base import BucketMessage, BucketReader, Items, LinkMessage
 
 BUCKETS_IN_FLIGHT = 2
@@ -55,6 +55,17 @@ class SendPiece:
     """Source coordinates of the piece (inside the sender's held box)."""
     dst: int
     tag: int
+
+
+@dataclass(frozen=True, slots=True)
+class WritePiece:
+    """A box a trainer rank writes into a region of the node's shared memory."""
+
+    name: str
+    box: Bounds
+    """Source coordinates of the piece (inside the writer's held box)."""
+    offset: int
+    """In the region."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,21 +139,6 @@ def join(address: LinkAddress, rank: int) -> dist.ProcessGroup:
     return dist.ProcessGroupGloo(store, rank, address.world, timeout)
 
 
-def cut(box: Bounds, inside: Bounds) -> tuple[slice, ...]:
-    """Index of ``box`` within a tensor that holds ``inside`` (both in source coordinates)."""
-    return tuple(slice(lo - base, hi - base)
-                 for (lo, hi), (base, _) in zip(box, inside, strict=True))
-
-
-def intersect(a: Bounds, b: Bounds) -> Bounds | None:
-    box = tuple((max(lo1, lo2), min(hi1, hi2)) for (lo1, hi1), (lo2, hi2) in zip(a, b, strict=True))
-    return box if all(lo < hi for lo, hi in box) else None
-
-
-def box_shape(box: Bounds) -> tuple[int, ...]:
-    return tuple(hi - lo for lo, hi in box)
-
-
 def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     """The bytes of a contiguous tensor: every dtype (bf16, fp8) travels as uint8."""
     return tensor.reshape(-1).view(torch.uint8)
@@ -180,28 +176,8 @@ def _wait(posted: list[tuple[Any, torch.Tensor]]) -> None:
 
 # ---- the receiver (an engine rank) -----------------------------------------------------------
 
-class ReceivedWeight(LazyWindow):
-    """A source tensor of which this rank received exactly the boxes it reads."""
-
-    def __init__(self, entry: TensorEntry, windows: dict[Bounds, torch.Tensor]) -> None:
-        super().__init__(entry.shape, getattr(torch, entry.dtype), entry.name)
-        self.windows = windows
-
-    def _read(self, bounds: Bounds) -> torch.Tensor:
-        if bounds in self.windows:
-            return self.windows[bounds]
-        if box_numel(bounds) == 0:
-            return torch.empty(box_shape(bounds), dtype=self.dtype)
-        for box, window in self.windows.items():
-            if all(lo >= b_lo and hi <= b_hi for (lo, hi), (b_lo, b_hi) in zip(bounds, box,
-                                                                                strict=True)):
-                return window[cut(bounds, box)]
-        # The routing's dry run and this read disagree: a loader broke the read contract.
-        raise AssertionError(f"'{self.name}': box {bounds} was not received")
-
-
 def receive_bucket(group: dist.ProcessGroup, bucket: StreamBucket, device: torch.device
-                   ) -> list[tuple[str, ReceivedWeight]]:
+                   ) -> list[tuple[str, BoxesWindow]]:
     """Post every receive of the bucket, wait for all, and return its tensors as windows."""
     entries = {e.name: e for e in bucket.entries}
     windows: dict[str, dict[Bounds, torch.Tensor]] = {e.name: {} for e in bucket.entries}
@@ -224,4 +200,4 @@ def receive_bucket(group: dist.ProcessGroup, bucket: StreamBucket, device: torch
         work.wait()
     for target, staged in scattered:
         target.copy_(staged)
-    return [(e.name, ReceivedWeight(e, windows[e.name])) for e in bucket.entries]
+    return [(e.name, BoxesWindow(e, windows[e.name])) for e in bucket.entries]
