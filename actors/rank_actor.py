@@ -15,6 +15,7 @@ ends with ``flip_staged`` -> ``commit``; ``close`` before the actor is killed.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -90,6 +91,16 @@ def probe_items(bucket: BucketMessage) -> list[tuple[str, ProbeWeight]]:
             for e in bucket.entries]
 
 
+
+def freeze_long_lived() -> None:
+    """Once the rank's first version is committed: everything alive now (the engine, its
+    model, Ray's and torch's modules, some 200k objects) lives as long as the process, so
+    the collector stops scanning it. Its full collections cost ~14 ms per reload on the
+    native 0.5B model here; afterwards ~0.6 ms. Garbage made later is collected as ever."""
+    gc.collect()
+    gc.freeze()
+
+
 class RankActor:
     def __init__(self, *, engine: int, rank: int, plugin: EnginePlugin, options: EngineOptions,
                  timeout_s: float, check_finite: bool = True) -> None:
@@ -116,6 +127,8 @@ class RankActor:
         self._pending: tuple[int, Any] | None = None
         self.loop: StepLoop | None = None
         self._timeout_s = timeout_s
+        self._frozen = False
+        """Whether what lived at the first commit was frozen out of collection."""
 
     # ---- distributed set-up -------------------------------------------------------------
 
@@ -315,6 +328,9 @@ class RankActor:
         if self.loop.parked:  # a plain reload; a staged one committed at its flip
             self.runtime.after_commit()
         self.loop.version = version
+        if not self._frozen:
+            freeze_long_lived()
+            self._frozen = True
 
     # ---- fault injection (tests, chaos drills) ------------------------------------------
 

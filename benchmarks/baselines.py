@@ -150,6 +150,7 @@ def _peer_worker(rank: int, tp: int, port: int, kind: str, model_dir: str, dtype
     for _ in range(repeats):
         dist.barrier()
         reset_peak_rss()
+        stamp = time.monotonic()
         begin = time.perf_counter()
         if kind == "dcp":
             dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(model_dir))
@@ -162,9 +163,10 @@ def _peer_worker(rank: int, tp: int, port: int, kind: str, model_dir: str, dtype
             read = time.perf_counter() - begin
             stages = work.run(full.items())
             del full
+        end = time.monotonic()
         results.put((rank, {"read": read, "fuse": stages["load"],
                             "quantize": stages["quantize"]},
-                     process_memory()["peak_rss_bytes"]))
+                     process_memory()["peak_rss_bytes"], (stamp, end)))
     dist.destroy_process_group()
 
 
@@ -175,8 +177,10 @@ def free_port() -> int:
 
 
 def run_peer(kind: str, model_dir: Path, tp: int, dtype: str, quantization: str | None,
-             repeats: int) -> tuple[list[dict[str, float]], int]:
-    """Per repetition, the stages of the slowest rank; and the peak RSS of any rank."""
+             repeats: int) -> tuple[list[float], list[dict[str, float]], int]:
+    """Per repetition, the seconds from the first rank's start to the last rank's end (one
+    clock, as the floors and ours are timed: the weights are in once every rank has them)
+    and the stages of the slowest rank; and the peak RSS of any rank."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -201,12 +205,14 @@ def run_peer(kind: str, model_dir: Path, tp: int, dtype: str, quantization: str 
         proc.join(timeout=120)
         if proc.exitcode != 0:
             raise RuntimeError(f"peer {kind} rank process exited with {proc.exitcode}")
-    by_rank: dict[int, list[dict[str, float]]] = {}
-    for rank, stages, _ in rows:
-        by_rank.setdefault(rank, []).append(stages)
-    repetitions = [max((by_rank[r][i] for r in by_rank), key=lambda s: sum(s.values()))
-                   for i in range(repeats)]
-    return repetitions, max(peak for _, _, peak in rows)
+    by_rank: dict[int, list[tuple[dict[str, float], tuple[float, float]]]] = {}
+    for rank, stages, _, stamps in rows:
+        by_rank.setdefault(rank, []).append((stages, stamps))
+    repetitions = [[by_rank[r][i] for r in by_rank] for i in range(repeats)]
+    seconds = [max(end for _, (_, end) in ranks) - min(begin for _, (begin, _) in ranks)
+               for ranks in repetitions]
+    stages = [max((s for s, _ in ranks), key=lambda s: sum(s.values())) for ranks in repetitions]
+    return seconds, stages, max(row[2] for row in rows)
 
 
 # ---- vLLM's own reload, on the same engines ---------------------------------------------

@@ -313,12 +313,12 @@ def run_floor(path: Path, tp: int, quantization: str | None, cases: list[Case],
 def run_peers(path: Path, tp: int, quantization: str | None, cases: list[Case],
               repeats: int) -> None:
     for kind in PEERS:
-        stages, peak = run_peer(kind, path, tp, "bfloat16", quantization, repeats)
+        seconds, stages, peak = run_peer(kind, path, tp, "bfloat16", quantization, repeats)
         log.warning("peer %-4s tp%d %-5s min %.3fs", kind, tp, quantization or "none",
-                    min(sum(s.values()) for s in stages))
+                    min(seconds))
         for case in cases:
             if case.source == "dir":
-                case.peers[kind] = [sum(s.values()) for s in stages]
+                case.peers[kind] = seconds
                 case.peer_stages[kind] = stages
                 case.peak_rss[kind] = peak
 
