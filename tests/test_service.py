@@ -262,8 +262,8 @@ def test_ray_job_serves_vllm_and_watches_a_trainer(ray_head, tmp_path):
 @pytest.mark.vllm
 def test_two_vllm_engines_spread_over_two_simulated_nodes(background):
     """``tests/multinode_scenario.py``: directory, in-memory (the object store) and trainer
-    (a process group) reloads across nodes are correct on both engines (greedy tokens equal transformers', log-probs within 1e-4), and
-    one ``sample`` call is served by both."""
+    (a process group) reloads across nodes are correct on both engines (greedy tokens equal
+    transformers', log-probs within 1e-4), and one ``sample`` call is served by both."""
     result = last_json(background.result("multinode").stdout)
     engine_nodes = result["engine_nodes"]
     assert result["engine"] == "vllm"
