@@ -141,7 +141,8 @@ class Transaction:
             self.fleet.wait(started)
             for calls, nbytes in pending:
                 self.fleet.wait(calls)
-                progress.advance(nbytes)
+                if nbytes is not None:  # a bucket, not a link
+                    progress.advance(nbytes)
             stats = self.fleet.wait(finishing)
             sent = delivery.finish(self.config.timeout_s)
         except BaseException as error:
@@ -169,11 +170,11 @@ class Transaction:
         return report, delivery
 
     def _queue(self, delivery: Delivery, max_in_flight: int | None, progress: Progress
-               ) -> tuple[deque[tuple[Calls, int]], float]:
+               ) -> tuple[deque[tuple[Calls, int | None]], float]:
         """Queue every step; a transport whose steps hold memory has at most
         ``max_in_flight`` pending. Returns the pending steps and the seconds spent
         producing them (packing, ``ray.put``)."""
-        pending: deque[tuple[Calls, int]] = deque()
+        pending: deque[tuple[Calls, int | None]] = deque()
         seconds = 0.0
         while True:
             begin = time.perf_counter()
@@ -185,7 +186,8 @@ class Transaction:
             if max_in_flight is not None and len(pending) >= max_in_flight:
                 calls, nbytes = pending.popleft()
                 self.fleet.wait(calls)
-                progress.advance(nbytes)
+                if nbytes is not None:
+                    progress.advance(nbytes)
 
     def commit(self, entry: CommittedSource, covers_every_layer: bool, version: int) -> None:
         """Every rank finished: each drops what it computed with the old weights, and what

@@ -7,6 +7,7 @@ transformers carrying the trainer's gathered weights."""
 from __future__ import annotations
 
 import math
+import re
 import socket
 from pathlib import Path
 from types import SimpleNamespace
@@ -282,10 +283,13 @@ def test_fsdp2_trainer_reloads_its_shards_into_every_engine_rank(ray_cluster, tm
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_failed_trainer_reloads_leave_the_engines_bit_identical(ray_cluster, tmp_path, prompt):
+def test_failed_trainer_reloads_leave_the_engines_bit_identical(ray_cluster, tmp_path, prompt,
+                                                               monkeypatch, capsys):
     """Through shared memory and over a process group: a trainer that dies partway through
     a bucket rolls back to a version that came from a trainer; a diverged one is refused;
-    nothing of the orchestrator's is left in /dev/shm once it closes."""
+    nothing of the orchestrator's is left in /dev/shm once it closes. The progress line
+    counts buckets, not the stream's link step."""
+    monkeypatch.setattr("orchestrator.progress.PROGRESS_AFTER_S", 0.0)
     a, b, c = (write_checkpoint(tmp_path / n, "llama", seed=s)
                for n, s in (("a", 30), ("b", 31), ("c", 32)))
     remote = ray.remote(num_cpus=0)(TensorTrainer)
@@ -294,8 +298,12 @@ def test_failed_trainer_reloads_leave_the_engines_bit_identical(ray_cluster, tmp
         for shared, carrier in ((True, "shared_memory"), (False, "trainer_stream")):
             orch.config.shared_memory = shared
             good = load_tensors(b)
+            capsys.readouterr()
             report = orch.reload(TrainerSource([remote.remote(good)]))  # from a trainer
             assert report.transport == carrier
+            shown = [line for line in capsys.readouterr().err.splitlines()
+                     if line.startswith(f"load v{report.version}:")]
+            assert shown and re.match(r".*: bucket (\d+)/\1, ", shown[-1]), shown
             assert _serves(orch, good, b, prompt) <= BOUND
             served, before = orch.forward(prompt), orch.inspect()
             committed = kernel_tensors(orch)

@@ -135,9 +135,10 @@ RankCalls = dict[tuple[int, int], Any]
 class Delivery:
     """A source on its way: the rank calls of each step and what replays it."""
 
-    steps: Iterator[tuple[RankCalls, int]]
-    """Per step (a bucket, or a link): every rank's call and the step's source bytes;
-    produced lazily, so a transport that holds memory per step is throttled."""
+    steps: Iterator[tuple[RankCalls, int | None]]
+    """Per step (a bucket, or a link): every rank's call and the bucket's source bytes (None
+    for a step that is no bucket: a link); produced lazily, so a transport that holds
+    memory per step is throttled."""
     replay: list[BucketMessage] = field(default_factory=list)
     """Messages that rebuild this source on every rank (filled as steps are produced)."""
     rank_kept: int | None = None
@@ -224,7 +225,7 @@ class BucketTransport(Transport):
     def deliver(self, source: Source, plan: Plan, context: DeliveryContext) -> Delivery:
         delivery = Delivery(iter(()))
 
-        def steps() -> Iterator[tuple[RankCalls, int]]:
+        def steps() -> Iterator[tuple[RankCalls, int | None]]:
             for bucket in plan.buckets:
                 message = self.send(source, bucket)
                 delivery.replay.append(message)

@@ -32,7 +32,7 @@ from typing import Any
 import ray
 
 from actors.node_shm import SharedMemoryUnavailable
-from actors.transports.base import Delivery, DeliveryContext, Source, Transport
+from actors.transports.base import Delivery, DeliveryContext, RankCalls, Source, Transport
 from actors.transports.regions import shares_node
 from actors.transports.trainer_stream.schedule import schedule
 from actors.transports.trainer_stream.shared import deliver_shared
@@ -86,8 +86,8 @@ class TrainerStreamTransport(Transport):
         address = self._address(trainers + len(keys), listed.on_cuda and context.device == "cuda",
                                 context.timeout_s)
         link_rank = {key: trainers + i for i, key in enumerate(keys)}
-        steps = [(fleet.open_link({key: StreamLink(address, rank, stream)
-                                   for key, rank in link_rank.items()}), 0)]
+        steps: list[tuple[RankCalls, int | None]] = [(fleet.open_link(
+            {key: StreamLink(address, rank, stream) for key, rank in link_rank.items()}), None)]
         sending = [[actor.tp_reload_send.remote(address, t, plan_of.sends[t])]
                    for t, actor in enumerate(listed.source.actors)]
         for index, bucket in enumerate(plan.buckets):
