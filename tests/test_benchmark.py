@@ -8,7 +8,8 @@ import asyncio
 
 import pytest
 
-from benchmarks.reload_bench import Options, run, targets
+from benchmarks.reload_bench import Options, run
+from benchmarks.reload_report import targets
 from tests.support import serving
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
