@@ -35,6 +35,12 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """The bytes of ``tensor`` as a flat uint8 tensor (a view of it when it is contiguous):
+    every dtype (bf16, fp8) is copied, sent and received as bytes."""
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
 def itemsize(code: str) -> int:
     """Bytes per element of a safetensors dtype code."""
     return SAFETENSORS_DTYPES[code].itemsize

@@ -55,8 +55,8 @@ SUMMED = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def extremes(tensor: torch.Tensor) -> torch.Tensor:
-    """Two values, both finite exactly when every element of ``tensor`` is. min and max
-    are (one reduction, where a full isfinite mask is ~20x slower on CPU bf16). On a CPU
+    """Two values, both finite exactly when every element of ``tensor`` is: its min and
+    max (one reduction, where a full isfinite mask is ~20x slower on CPU bf16). On a CPU
     rank a sum is cheaper still (~45% less than aminmax on bf16 just written, here) and
     just as exact one way: any NaN or Inf makes it non-finite; a non-finite sum of finite
     values (an overflow) is settled by min and max. On CUDA the reduction stays on the

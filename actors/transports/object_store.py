@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from actors.dtypes import SAFETENSORS_CODES, dtype_name
+from actors.dtypes import SAFETENSORS_CODES, as_bytes, dtype_name
 from actors.lazy import TensorEntry, TensorWindow
 from actors.transports.base import (
     BucketMessage,
@@ -40,7 +40,7 @@ def pack_tensors(tensors: list[tuple[str, torch.Tensor]]
     any dtype (bf16, fp8) travels as bytes."""
     entries, arrays = [], []
     for name, tensor in tensors:
-        raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        raw = as_bytes(tensor.to("cpu"))
         entries.append(TensorEntry(name, dtype_name(tensor.dtype), tuple(tensor.shape)))
         arrays.append(raw.numpy())
     return tuple(entries), arrays

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from actors import node_shm
-from actors.dtypes import view_in
+from actors.dtypes import as_bytes, view_in
 from actors.lazy import Bounds, BoxesWindow, TensorEntry, box_shape
 from actors.node_shm import SharedMemoryUnavailable
 from actors.transports.base import BucketMessage, BucketReader, DeliveryContext, Items
@@ -46,7 +46,7 @@ def aligned(nbytes: int) -> int:
 def write_at(buffer: Any, offset: int, tensor: torch.Tensor) -> int:
     """Copy ``tensor`` (any device, any strides) to ``offset`` of ``buffer`` as its raw
     bytes, in one pass; returns the bytes written."""
-    raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+    raw = as_bytes(tensor)
     view_in(buffer, offset, torch.uint8, (raw.numel(),)).copy_(raw)
     return raw.numel()
 

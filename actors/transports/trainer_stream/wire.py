@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 
+from actors.dtypes import as_bytes
 from actors.lazy import Bounds, BoxesWindow, TensorEntry, box_shape, cut
 from actors.transports.base import BucketMessage, BucketReader, Items, LinkMessage
 
@@ -139,11 +140,6 @@ def join(address: LinkAddress, rank: int) -> dist.ProcessGroup:
     return dist.ProcessGroupGloo(store, rank, address.world, timeout)
 
 
-def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
-    """The bytes of a contiguous tensor: every dtype (bf16, fp8) travels as uint8."""
-    return tensor.reshape(-1).view(torch.uint8)
-
-
 # ---- the sender (a trainer rank) -------------------------------------------------------------
 
 def send_buckets(group: dist.ProcessGroup, held: dict[str, tuple[torch.Tensor, Bounds]],
@@ -159,7 +155,7 @@ def send_buckets(group: dist.ProcessGroup, held: dict[str, tuple[torch.Tensor, B
             local, inside = held[piece.name]
             # A view when the box is contiguous in the local tensor, else the sender's one cut.
             data = local[cut(piece.box, inside)].contiguous()
-            posted.append((group.send([_as_bytes(data)], piece.dst, piece.tag), data))
+            posted.append((group.send([as_bytes(data)], piece.dst, piece.tag), data))
             sent += data.numel() * data.element_size()
         pending.append(posted)
         if len(pending) >= BUCKETS_IN_FLIGHT:
@@ -195,7 +191,7 @@ def receive_bucket(group: dist.ProcessGroup, bucket: StreamBucket, device: torch
             staged = torch.empty(box_shape(piece.box), dtype=dtype, device=device)
             scattered.append((target, staged))
             target = staged
-        posted.append(group.recv([_as_bytes(target)], piece.src, piece.tag))
+        posted.append(group.recv([as_bytes(target)], piece.src, piece.tag))
     for work in posted:
         work.wait()
     for target, staged in scattered:
