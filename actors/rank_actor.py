@@ -44,6 +44,7 @@ from actors.reload.meta import ProbeWeight
 from actors.reload.staging_area import StagingArea
 from actors.step_loop import Delta, InFlight, StepLoop
 from actors.transports.base import BucketMessage, BucketReader, LinkMessage
+from actors.transports.cuda_ipc import gpu_uuid
 from actors.transports.object_store import pack_tensors
 
 
@@ -452,5 +453,6 @@ class RankActor:
     def placement(self) -> dict[str, Any]:
         ctx = ray.get_runtime_context()
         return {"node_id": ctx.get_node_id(), "pid": os.getpid(),
-                "gpu_ids": ray.get_gpu_ids(), "device": str(self.runtime.device)}
+                "gpu_ids": ray.get_gpu_ids(), "device": str(self.runtime.device),
+                "gpu_uuid": gpu_uuid(self.runtime.device)}
 

@@ -110,7 +110,7 @@ class Engine:
 def _bundle(cfg: EngineConfig) -> dict[str, float]:
     bundle = {"CPU": float(cfg.num_cpus_per_rank)}
     if cfg.device == "cuda":
-        bundle["GPU"] = 1.0
+        bundle["GPU"] = float(cfg.num_gpus_per_rank)
     return bundle
 
 
@@ -176,7 +176,7 @@ def create_engine(index: int, cfg: EngineConfig, dtype: str,
     ranks = [
         remote.options(
             num_cpus=cfg.num_cpus_per_rank,
-            num_gpus=1 if cfg.device == "cuda" else 0,
+            num_gpus=cfg.num_gpus_per_rank if cfg.device == "cuda" else 0,
             # A dead rank comes back empty; the orchestrator rebuilds it (never retries a call).
             max_restarts=cfg.max_rank_restarts, max_task_retries=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(

@@ -51,12 +51,17 @@ class EngineConfig:
     """'cpu' (gloo) or 'cuda' (NCCL; one GPU per rank actor)."""
     num_cpus_per_rank: float = 1.0
     """Ray CPU request per rank actor; fractional values let TP=4 run on a 2-core machine."""
+    num_gpus_per_rank: float = 1.0
+    """Ray GPU request per rank actor when ``device='cuda'`` (at most 1): a fraction leaves
+    room on the rank's GPU for a colocated trainer rank, as RL frameworks colocate them
+    (a trainer source then shares its tensors over CUDA IPC, with no copy on its side)."""
     bucket_bytes: int = 256 << 20
     """Upper bound of one streamed bucket during a reload."""
     shared_memory: bool = True
     """Whether in-memory and trainer sources travel through shared memory tp-reload keeps on
     the node when their sender (the driver, a trainer's ranks) and every rank share it: the
-    sender writes each byte once and the ranks read it in place. False, or across nodes: an
+    sender writes each byte once and the ranks read it in place; a CUDA trainer on the
+    engine ranks' GPUs shares its tensors over CUDA IPC. False, or across nodes: an
     in-memory source goes through Ray's object store and a trainer streams over a process
     group."""
     placement_strategy: str = "STRICT_PACK"
@@ -116,6 +121,9 @@ class EngineConfig:
     def _check_values(self) -> None:
         positive = ("tensor_parallel_size", "num_engines", "num_cpus_per_rank", "bucket_bytes",
                     "timeout_s")
+        if not 0 < self.num_gpus_per_rank <= 1:
+            raise ConfigError(f"EngineConfig.num_gpus_per_rank must be in (0, 1], "
+                              f"got {self.num_gpus_per_rank!r}")
         if self.max_rank_restarts < 0:
             raise ConfigError(f"EngineConfig.max_rank_restarts must be >= 0, "
                               f"got {self.max_rank_restarts}")

@@ -347,12 +347,13 @@ def kill_rank(orch: ReloadOrchestrator, pid: int, rank: int, engine: int = 0,
 
 
 class TensorTrainer(TrainerEndpoint):
-    """A one-rank trainer holding full tensors; with ``die_after_buckets``, its process dies
-    partway through that bucket of a reload (whichever way the reload carries it)."""
+    """A one-rank trainer holding full tensors (on ``device``); with ``die_after_buckets``, its
+    process dies partway through that bucket of a reload (whichever way the reload carries
+    it)."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], die_after_buckets: int | None = None
-                 ) -> None:
-        self.tensors = tensors
+    def __init__(self, tensors: dict[str, torch.Tensor], die_after_buckets: int | None = None,
+                 device: str = "cpu") -> None:
+        self.tensors = {n: t.to(device) for n, t in tensors.items()}
         self.die_after_buckets = die_after_buckets
         self.writes = 0
 
@@ -373,6 +374,12 @@ class TensorTrainer(TrainerEndpoint):
             os._exit(1)
         self.writes += 1
         return super().tp_reload_write(stream, region, pieces, last)
+
+    def tp_reload_share(self, stream, pieces):
+        if self.writes == self.die_after_buckets:
+            os._exit(1)  # dies before sharing the bucket, after the ranks opened earlier ones
+        self.writes += 1
+        return super().tp_reload_share(stream, pieces)
 
 
 def kernel_tensors(orch: ReloadOrchestrator) -> list[dict[str, torch.Tensor]]:

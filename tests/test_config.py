@@ -55,6 +55,7 @@ def test_spec_parsed_from_config_json(llama_dir):
         (dict(quantization="int3"), "quantization='int3' is unknown"),
         (dict(engine="vllm", quantization="int3"), "not an online quantization of vLLM"),
         (dict(num_cpus_per_rank=0), "num_cpus_per_rank must be > 0"),
+        (dict(num_gpus_per_rank=1.5), "num_gpus_per_rank must be in (0, 1], got 1.5"),
         (dict(num_engines=True), "num_engines must be int"),
         (dict(timeout_s="soon"), "timeout_s must be a number"),
         (dict(quantization=8), "quantization must be str or None"),

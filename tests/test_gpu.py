@@ -1,5 +1,5 @@
-"""CUDA path (skipped without a GPU): one rank actor on its own GPU, checked against
-transformers on the CPU."""
+"""CUDA path (skipped without a GPU): one rank actor on its own GPU (or sharing it with a
+colocated trainer), checked against transformers on the CPU."""
 
 from __future__ import annotations
 
@@ -8,10 +8,15 @@ import torch
 
 from orchestrator import EngineConfig, ReloadOrchestrator
 from tests.support import (
+    TensorTrainer,
     generate_fixed,
+    kernel_tensors,
+    load_tensors,
     reference_generate,
     reference_logits,
     rel_l2,
+    start,
+    unequal_tensors,
     write_checkpoint,
 )
 
@@ -206,3 +211,31 @@ def test_w4a8_moe_engine_on_gpu_reloads_in_place(ray_cluster, tmp_path, prompt):
         assert {t["device"] for t in before[0].values()} == {"cuda:0"}
         logits = orch.forward(prompt)
     assert logits.isfinite().all()
+
+
+def test_colocated_trainer_reloads_over_cuda_ipc_and_rolls_back(ray_cluster, tmp_path, prompt):
+    """A trainer actor and the engine's rank share the GPU (half each): the reload goes over
+    CUDA IPC and its kernel tensors equal a directory reload's bit for bit; a trainer that
+    dies mid-reload rolls back to that version, rebuilt from what the rank kept."""
+    import ray
+
+    from orchestrator import TrainerError, TrainerSource
+
+    a, b, c = (write_checkpoint(tmp_path / n, "llama", seed=s)
+               for n, s in (("a", 1), ("b", 2), ("c", 3)))
+    trainer = ray.remote(num_gpus=0.5, num_cpus=0)(TensorTrainer)
+    with start(a, 1, device="cuda", num_gpus_per_rank=0.5, bucket_bytes=32 << 10) as orch:
+        report = orch.reload(TrainerSource([trainer.remote(load_tensors(b), device="cuda")]))
+        assert report.transport == "cuda_ipc"
+        assert rel_l2(orch.forward(prompt), reference_logits(b, prompt)) <= 1e-4
+        from_trainer = kernel_tensors(orch)
+        orch.reload(str(b))
+        assert unequal_tensors(kernel_tensors(orch), from_trainer) == []
+        orch.reload(TrainerSource([trainer.remote(load_tensors(b), device="cuda")]))
+        served = orch.forward(prompt)
+        dying = trainer.remote(load_tensors(c), die_after_buckets=2, device="cuda")
+        with pytest.raises(TrainerError, match="trainer rank 0") as info:
+            orch.reload(TrainerSource([dying]))
+        assert info.value.died
+        assert unequal_tensors(kernel_tensors(orch), from_trainer) == []
+        assert torch.equal(orch.forward(prompt), served)

@@ -175,6 +175,56 @@ def test_shared_region_holds_each_held_box_once_and_serves_every_read_box():
         pool.close()
 
 
+def test_colocated_ranks_take_pieces_only_from_the_trainer_ranks_on_their_gpu():
+    """CUDA IPC's schedule and take, on CPU tensors standing for the opened handles: two
+    trainer ranks on GPUs A and B each hold all of a bf16 matrix and a scalar, and the engine
+    rank on each GPU takes its column slab only from the trainer rank beside it, into boxes
+    of its own (the trainer's later steps do not reach them). A tensor that GPU B's trainer
+    rank holds only half of cannot be served on B: the NCCL stream carries that source."""
+    from actors.lazy import cut
+    from actors.transports.cuda_ipc import SharedPieces
+    from actors.transports.trainer_stream.ipc import IpcBucket, gpu_senders, take_bucket
+    from actors.transports.trainer_stream.schedule import NotHeldLocally
+
+    full = {"w": torch.randn(6, 8).to(torch.bfloat16), "s": torch.tensor(2.5)}
+    whole = {n: tuple((0, k) for k in t.shape) for n, t in full.items()}
+    holders = {n: [(0, box), (1, box)] for n, box in whole.items()}
+    listed = ListedTrainer(SimpleNamespace(actors=(None, None)), holders, on_cuda=True,
+                           gpus=("GPU-A", "GPU-B"))
+    infos = {"w": SimpleNamespace(torch_dtype=torch.bfloat16, shape=(6, 8)),
+             "s": SimpleNamespace(torch_dtype=torch.float32, shape=())}
+    plan = SimpleNamespace(buckets=[SimpleNamespace(tensors=[SimpleNamespace(name="w"),
+                                                             SimpleNamespace(name="s")])])
+    reads = ({"w": (((0, 6), (0, 4)),), "s": ((),)}, {"w": (((0, 6), (4, 8)),), "s": ((),)})
+    senders = gpu_senders(listed, {(0, 0): "GPU-A", (0, 1): "GPU-B"})
+    assert senders == {(0, 0): frozenset({0}), (0, 1): frozenset({1})}
+    plan_of = schedule(listed, plan, infos, reads, 1, 0, senders)
+    trainer = [{n: t.clone() for n, t in full.items()} for _ in range(2)]
+    shared = [SharedPieces(0, tuple(trainer[rank][p.name][cut(p.box, whole[p.name])]
+                                    for p in plan_of.sends[rank][0])) for rank in range(2)]
+    slot = {p.tag: i for sends in plan_of.sends for i, p in enumerate(sends[0])}
+    taken_by = {}
+    for key, mine in ((0, 0), 0), ((0, 1), 1):
+        taken = plan_of.receives[key][0]
+        assert {p.src for p in taken.pieces} == {mine}
+        bucket = IpcBucket(taken.entries, taken.pieces, tuple(slot[p.tag] for p in taken.pieces),
+                           tuple(shared))
+        taken_by[key] = dict(take_bucket(bucket, shared, torch.device("cpu"), lambda h, d: h))
+    for held in trainer:
+        held["w"].zero_()  # the trainer's next step
+    for (_, rank), weights in taken_by.items():
+        (box,) = reads[rank]["w"]
+        assert torch.equal(weights["w"]._read(box), full["w"][cut(box, whole["w"])])
+        assert torch.equal(weights["s"]._read(()), full["s"])
+    rows = [(0, ((0, 3), (0, 8))), (1, ((0, 3), (0, 8))), (0, ((3, 6), (0, 8)))]
+    half = ListedTrainer(listed.source, {"w": rows, "s": holders["s"]}, on_cuda=True,
+                         gpus=listed.gpus)
+    with pytest.raises(NotHeldLocally, match=r"engine 0 rank 1 reads .* of 'w', which no "
+                                             r"trainer rank on its GPU holds"):
+        schedule(half, plan, infos, reads, 1, 0, gpu_senders(half, {(0, 0): "GPU-A",
+                                                                   (0, 1): "GPU-B"}))
+
+
 def test_trainer_holdings_that_overlap_or_leave_gaps_are_refused():
     with pytest.raises(CheckpointError, match="'w'.*overlapping"):
         _check_holdings("w", (4, 2), [(0, ((0, 3), (0, 2))), (1, ((2, 4), (0, 2)))])

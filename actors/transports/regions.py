@@ -193,31 +193,39 @@ def mapped(name: str, writable: bool = False) -> mmap.mmap:
 
 
 class NodeLocality:
-    """Whether the driver and every rank of the fleet share a node, asked once per set of
-    rank processes (a restarted rank stays in its placement group's bundle, on its node)."""
+    """Where every rank of the fleet runs (its node, its GPU), asked once per set of rank
+    processes (a restarted rank stays in its placement group's bundle, on its node)."""
 
     def __init__(self) -> None:
-        self.known: dict[tuple[Any, ...], bool] = {}
+        self.known: dict[tuple[Any, ...], dict[tuple[int, int], dict[str, Any]]] = {}
 
-    def same_node(self, context: DeliveryContext, others: Iterable[str] = ()) -> bool:
-        """... and every node id in ``others`` (a trainer's ranks') is the driver's."""
-        import ray
-
+    def placed(self, context: DeliveryContext) -> dict[tuple[int, int], dict[str, Any]]:
+        """Each rank's ``RankActor.placement``."""
         from actors.rank_actor import RankActor
 
         fleet = context.fleet
         key = tuple(sorted(fleet.pids.items()))
-        here = ray.get_runtime_context().get_node_id()
         if key not in self.known:
-            placed = fleet.run(RankActor.placement)
-            self.known = {key: all(p["node_id"] == here for p in placed.values())}
-        return self.known[key] and all(node == here for node in others)
+            self.known = {key: fleet.run(RankActor.placement)}
+        return self.known[key]
+
+    def same_node(self, context: DeliveryContext, others: Iterable[str] = ()) -> bool:
+        """Whether the driver, every rank and every node id in ``others`` (a trainer's
+        ranks') share a node."""
+        import ray
+
+        here = ray.get_runtime_context().get_node_id()
+        return (all(p["node_id"] == here for p in self.placed(context).values())
+                and all(node == here for node in others))
 
     def close(self) -> None:
         self.known.clear()
 
 
+def locality(context: DeliveryContext) -> NodeLocality:
+    return context.state.get("node_locality", NodeLocality)
+
+
 def shares_node(context: DeliveryContext, others: Iterable[str] = ()) -> bool:
     """Whether shared memory is on and the driver, every rank and ``others`` share a node."""
-    locality = context.state.get("node_locality", NodeLocality)
-    return context.shared_memory and locality.same_node(context, others)
+    return context.shared_memory and locality(context).same_node(context, others)

@@ -17,9 +17,11 @@ the boxes it received of each committed stream while the commit log needs them (
 the source, about what the object store keeps of an in-memory source).
 
 When the driver, every trainer rank and every engine rank share a node (and the engines are
-not on CUDA beside a CUDA trainer, which NCCL serves), the trainer writes into the node's
-shared memory instead (``shared``): each byte written once, read in place by every rank, one
-copy kept on the node for rollback. The stream above stays for everything else.
+not on CUDA beside a CUDA trainer), the trainer writes into the node's shared memory instead
+(``shared``): each byte written once, read in place by every rank, one copy kept on the node
+for rollback. A CUDA trainer whose ranks on each GPU hold what that GPU's engine ranks read
+shares views of its tensors over CUDA IPC (``ipc``): no copy on the trainer's side. The
+stream above stays for everything else.
 """
 
 from __future__ import annotations
@@ -29,11 +31,10 @@ import logging
 import time
 from typing import Any
 
-import ray
-
 from actors.node_shm import SharedMemoryUnavailable
 from actors.transports.base import Delivery, DeliveryContext, RankCalls, Source, Transport
 from actors.transports.regions import shares_node
+from actors.transports.trainer_stream.ipc import deliver_ipc
 from actors.transports.trainer_stream.schedule import schedule
 from actors.transports.trainer_stream.shared import deliver_shared
 from actors.transports.trainer_stream.trainer import (
@@ -66,7 +67,11 @@ class TrainerStreamTransport(Transport):
         listed: ListedTrainer = source.handle
         stream = next(self._ids)
         nccl = listed.on_cuda and context.device == "cuda"
-        if not nccl and shares_node(context, listed.nodes):
+        if nccl and context.shared_memory:
+            colocated = deliver_ipc(source, plan, context, stream)
+            if colocated is not None:
+                return colocated
+        elif shares_node(context, listed.nodes):
             try:
                 return deliver_shared(source, plan, context, stream)
             except SharedMemoryUnavailable as exc:  # a small /dev/shm (containers: 64 MiB)
@@ -101,6 +106,7 @@ class TrainerStreamTransport(Transport):
 
     def _address(self, world: int, nccl: bool, timeout_s: float) -> LinkAddress:
         """Where this reload's stream meets: the driver's store, a fresh prefix."""
+        import ray
         import torch.distributed as dist
 
         host = ray.util.get_node_ip_address()

@@ -26,11 +26,18 @@ class Schedule:
     """Per engine rank, per bucket."""
 
 
+class NotHeldLocally(LookupError):
+    """An engine rank reads a piece that no trainer rank it may take pieces from holds."""
+
+
 def schedule(listed: ListedTrainer, plan: Plan, infos: dict[str, TensorInfo],
              rank_boxes: tuple[dict[str, tuple[Bounds, ...]], ...], engines: int,
-             first_link_rank: int) -> Schedule:
+             first_link_rank: int, senders: dict[RankKey, frozenset[int]] | None = None
+             ) -> Schedule:
     """Cut every engine rank's read boxes by the trainer ranks' holdings, bucket by bucket.
-    Engine rank (e, r) is link rank ``first_link_rank + e * tp + r``; trainer rank t is t."""
+    Engine rank (e, r) is link rank ``first_link_rank + e * tp + r``; trainer rank t is t.
+    ``senders``: per engine rank, the only trainer ranks it may take pieces from (those on
+    its GPU, for CUDA IPC); NotHeldLocally names a piece none of them holds."""
     tp = len(rank_boxes)
     sends: list[list[list[SendPiece]]] = [[] for _ in listed.source.actors]
     receives: dict[RankKey, list[StreamBucket]] = {
@@ -49,11 +56,18 @@ def schedule(listed: ListedTrainer, plan: Plan, infos: dict[str, TensorInfo],
                 replicas.setdefault(box, []).append(rank)
             for (engine, rank), read_box in _reads(tensor.name, rank_boxes, engines):
                 dst = first_link_rank + engine * tp + rank
+                allowed = None if senders is None else senders[(engine, rank)]
                 choice = next(turn)
                 for held_box, ranks in replicas.items():
                     piece = intersect(read_box, held_box)
                     if piece is None:
                         continue
+                    if allowed is not None:
+                        ranks = [r for r in ranks if r in allowed]
+                        if not ranks:
+                            raise NotHeldLocally(
+                                f"engine {engine} rank {rank} reads {piece} of "
+                                f"'{tensor.name}', which no trainer rank on its GPU holds")
                     src, tag = ranks[choice % len(ranks)], next(tags)
                     sends[src][-1].append(SendPiece(tensor.name, piece, dst, tag))
                     incoming[(engine, rank)].append(

@@ -1,6 +1,7 @@
 """The trainer's side of a trainer stream (``TrainerEndpoint``, mixed into its Ray actors),
 the source that names them (``TrainerSource``) and the driver's listing of what every trainer
-rank holds."""
+rank holds. Ray is imported where it is used: the rank-side code runs without it (the GPU
+tests' machine has none)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import ray
 import torch
 
 from actors.dtypes import SAFETENSORS_CODES, dtype_name
 from actors.lazy import Bounds, cut, intersect
 from actors.reload.routes import covers
 from actors.transports.base import Source, TensorInfo, Transport
+from actors.transports.cuda_ipc import SharedPieces, gpu_uuid, share
 from actors.transports.regions import mapped, write_at
 from actors.transports.trainer_stream.wire import (
     LinkAddress,
@@ -88,10 +89,16 @@ class TrainerEndpoint:
         tensors."""
         raise NotImplementedError("a TrainerEndpoint implements tp_reload_weights()")
 
-    def tp_reload_manifest(self) -> tuple[str, list[HeldTensor]]:
-        """This rank's node id and what it holds."""
+    def tp_reload_manifest(self) -> tuple[str, str, list[HeldTensor]]:
+        """This rank's node id, its GPU's UUID ('' unless all it holds is on one GPU) and
+        what it holds."""
+        import ray
+
         node = ray.get_runtime_context().get_node_id()
-        return node, [held_tensor(n, t)[0] for n, t in self.tp_reload_weights().items()]
+        held = [held_tensor(n, t) for n, t in self.tp_reload_weights().items()]
+        devices = {local.device for _, local in held}
+        return node, gpu_uuid(devices.pop()) if len(devices) == 1 else "", \
+            [info for info, _ in held]
 
     def tp_reload_send(self, address: LinkAddress, rank: int,
                        buckets: list[list[SendPiece]]) -> int:
@@ -108,10 +115,7 @@ class TrainerEndpoint:
         """Write this rank's ``pieces`` of one bucket into ``region`` of the node's shared
         memory (one call per bucket of stream ``stream``, the ``last`` one last); returns
         the bytes written."""
-        if _streaming.get("stream") != stream:
-            _streaming.clear()
-            _streaming.update(stream=stream, held=_held(self, on_cpu=False))
-        held = _streaming["held"]
+        held = _stream_held(self, stream)
         if last:
             _streaming.clear()
         buffer = mapped(region, writable=True)
@@ -121,10 +125,32 @@ class TrainerEndpoint:
             written += write_at(buffer, piece.offset, local[cut(piece.box, inside)])
         return written
 
+    def tp_reload_share(self, stream: str, pieces: list[SendPiece]) -> SharedPieces:
+        """CUDA IPC handles of this rank's ``pieces`` of one bucket of stream ``stream``
+        (views of its tensors: no copy), for engine ranks on its GPU. Its tensors stay held
+        until ``tp_reload_release``."""
+        held = _stream_held(self, stream)
+        return share([held[p.name][0][cut(p.box, held[p.name][1])] for p in pieces])
+
+    def tp_reload_release(self, stream: str) -> None:
+        """Every engine rank is done with stream ``stream``: drop what it held (an answer
+        also tells the driver this process lived through their reads)."""
+        if _streaming.get("stream") == stream:
+            _streaming.clear()
+
 
 _streaming: dict[str, Any] = {}
-"""A trainer process's stream being written into shared memory: its id and its held
-tensors, so ``tp_reload_weights`` is asked once per reload, not once per bucket."""
+"""A trainer process's stream being written into shared memory or shared over CUDA IPC:
+its id and its held tensors, so ``tp_reload_weights`` is asked once per reload, not once
+per bucket."""
+
+
+def _stream_held(endpoint: TrainerEndpoint, stream: str
+                 ) -> dict[str, tuple[torch.Tensor, Bounds]]:
+    if _streaming.get("stream") != stream:
+        _streaming.clear()
+        _streaming.update(stream=stream, held=_held(endpoint, on_cpu=False))
+    return _streaming["held"]
 
 
 def _held(endpoint: TrainerEndpoint, on_cpu: bool) -> dict[str, tuple[torch.Tensor, Bounds]]:
@@ -154,14 +180,18 @@ class ListedTrainer:
     on_cuda: bool
     nodes: tuple[str, ...] = ()
     """Each trainer rank's Ray node id."""
+    gpus: tuple[str, ...] = ()
+    """Each trainer rank's GPU UUID ('' when its tensors are not all on one GPU)."""
 
     def wait(self, sending: list[list[Any]], timeout_s: float) -> list[int]:
         """Bytes each trainer rank sent (``sending``: this reload's calls of each trainer
         rank); TrainerError naming the rank that failed."""
+        import ray
+
         sent = []
         for rank, calls in enumerate(sending):
             try:
-                sent.append(sum(ray.get(calls, timeout=timeout_s)))
+                sent.append(sum(_nbytes(done) for done in ray.get(calls, timeout=timeout_s)))
             except Exception as exc:  # noqa: BLE001 - any failure of a trainer rank
                 raise TrainerError(rank, _error_text(exc),
                                    died=isinstance(exc, ray.exceptions.RayActorError)) from exc
@@ -172,6 +202,8 @@ class ListedTrainer:
         """What a failed stream reports: a trainer rank that died, or that failed while no
         engine rank died (engine ranks receive every piece even after failing, so a trainer
         fails only by itself or because an engine rank died); else the engines' error."""
+        import ray
+
         try:
             self.wait(sending, timeout_s)
         except TrainerError as failure:
@@ -181,7 +213,14 @@ class ListedTrainer:
         return error
 
 
+def _nbytes(answer: int | SharedPieces | None) -> int:
+    """Bytes a trainer call moved (sent, written, or shared over CUDA IPC)."""
+    return answer if isinstance(answer, int) else getattr(answer, "nbytes", 0)
+
+
 def _error_text(exc: BaseException) -> str:
+    import ray
+
     if isinstance(exc, ray.exceptions.RayActorError):
         return f"the trainer actor died mid-stream ({type(exc).__name__})"
     return str(exc)
@@ -192,14 +231,17 @@ def list_trainer(transport: Transport, source: TrainerSource, timeout_s: float) 
     tensor the ranks disagree on, leave partly unheld, or hold overlapping parts of."""
     if not source.actors:
         raise CheckpointError("trainer source: no trainer actors given")
+    import ray
+
     listing = [actor.tp_reload_manifest.remote() for actor in source.actors]
-    nodes, manifests = [], []
+    nodes, gpus, manifests = [], [], []
     for rank, call in enumerate(listing):
         try:
-            node, manifest = ray.get(call, timeout=timeout_s)
+            node, gpu, manifest = ray.get(call, timeout=timeout_s)
         except Exception as exc:  # noqa: BLE001 - a trainer that cannot list is refused
             raise TrainerError(rank, _error_text(exc)) from exc
         nodes.append(node)
+        gpus.append(gpu)
         manifests.append(manifest)
     first: dict[str, HeldTensor] = {}
     holders: dict[str, list[tuple[int, Bounds]]] = {}
@@ -223,7 +265,7 @@ def list_trainer(transport: Transport, source: TrainerSource, timeout_s: float) 
         infos.append(TensorInfo(name, held.shape, SAFETENSORS_CODES[dtype],
                                 numel * dtype.itemsize, None))
     on_cuda = all(h.device == "cuda" for m in manifests for h in m)
-    listed = ListedTrainer(source, holders, on_cuda, tuple(nodes))
+    listed = ListedTrainer(source, holders, on_cuda, tuple(nodes), tuple(gpus))
     return Source(transport, tuple(infos),
                   f"trainer of {len(source.actors)} rank(s), {len(infos)} tensors", listed)
 

@@ -175,20 +175,13 @@ def _wait(posted: list[tuple[Any, torch.Tensor]]) -> None:
 def receive_bucket(group: dist.ProcessGroup, bucket: StreamBucket, device: torch.device
                    ) -> list[tuple[str, BoxesWindow]]:
     """Post every receive of the bucket, wait for all, and return its tensors as windows."""
-    entries = {e.name: e for e in bucket.entries}
-    windows: dict[str, dict[Bounds, torch.Tensor]] = {e.name: {} for e in bucket.entries}
+    windows, targets = read_boxes(bucket.entries, bucket.pieces, device)
     posted, scattered = [], []
-    for piece in bucket.pieces:
-        dtype = getattr(torch, entries[piece.name].dtype)
-        boxes = windows[piece.name]
-        if piece.read_box not in boxes:
-            boxes[piece.read_box] = torch.empty(box_shape(piece.read_box), dtype=dtype,
-                                                device=device)
-        target = boxes[piece.read_box][cut(piece.box, piece.read_box)]
+    for piece, target in zip(bucket.pieces, targets, strict=True):
         if not target.is_contiguous():
             # A piece that is not one run of the read box (a column slab of rows): received
             # whole, then put in place.
-            staged = torch.empty(box_shape(piece.box), dtype=dtype, device=device)
+            staged = torch.empty(box_shape(piece.box), dtype=target.dtype, device=device)
             scattered.append((target, staged))
             target = staged
         posted.append(group.recv([as_bytes(target)], piece.src, piece.tag))
@@ -196,4 +189,20 @@ def receive_bucket(group: dist.ProcessGroup, bucket: StreamBucket, device: torch
         work.wait()
     for target, staged in scattered:
         target.copy_(staged)
-    return [(e.name, BoxesWindow(e, windows[e.name])) for e in bucket.entries]
+    return windows
+
+
+def read_boxes(entries: tuple[TensorEntry, ...], pieces: tuple[RecvPiece, ...],
+               device: torch.device) -> tuple[list[tuple[str, BoxesWindow]], list[torch.Tensor]]:
+    """A receiver's bucket in memory of its own: each read box allocated once on ``device``,
+    served as windows, and where each piece goes in them (a view, in piece order)."""
+    dtypes = {e.name: getattr(torch, e.dtype) for e in entries}
+    boxes: dict[str, dict[Bounds, torch.Tensor]] = {e.name: {} for e in entries}
+    targets = []
+    for piece in pieces:
+        held = boxes[piece.name]
+        if piece.read_box not in held:
+            held[piece.read_box] = torch.empty(box_shape(piece.read_box),
+                                               dtype=dtypes[piece.name], device=device)
+        targets.append(held[piece.read_box][cut(piece.box, piece.read_box)])
+    return [(e.name, BoxesWindow(e, boxes[e.name])) for e in entries], targets
