@@ -235,7 +235,9 @@ class RankActor:
             self.staging_area.reloader.stage_hook = self._at_stage
         return self.staging_area
 
-    def start_reload(self, first_load: bool, staged: bool = False) -> None:
+    def start_reload(self, first_load: bool, staged: bool = False,
+                     layers: list[str] | None = None) -> None:
+        """``layers``: those the plan writes (a plain reload arms only them)."""
         self.reader = BucketReader(self._kept, self.runtime.device)
         self._pending = None
         self.reload_begin = time.perf_counter()
@@ -244,7 +246,8 @@ class RankActor:
             self.active.start("reload")
             return
         self.active = self.reloader
-        self.reloader.start("first" if first_load and not self.reloader.has_kernel else "reload")
+        self.reloader.start("first" if first_load and not self.reloader.has_kernel else "reload",
+                            layers)
 
     def flip_staged(self, version: int, in_flight: InFlight) -> None:
         """Every rank staged everything: at a step boundary, on every rank of the engine at

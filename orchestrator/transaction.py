@@ -129,7 +129,7 @@ class Transaction:
         begin = time.perf_counter() - plan_seconds
         progress = Progress(f"load v{version}", sum(b.nbytes for b in plan.buckets),
                             len(plan.buckets), enabled=self.config.progress)
-        started = self.fleet.call(RankActor.start_reload, first, staged)
+        started = self.fleet.call(RankActor.start_reload, first, staged, list(plan.layers))
         context = DeliveryContext(self.fleet, self.router.routing, self.config.device,
                                   self.config.timeout_s, self.transports,
                                   self.config.shared_memory)

@@ -167,6 +167,24 @@ def test_untouched_layer_keeps_its_tensors_and_partial_layer_is_named():
     assert torch.equal(toy.second.weight, new["second.weight"])
 
 
+def test_a_reload_arms_only_the_layers_its_plan_writes():
+    """Given the plan's layers, a reload arms those and the process_last layers that reset
+    with them; every other layer serves its live tensors throughout, untouched."""
+    toy, engine, _ = build()
+    first_load(engine, weights(0))
+    live_first = toy.first.weight
+    next(r for r in engine.records if r.name == "scales").reset_with = "second"
+    new = weights(1)
+    engine.start("reload", layers=["second"])
+    assert toy.first.weight is live_first and not live_first.is_meta
+    assert toy.second.weight.is_meta and toy.scales.k_scale.is_meta, "armed"
+    engine.load([("second.weight", new["second.weight"]), ("second.bias", new["second.bias"])])
+    stats = engine.finish()
+    assert stats.layers_reloaded == ["second"] and stats.layers_kept == ["first", "scales"]
+    assert torch.equal(toy.second.weight, new["second.weight"])
+    assert toy.first.weight is live_first and not toy.scales.k_scale.is_meta
+
+
 def test_duplicate_tensor_is_refused():
     _, engine, _ = build()
     first_load(engine, weights(0))

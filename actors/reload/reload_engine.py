@@ -1,14 +1,15 @@
 """The layerwise reload engine of one rank, driving any ``ReloadableModel``.
 
-``start`` arms every layer: its live kernel tensors are set aside and meta placeholders put
-back, each with a wrapped ``weight_loader``. A wrapped call is dry-run on meta (counting the
-elements it writes and the source boxes it reads), the boxes are read into rank memory, and
-the call is buffered. When a layer's count reaches its total it is processed at once:
-placeholders materialized on ``restore_device``, calls replayed, the model's ``process``
-run, results copied into the original kernel tensors, and those original objects
-re-registered, so every ``data_ptr`` the engine serves from survives. ``finish`` processes
-``process_last`` (attention) layers, keeps the old tensors of layers that received nothing
-and rejects partly loaded ones.
+``start`` arms every layer (a reload: every layer of its plan, and the ``process_last``
+layers those reset; the others go on serving untouched): its live kernel tensors are set
+aside and meta placeholders put back, each with a wrapped ``weight_loader``. A wrapped call
+is dry-run on meta (counting the elements it writes and the source boxes it reads), the
+boxes are read into rank memory, and the call is buffered. When a layer's count reaches its
+total it is processed at once: placeholders materialized on ``restore_device``, calls
+replayed, the model's ``process`` run, results copied into the original kernel tensors,
+and those original objects re-registered, so every ``data_ptr`` the engine serves from
+survives. ``finish`` processes ``process_last`` (attention) layers, keeps the old tensors of
+layers that received nothing and rejects partly loaded ones.
 
 Failure consensus: a layer whose processing communicates with the engine's other ranks
 (``collective``, e.g. vLLM's online FP8 reduces amax over the TP group) is processed only
@@ -26,7 +27,7 @@ model as it found it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any, Literal
 
 import torch
@@ -84,6 +85,8 @@ class ReloadEngine:
         # (a few ms for a deep model), their loaders find the reload's LayerLoad by name.
         self._armed_params: dict[str, dict[str, nn.Parameter]] = {}
         self._loads: dict[str, LayerLoad] = {}
+        self._unarmed: set[str] = set()
+        """Layers this reload leaves as they serve (not in its plan)."""
         self._mode: Mode | None = None
         self._has_kernel = False
         self._planned: list[PlannedRead] = []
@@ -103,7 +106,10 @@ class ReloadEngine:
 
     # ---- arming ---------------------------------------------------------------------------
 
-    def start(self, mode: Mode) -> None:
+    def start(self, mode: Mode, layers: Collection[str] | None = None) -> None:
+        """Arm the layers this load writes: every layer, or for a reload given ``layers``
+        (the plan's) those and the process_last layers they reset. The others are left as
+        they serve (a reload of one tensor pays for one layer, not for arming them all)."""
         if self._mode is not None:
             raise RuntimeError("a reload is already in progress on this rank")
         if mode == "reload" and not self._has_kernel:
@@ -118,7 +124,12 @@ class ReloadEngine:
         self.processed: list[str] = []
         self.layer_seconds: dict[str, float] = {}
         self._loads = {}
+        armed = self._to_arm(layers) if mode == "reload" else None
+        self._unarmed = set() if armed is None else \
+            {r.name for r in self.records} - armed
         for record in self.records:
+            if record.name in self._unarmed:
+                continue
             # Plan mode sets the live tensors aside too: abort() puts them back.
             kernel = record.current() if mode != "first" else None
             # Only the placeholders' names are swapped: other kernel tensors (scales,
@@ -126,6 +137,12 @@ class ReloadEngine:
             record.unregister(list(record.placeholders))
             self._loads[record.name] = LayerLoad(record, kernel)
             record.register(self._armed(record))
+
+    def _to_arm(self, layers: Collection[str] | None) -> set[str] | None:
+        if layers is None:
+            return None
+        chosen = set(layers)
+        return chosen | {r.name for r in self.records if r.reset_with in chosen}
 
     def _armed(self, record: LayerRecord) -> dict[str, nn.Parameter]:
         if record.name not in self._armed_params:
@@ -423,7 +440,8 @@ class ReloadEngine:
         except BaseException:
             self.abort()
             raise
-        kept = [load.record.name for load in incomplete]
+        unsettled = {load.record.name for load in incomplete} | self._unarmed
+        kept = [r.name for r in self.records if r.name in unsettled]
         for load in incomplete:
             self._restore(load)
         self.seconds["finalize"] += time.perf_counter() - begin
