@@ -135,8 +135,8 @@ class Transaction:
                                   self.config.shared_memory)
         delivery = source.transport.deliver(source, plan, context)
         try:
-            pending, send_seconds = self._queue(delivery, source.transport.max_in_flight,
-                                                progress)
+            pending, send_seconds = self._queue(
+                delivery, delivery.max_in_flight or source.transport.max_in_flight, progress)
             finishing = self.fleet.call(RankActor.finish_reload)
             self.fleet.wait(started)
             for calls, nbytes in pending:

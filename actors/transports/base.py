@@ -153,6 +153,10 @@ class Delivery:
     node_bytes: int = 0
     """Bytes the replay messages keep alive in a node's shared memory (the object store, or
     tp-reload's own regions): what the commit log costs while it holds this source."""
+    max_in_flight: int | None = None
+    """Steps pending at once when it is not the transport's ``max_in_flight`` (a transport
+    that picks between carriers: only one of them holds memory per step); None: the
+    transport's."""
 
 
 class TransportState:

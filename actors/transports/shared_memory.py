@@ -4,9 +4,12 @@ Ray's object store otherwise.
 
 Driver: each bucket, in plan order, is written once into a region (the fewest copies a
 process boundary allows: this write, then each rank's copy of its windows into model
-format); at most ``max_in_flight`` buckets are pending, so the driver writes the next bucket
-while the ranks read the one before, each at its own offset. Rank: maps the region read-only
-(kept mapped for the next reloads) and hands the reload engine views of it, in place.
+format), and sent as soon as it is written: the region holds the whole source, so nothing
+waits for the ranks to free a step, and the driver writes the next buckets while the ranks
+read the ones before, each at its own offset (through the object store, at most
+``ObjectStoreTransport.max_in_flight`` buckets are pending: each holds store memory). Rank:
+maps the region read-only (kept mapped for the next reloads) and hands the reload engine
+views of it, in place.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class SharedMemoryTransport(ObjectStoreTransport):
     """A dict or pairs of tensors; through the node's shared memory when it can."""
 
     name = "shared_memory"
+    max_in_flight = None  # a region holds the whole source; the store path sets its own
 
     def deliver(self, source: Source, plan: Plan, context: DeliveryContext) -> Delivery:
         if not shares_node(context):
@@ -55,6 +59,7 @@ class SharedMemoryTransport(ObjectStoreTransport):
                        ) -> Delivery:
         delivery = super().deliver(source, plan, context)
         delivery.carrier = "object_store"
+        delivery.max_in_flight = ObjectStoreTransport.max_in_flight
         delivery.node_bytes = sum(b.nbytes for b in plan.buckets)
         return delivery
 
