@@ -34,14 +34,15 @@ class SharedPieces:
 
 def share(tensors: list[torch.Tensor]) -> SharedPieces:
     """Handles of ``tensors`` (views, any strides) for processes on the same GPU. The sender
-    keeps the tensors alive until every receiver is done with them. It waits here for the
-    device work that produced them: torch records an event per share, but a receiver that
-    already opened the same allocation does not wait on the newer events."""
+    keeps the tensors alive until every receiver is done with them. It waits here for all
+    device work, on any stream (a trainer's tensors may come from FSDP's or an optimizer's
+    streams): torch records an event per share on the current stream only, and a receiver
+    that already opened the same allocation does not wait on the newer events."""
     from torch.multiprocessing.reductions import reduce_tensor
 
     handles = tuple(reduce_tensor(t.detach())[1] for t in tensors)
     for device in {t.device for t in tensors}:
-        torch.cuda.current_stream(device).synchronize()
+        torch.cuda.synchronize(device)
     return SharedPieces(sum(t.numel() * t.element_size() for t in tensors), handles)
 
 
