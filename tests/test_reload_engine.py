@@ -4,6 +4,7 @@ kernel tensors, processing order, untouched / partial / duplicate layers."""
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -17,7 +18,8 @@ from actors.reload import (
     ReloadError,
     in_processing_order,
 )
-from actors.reload.meta import WriteCounter
+from actors.reload.finite import BLOCK_BYTES, extremes, screened_copy, screening_copies
+from actors.reload.meta import PrefetchedWeight, WriteCounter
 
 log = logging.getLogger("test")
 
@@ -292,3 +294,36 @@ def test_reported_peak_is_what_the_rank_really_held(tmp_path, monkeypatch, order
         assert peaks == [max(by_layer.values())] * 2
     else:
         assert min(peaks) > max(by_layer.values()), "a shuffled source buffers several layers"
+
+
+def test_a_screened_copy_keeps_every_bit_and_its_block_sums_find_one_nan():
+    """A CPU rank screens a loader's copy of its window block by block, while each block is in
+    cache, instead of in a pass of its own: the copy is exact (here from a strided window),
+    the blocks' sums find one NaN in any block, and a param that something else also wrote
+    is screened by a pass of its own."""
+    rows, cols = 5 * BLOCK_BYTES // (256 * 4), 256  # fp32 rows: five blocks and more
+    source = torch.randn(rows, 2 * cols)
+    window = PrefetchedWeight((rows, 2 * cols), torch.float32,
+                              {((0, n), (cols, 2 * cols)): source[:n, cols:]
+                               for n in (rows, rows // 2)})
+    target = torch.empty(rows, cols)
+
+    def copied(write_rows: int = rows) -> torch.Tensor:
+        with screening_copies(True) as sums:
+            # The loader's own call: the window's torch function routes it (actors.reload.meta).
+            target[:write_rows].copy_(window.narrow(1, cols, cols).narrow(0, 0, write_rows))
+        return extremes(target, sums.total(target, target.numel()))
+
+    low, high = copied().tolist()
+    assert torch.equal(target, source[:, cols:])
+    assert math.isclose(low, source[:, cols:].double().sum().item(), rel_tol=1e-4, abs_tol=1e-2)
+    assert low == high  # one sum stands for both extremes
+    for row in (0, rows // 2, rows - 1):
+        source[row, cols + 7] = float("nan")
+        assert math.isnan(copied()[0]), f"NaN in row {row}"
+        source[row, cols + 7] = 1.0
+    # Half written by copies, half filled: the sums cover half, so the param gets its pass.
+    target[rows // 2:].fill_(float("inf"))
+    low, high = copied(rows // 2).tolist()
+    assert (low, high) == (source[: rows // 2, cols:].min().item(), float("inf"))
+    assert screened_copy(target, source[:, :cols]) is None, "no screen is collecting"

@@ -24,6 +24,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from actors.lazy import Bounds, LazyWindow
+from actors.reload.finite import screened_copy
 from actors.reload.pinned_host import copy_into
 
 aten = torch.ops.aten
@@ -70,12 +71,15 @@ class PrefetchedWeight(LazyWindow):
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: Any = None
                            ) -> Any:
-        # The loader's copy of a staged (pinned) window into a device tensor: an asynchronous
-        # DMA (actors.reload.pinned_host). Any other use reads the window as usual.
+        # The loader's copy of a window: on a CPU rank screened as it goes
+        # (actors.reload.finite), from a staged (pinned) window into a device tensor an
+        # asynchronous DMA (actors.reload.pinned_host). Any other use reads the window as usual.
         if (func is torch.Tensor.copy_ and not kwargs and len(args) == 2
                 and isinstance(args[1], PrefetchedWeight)
                 and isinstance(args[0], torch.Tensor)):
-            return copy_into(args[0], args[1].materialize())
+            target, source = args[0], args[1].materialize()
+            screened = screened_copy(target, source)
+            return copy_into(target, source) if screened is None else screened
         return super().__torch_function__(func, types, args, kwargs)
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Iterable
+from contextlib import AbstractContextManager
 from typing import Any, Literal
 
 import torch
@@ -35,7 +36,7 @@ from torch import nn
 
 from actors.lazy import Bounds
 from actors.reload.errors import PeerFailedError, ReloadError
-from actors.reload.finite import nonfinite_error, screen_written
+from actors.reload.finite import CopySums, nonfinite_error, screen_written, screening_copies
 from actors.reload.meta import PrefetchedWeight, ProbeWeight, WriteCounter, read_window
 from actors.reload.model import LayerRecord, ReloadableModel, is_optional
 from actors.reload.params import (
@@ -351,10 +352,16 @@ class ReloadEngine:
             self._copy_into_kernel(record, load.kernel)
         self.side_streams.end_layer()
 
+    def _screening_copies(self, wanted: bool = True
+                          ) -> AbstractContextManager[CopySums | None]:
+        """The replay's copies summed as they go (a CPU rank's screen, without a pass of
+        its own; ``actors.reload.finite``)."""
+        return screening_copies(wanted and self.check_finite and not self.sync.cuda)
+
     def _screen(self, load: LayerLoad, written: dict[str, torch.Tensor],
-                skip: tuple[str, ...] = ()) -> None:
+                skip: tuple[str, ...] = (), copied: CopySums | None = None) -> None:
         if self.check_finite:
-            self.side_streams.add_screens(screen_written(load, written, skip))
+            self.side_streams.add_screens(screen_written(load, written, skip, copied))
 
     def _charge(self, layer: str, begin: float) -> None:
         self.layer_seconds[layer] = (self.layer_seconds.get(layer, 0.0)
@@ -374,8 +381,9 @@ class ReloadEngine:
         targets = {n: param_like(p, load.kernel[n].data)
                    for n, p in record.placeholders.items()}
         with self.sync.on(self.side_streams.begin_layer()):
-            self._replay(load, targets)
-            self._screen(load, targets)
+            with self._screening_copies() as copied:
+                self._replay(load, targets)
+            self._screen(load, targets, copied=copied)
         record.unregister(list(record.placeholders))
         record.register(load.kernel)
 
@@ -392,8 +400,10 @@ class ReloadEngine:
             fresh = {n: make(n, p, record.restore_device)
                      for n, p in record.placeholders.items()}
             record.register(fresh)
-            self._replay(load, fresh)
-            self._screen(load, fresh, skip=record.screened)
+            # A layer whose processing screens its weights needs no sums of them.
+            with self._screening_copies(not record.screened) as copied:
+                self._replay(load, fresh)
+            self._screen(load, fresh, skip=record.screened, copied=copied)
 
     def _from_scratch(self, name: str, placeholder: nn.Parameter, device: torch.device
                       ) -> nn.Parameter:

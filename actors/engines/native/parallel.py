@@ -93,7 +93,9 @@ def check_full_extent(loaded: Weight, dim: int, expected: int, what: str) -> Non
 
 def copy_into(dest: torch.Tensor, loaded: Weight, what: str) -> None:
     _check_shape(dest, loaded, what)
-    dest.copy_(to_tensor(loaded))
+    # A window is passed as it is: the reload engine's windows see the copy (torch function
+    # dispatch) and choose how it is done (a DMA from pinned memory, a screened copy).
+    dest.copy_(loaded)
 
 
 def default_weight_loader(param: torch.Tensor, loaded: Weight, shard_id: Any = None) -> None:
