@@ -7,6 +7,7 @@ mid-write: ``test_trainer_stream``."""
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -17,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import ray
-import torch
 
 from orchestrator import RankError, TrainerSource
 from tests.support import (
@@ -81,34 +81,45 @@ def test_shared_memory_reloads_equal_the_object_store_and_the_stream_bit_for_bit
 @pytest.mark.slow
 def test_rank_killed_mid_read_rolls_back_and_leaves_nothing(ray_cluster, llama32, prompt,
                                                             tmp_path):
-    """Rank 1 pauses in its transfer stage (reading a bucket out of the region) and is
-    killed there: the reload rolls back from the region the commit log keeps, the rebuilt
-    rank replays it, the next reload through shared memory works, and closing the
-    orchestrator removes its regions."""
+    """From the driver's memory, then from a trainer: rank 1 pauses in its transfer stage
+    (reading a bucket out of the region) and is killed there. The reload rolls back from the
+    region the commit log keeps, the rebuilt rank replays it, the next reload through shared
+    memory (from the same kind of source) works, and closing the orchestrator removes its
+    regions."""
     before = regions()
     step_a, step_b = load_tensors(llama32["a"]), load_tensors(llama32["b"])
+    trainer = ray.remote(num_cpus=0)(TensorTrainer)
     with start(llama32["b"], 2) as orch:
         assert orch.reload(step_a).transport == "shared_memory"  # what rollback replays
-        served = kernel_tensors(orch)
-        pids = [p["pid"] for p in orch.placements()[0]]
-        paused = tmp_path / "paused"
-        orch.inject_fault("transfer", "pause", engine=0, rank=1, signal_path=str(paused))
-        worker, outcome = reload_until_paused(orch, step_b, paused,
-                                              "rank 1 never reached its transfer stage")
-        kill_rank(orch, pids[1], rank=1)
-        worker.join(timeout=180)
-        assert len(outcome) == 1 and isinstance(outcome[0], RankError), outcome
-        assert (outcome[0].engine, outcome[0].rank) == (0, 1)
-        assert orch.version == 1
-        restored = kernel_tensors(orch)
-        for rank in range(2):
-            assert all(torch.equal(served[rank][n], restored[rank][n]) for n in served[rank])
-        assert serves(orch, llama32["a"], prompt)
-        # The failed reload's region went back to the pool: at most the log's and a spare.
-        assert len(regions() - before) <= 2
-        report = orch.reload(step_b)
-        assert report.transport == "shared_memory" and report.version == 2
-        assert serves(orch, llama32["b"], prompt)
+        serving_path = llama32["a"]
+        drills = [(step_b, step_b, llama32["b"]),
+                  (TrainerSource([trainer.remote(step_a)]),
+                   TrainerSource([trainer.remote(step_a)]), llama32["a"])]
+        for killed, next_source, next_path in drills:
+            version, served = orch.version, kernel_tensors(orch)
+            pids = [p["pid"] for p in orch.placements()[0]]
+            paused = tmp_path / f"paused-{version}"
+            orch.inject_fault("transfer", "pause", engine=0, rank=1, signal_path=str(paused))
+            worker, outcome = reload_until_paused(orch, killed, paused,
+                                                  "rank 1 never reached its transfer stage")
+            kill_rank(orch, pids[1], rank=1)
+            worker.join(timeout=180)
+            assert len(outcome) == 1 and isinstance(outcome[0], RankError), outcome
+            assert (outcome[0].engine, outcome[0].rank) == (0, 1)
+            assert orch.version == version
+            assert unequal_tensors(kernel_tensors(orch), served) == [], type(killed)
+            assert serves(orch, serving_path, prompt)
+            # The failed reload's region goes back to the pool once its error is dropped
+            # (the log's, a spare and it at most), and the next reload makes no new one.
+            outcome.clear()
+            gc.collect()
+            held = regions() - before
+            assert len(held) <= 3, held
+            report = orch.reload(next_source)
+            assert report.transport == "shared_memory" and report.version == version + 1
+            assert serves(orch, next_path, prompt)
+            assert regions() - before == held, "the next reload made a region"
+            serving_path = next_path
     assert regions() - before == set(), "the closed orchestrator left regions"
 
 
