@@ -147,6 +147,7 @@ class Transaction:
             sent = delivery.finish(self.config.timeout_s)
         except BaseException as error:
             blamed = delivery.blame(error, self.config.timeout_s)
+            delivery.drop()
             if blamed is error:
                 raise
             raise blamed from error
@@ -227,7 +228,7 @@ class Transaction:
                 self.on_recovered({engine for engine, _ in restarted})
         error.add_note(f"every rank of every engine is back on version {self.version}")
         # The text, not the error: a handler that keeps records (pytest's, a memory handler)
-        # would keep its traceback's frames, and with them the failed reload's regions.
+        # would keep its traceback's frames, and with them the failed reload's source.
         log.warning("recovered from %s: every rank serves version %s", str(error), self.version)
 
     def recover_if_restarted(self, error: RankError) -> None:

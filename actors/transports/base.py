@@ -158,6 +158,16 @@ class Delivery:
     that picks between carriers: only one of them holds memory per step); None: the
     transport's."""
 
+    def drop(self) -> None:
+        """After a failure: let go of the messages and the steps not yet produced, and so of
+        what they hold (a region's lease), while the failure's frames may live on in an
+        error the caller keeps."""
+        self.replay.clear()
+        close = getattr(self.steps, "close", None)
+        if close is not None:
+            close()
+        self.steps = iter(())
+
 
 class TransportState:
     """What transports keep for one orchestrator between reloads (regions they reuse, what
