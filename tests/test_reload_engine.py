@@ -327,3 +327,23 @@ def test_a_screened_copy_keeps_every_bit_and_its_block_sums_find_one_nan():
     low, high = copied(rows // 2).tolist()
     assert (low, high) == (source[: rows // 2, cols:].min().item(), float("inf"))
     assert screened_copy(target, source[:, :cols]) is None, "no screen is collecting"
+
+
+def test_a_loader_that_scales_what_it_copied_is_screened_by_a_pass_of_its_own():
+    """The copy's block sums cover what was copied, not what the loader wrote after it: a
+    finite value that the loader's in-place scale turns into Inf is still refused."""
+    toy, engine, _ = build()
+
+    def scaling_loader(param: torch.Tensor, loaded, shard_id=None) -> None:
+        param.data.copy_(loaded)  # the window itself: a screened copy
+        param.data.mul_(2.0)
+
+    toy.first.weight.weight_loader = scaling_loader
+    first_load(engine, weights(0))
+    assert torch.equal(toy.first.weight, weights(0)["first.weight"] * 2)
+    bad = weights(1)
+    bad["first.weight"][1, 2] = 3e38  # finite; doubled, Inf
+    engine.start("reload")
+    with pytest.raises(ReloadError, match=r"contains Inf values .* found in first\.weight"):
+        engine.load(bad.items())
+        engine.finish()

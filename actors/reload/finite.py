@@ -61,7 +61,7 @@ def screen_written(load: LayerLoad, written: dict[str, torch.Tensor],
         tensor = written[name]
         if name in skip or not tensor.is_floating_point() or not tensor.numel():
             continue
-        total = copied.total(tensor, load.per_param.get(name, 0)) if copied else None
+        total = copied.total(tensor, load.writes.get(name, 0)) if copied else None
         screens.append(PendingScreen(load.record.name, name, _sources(load, name),
                                      extremes(tensor, total)))
     return screens
@@ -110,13 +110,14 @@ class CopySums:
         self.numel[key] = self.numel.get(key, 0) + target.numel()
         return target
 
-    def total(self, param: torch.Tensor, written: int) -> torch.Tensor | None:
+    def total(self, param: torch.Tensor, writes: int) -> torch.Tensor | None:
         """The sum of every element of ``param``, when the screened copies wrote as many
-        elements as ``param`` has and as the layer's loader calls wrote into it in all
-        (``written``; the engine's counts already rely on loaders writing each element once);
-        else None, and the param is screened by a pass of its own."""
+        elements as ``param`` has and every write the layer's loader calls made into it was
+        one of them (``writes``: their count on meta, uncapped; a loader that scales what it
+        copied, or fills padding, writes more); else None, and the param is screened by a
+        pass of its own."""
         key = param.untyped_storage().data_ptr()
-        if self.numel.get(key) != written or written != param.numel():
+        if self.numel.get(key) != writes or writes != param.numel():
             return None
         return torch.stack(self.sums[key]).sum()
 

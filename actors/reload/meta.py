@@ -109,6 +109,10 @@ class WriteCounter(TorchDispatchMode):
         # a meta tensor (meta storages have no data pointer to compare).
         self._storage = target.untyped_storage()._cdata
         self.numel = 0
+        self.changed = 0
+        """Elements other in-place ops changed there (a scale of what was just copied, an
+        ``out=``): not writes that complete a param, but what a screen of the copies alone
+        would miss."""
 
     def _lands_in_target(self, tensor: Any) -> bool:
         return isinstance(tensor, torch.Tensor) and tensor.untyped_storage()._cdata == self._storage
@@ -116,7 +120,13 @@ class WriteCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if args and self._lands_in_target(args[0]):
-            self.numel += self._written(func, args)
+            written = self._written(func, args)
+            self.numel += written
+            alias = func._schema.arguments[0].alias_info
+            if not written and alias is not None and alias.is_write:
+                self.changed += args[0].numel()
+        if self._lands_in_target((kwargs or {}).get("out")):
+            self.changed += kwargs["out"].numel()
         return out
 
     @staticmethod

@@ -29,7 +29,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection, Iterable
 from contextlib import AbstractContextManager
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -59,6 +59,20 @@ from actors.reload.types import (
 from quant.sync import DeviceSync
 
 Mode = Literal["first", "reload", "plan"]
+
+
+class DryRun(NamedTuple):
+    """What a loader call does, from its run on meta."""
+
+    written: int
+    """Elements it writes into the param, capped at the param's size."""
+    reads: list[Bounds]
+    """The source boxes it reads."""
+    result: Any
+    """What the loader returns."""
+    writes: int
+    """Every element write or in-place change in the param's storage, uncapped: a copy and
+    then an in-place scale of the same elements count twice."""
 RANK_STAGES = ("transfer", "load", "process", "finalize")
 """Where a rank's reload seconds go (``RankReloadStats.stage_seconds``)."""
 
@@ -77,7 +91,7 @@ class ReloadEngine:
         # Called with a stage name ('process', 'quantize') before that work: fault injection.
         self.stage_hook: Any = None
         # A loader's dry run depends only on the call's shape: run it once, reuse it after.
-        self._dry_runs: dict[tuple, tuple[int, list[Bounds], Any]] = {}
+        self._dry_runs: dict[tuple, DryRun] = {}
         # Model-format buffers of converting layers, reused from layer to layer and reload
         # to reload: one per (param name, shape, dtype, slot), so the params of one layer
         # never share storage and the pool holds about one layer of each kind per slot.
@@ -202,22 +216,22 @@ class ReloadEngine:
         """After a failure: keep the layer counts without reading, so collective layers
         complete at the same points as on the healthy ranks."""
         try:
-            written, _, result = self._dry_run(load.record, name, weight, args, kwargs)
+            run = self._dry_run(load.record, name, weight, args, kwargs)
         except Exception:  # noqa: BLE001 - this rank already failed; nothing more to learn
             return None
-        load.loaded_numel += written
+        load.loaded_numel += run.written
         self._complete_if_ready(load)
-        return result
+        return run.result
 
     def _plan_call(self, load: LayerLoad, name: str, weight: Any, args: tuple, kwargs: dict
                    ) -> Any:
         record = load.record
-        written, reads, result = self._dry_run(record, name, weight, args, kwargs)
+        run = self._dry_run(record, name, weight, args, kwargs)
         self._planned.append(PlannedRead(
-            record.name, f"{record.name}.{name}", record.placeholders[name].dtype, written,
-            _shard_of(args, kwargs), read_bytes(weight.dtype, reads),
-            tuple(dict.fromkeys(reads))))
-        return result
+            record.name, f"{record.name}.{name}", record.placeholders[name].dtype, run.written,
+            _shard_of(args, kwargs), read_bytes(weight.dtype, run.reads),
+            tuple(dict.fromkeys(run.reads))))
+        return run.result
 
     def _load_call(self, load: LayerLoad, name: str, weight: Any, args: tuple, kwargs: dict
                    ) -> Any:
@@ -230,9 +244,9 @@ class ReloadEngine:
         if shard in load.shards.get(name, []):
             raise ReloadError(f"{record.name}.{name} received shard {shard!r} twice "
                               "(the same tensor appears twice in the source?)")
-        written, reads, result = self._dry_run(record, name, weight, args, kwargs)
+        run = self._dry_run(record, name, weight, args, kwargs)
         read_begin = time.perf_counter()
-        read = {b: read_window(weight, b) for b in dict.fromkeys(reads)}
+        read = {b: read_window(weight, b) for b in dict.fromkeys(run.reads)}
         windows = {b: self.pinned.copy(w) for b, w in read.items()}
         read_seconds = time.perf_counter() - read_begin
         # Plain tensors reaching a loader are views of the source or the transfer buffer;
@@ -244,23 +258,23 @@ class ReloadEngine:
         self.seconds["transfer"] += read_seconds
         load.calls.append(BufferedCall(name, args, kwargs, buffered,
                                        getattr(weight, "name", "") or "?"))
-        load.loaded_numel += written
-        load.per_param[name] = load.per_param.get(name, 0) + written
+        load.loaded_numel += run.written
+        load.per_param[name] = load.per_param.get(name, 0) + run.written
+        load.writes[name] = load.writes.get(name, 0) + run.writes
         load.shards.setdefault(name, []).append(shard)
         self.tracker.add(record.name, buffered.nbytes)
         self.seconds["load"] += time.perf_counter() - begin - read_seconds
         self._charge(record.name, begin)
         self._complete_if_ready(load)
-        return result
+        return run.result
 
     def _complete_if_ready(self, load: LayerLoad) -> None:
         if _complete(load) and not load.settled and not load.record.process_last:
             self._process(load)
 
     def _dry_run(self, record: LayerRecord, name: str, weight: Any, args: tuple,
-                 kwargs: dict) -> tuple[int, list[Bounds], Any]:
-        """Elements the call writes into the param (capped at its size), the source boxes it
-        reads and what the loader returns, from a run on meta; memoized by the call's shape."""
+                 kwargs: dict) -> DryRun:
+        """The call run on meta; memoized by the call's shape."""
         key = (record.name, name, args, tuple(sorted(kwargs.items())), geometry(weight),
                weight.dtype)
         if key not in self._dry_runs:
@@ -268,7 +282,8 @@ class ReloadEngine:
             probe = mirror(ProbeWeight, weight)
             with WriteCounter(placeholder) as counter:
                 result = placeholder.weight_loader(placeholder, probe, *args, **kwargs)
-            self._dry_runs[key] = (min(counter.numel, placeholder.numel()), probe.reads, result)
+            self._dry_runs[key] = DryRun(min(counter.numel, placeholder.numel()), probe.reads,
+                                         result, counter.numel + counter.changed)
         return self._dry_runs[key]
 
     def own_buffers(self) -> None:

@@ -30,6 +30,8 @@ class LayerLoad:
     calls: list[BufferedCall] = field(default_factory=list)
     loaded_numel: int = 0
     per_param: dict[str, int] = field(default_factory=dict)
+    writes: dict[str, int] = field(default_factory=dict)
+    """Per param, every element write its calls make, uncapped (``DryRun.writes``)."""
     shards: dict[str, list[Any]] = field(default_factory=dict)
     settled: bool = False
     """No more work this reload: processed, or skipped after a failure."""
