@@ -29,12 +29,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection, Iterable
 from contextlib import AbstractContextManager
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from actors.lazy import Bounds
 from actors.reload.errors import PeerFailedError, ReloadError
 from actors.reload.finite import CopySums, nonfinite_error, screen_written, screening_copies
 from actors.reload.meta import PrefetchedWeight, ProbeWeight, WriteCounter, read_window
@@ -52,6 +51,7 @@ from actors.reload.side_streams import SideStreams
 from actors.reload.tracker import BufferTracker
 from actors.reload.types import (
     BufferedCall,
+    DryRun,
     LayerLoad,
     PlannedRead,
     RankReloadStats,
@@ -60,19 +60,6 @@ from quant.sync import DeviceSync
 
 Mode = Literal["first", "reload", "plan"]
 
-
-class DryRun(NamedTuple):
-    """What a loader call does, from its run on meta."""
-
-    written: int
-    """Elements it writes into the param, capped at the param's size."""
-    reads: list[Bounds]
-    """The source boxes it reads."""
-    result: Any
-    """What the loader returns."""
-    writes: int
-    """Every element write or in-place change in the param's storage, uncapped: a copy and
-    then an in-place scale of the same elements count twice."""
 RANK_STAGES = ("transfer", "load", "process", "finalize")
 """Where a rank's reload seconds go (``RankReloadStats.stage_seconds``)."""
 

@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
+from actors.lazy import Bounds
 from actors.reload.meta import PrefetchedWeight
 from actors.reload.model import LayerRecord
+
+
+class DryRun(NamedTuple):
+    """What a loader call does, from its run on meta."""
+
+    written: int
+    """Elements it writes into the param, capped at the param's size."""
+    reads: list[Bounds]
+    """The source boxes it reads."""
+    result: Any
+    """What the loader returns."""
+    writes: int
+    """Every element write or in-place change in the param's storage, uncapped: a copy and
+    then an in-place scale of the same elements count twice."""
 
 
 @dataclass(slots=True)
