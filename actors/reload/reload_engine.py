@@ -59,7 +59,6 @@ from actors.reload.types import (
 from quant.sync import DeviceSync
 
 Mode = Literal["first", "reload", "plan"]
-
 RANK_STAGES = ("transfer", "load", "process", "finalize")
 """Where a rank's reload seconds go (``RankReloadStats.stage_seconds``)."""
 
