@@ -83,7 +83,7 @@ class Layout:
                 for name, (offset, shape, dtype) in self.slots.items()}
 
 
-def _mapped(model_dir: Path) -> tuple[list[mmap.mmap], dict[str, torch.Tensor]]:
+def mapped_views(model_dir: Path) -> tuple[list[mmap.mmap], dict[str, torch.Tensor]]:
     """Every tensor of the checkpoint as a view of its file mapped read-only: no byte is
     read until a loader copies its slice out (one copy, from the page cache)."""
     maps, views = [], {}
@@ -133,7 +133,7 @@ def _rank_process(conn: Any, barriers: dict[str, Any], written: Any, model_dir: 
 
     def from_files() -> dict[str, float]:
         begin = time.perf_counter()
-        maps, views = _mapped(path)
+        maps, views = mapped_views(path)
         mapped = time.perf_counter() - begin
         try:
             stages = work.run(views.items())

@@ -22,9 +22,17 @@ from actors.reload.pinned_host import copy_into
 from actors.reload.staging_area import StagingArea
 from actors.transports import BucketReader
 from actors.transports.files import FileBucket, FileEntry
+from benchmarks.checkpoints import ensure_checkpoint
+from benchmarks.rank_bench import measure
 from quant import QuantConfig
 from tests.quant_reference import rank_linears, reference_kernel, same_bytes
-from tests.support import load_tensors, reference_logits, rel_l2, write_checkpoint
+from tests.support import (
+    expected_rank_bytes,
+    load_tensors,
+    reference_logits,
+    rel_l2,
+    write_checkpoint,
+)
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 # Two 128-wide blocks per row, as in the quantization tests.
@@ -223,3 +231,20 @@ def test_side_streams_wait_for_work_queued_before_the_reload(tmp_path, ordered):
     new = load_tensors(b)["model.layers.0.mlp.down_proj.weight"]
     assert torch.equal(weight.cpu(), new)
     assert torch.equal(seen.cpu(), old if ordered else new)
+
+
+def test_the_rank_benchmark_times_a_reload_that_serves_the_checkpoints_shards(tmp_path):
+    """``benchmarks.rank_bench`` times real work: the reload it reports read every byte of
+    rank 1's share of TP=2 and rewrote every layer, after which the rank serves every fused
+    linear exactly as the checkpoint's shards by the tests' own sharding rules."""
+    path = ensure_checkpoint(tmp_path, "tiny")
+    result, rank = measure(path, tp=2, rank=1, reloads=2)
+    assert result["ours_min_s"] > 0 and result["floor_min_s"] > 0
+    assert result["ours_bytes_read"] == sum(expected_rank_bytes(path, 2, 1).values())
+    assert result["ours_layers_reloaded"] == len(rank.engine.records)
+    config = json.loads((path / "config.json").read_text())
+    served = dict(rank.model.named_parameters())
+    shards = rank_linears(load_tensors(path), config, 2, 1)
+    assert len(shards) == 4 * config["num_hidden_layers"]
+    for layer, shard in shards.items():
+        assert torch.equal(served[f"{layer}.weight"], shard), layer
