@@ -5,6 +5,8 @@ LINE_EVERY_S seconds, plus the final one."""
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import sys
 import time
@@ -16,10 +18,15 @@ LINE_EVERY_S = 5.0
 
 class Progress:
     def __init__(self, label: str, total_bytes: int, total_buckets: int, *,
-                 enabled: bool = True, stream: TextIO | None = None) -> None:
+                 enabled: bool = True, stream: TextIO | None = None,
+                 bucket_bytes: list[int] | None = None) -> None:
         self.label = label
         self.total_bytes = total_bytes
         self.total_buckets = total_buckets
+        # With each bucket's bytes, a step that carries several buckets (a transport that
+        # joins them into one message) counts all of them.
+        self._bucket_ends = (None if bucket_bytes is None
+                             else list(itertools.accumulate(bucket_bytes)))
         self.enabled = enabled
         self.stream = stream or sys.stderr
         self.begin = time.perf_counter()
@@ -30,9 +37,10 @@ class Progress:
         self._shown_buckets: int | None = None
 
     def advance(self, nbytes: int) -> None:
-        """One more bucket reached every rank."""
+        """One more step (a bucket, or consecutive buckets) reached every rank."""
         self.done_bytes += nbytes
-        self.done_buckets += 1
+        self.done_buckets = (self.done_buckets + 1 if self._bucket_ends is None
+                             else bisect.bisect_right(self._bucket_ends, self.done_bytes))
         self._show(final=False)
 
     def close(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -10,10 +11,18 @@ import torch
 from safetensors.torch import save_file
 
 from actors.reload.meta import read_window
-from actors.transports import BucketReader, open_source
-from actors.transports.files import FileBucket, checkpoint_files, checkpoint_inventory, file_entry
+from actors.transports import BucketReader, DeliveryContext, open_source
+from actors.transports.files import (
+    FileBucket,
+    FilesTransport,
+    checkpoint_files,
+    checkpoint_inventory,
+    file_entry,
+)
 from actors.transports.object_store import pack_tensors, unpack_tensors
 from orchestrator import CheckpointError
+from orchestrator.plan import Bucket, Plan, PlannedTensor
+from orchestrator.progress import Progress
 
 
 @pytest.fixture
@@ -160,3 +169,43 @@ def test_inventory_follows_the_index_over_several_files(checkpoints):
     assert len(set(weight_map.values())) >= 3
     listed = {i.name: Path(i.file).name for i in checkpoint_inventory(path)}
     assert listed == weight_map
+
+
+class RecordingFleet:
+    """Stands in for the fleet: keeps each message a rank call would carry."""
+
+    def __init__(self) -> None:
+        self.messages: list[FileBucket] = []
+
+    def load_bucket(self, message: FileBucket) -> dict:
+        self.messages.append(message)
+        return {}
+
+
+def test_file_buckets_share_a_message_up_to_its_limit_and_every_bucket_is_counted(
+        tmp_path, monkeypatch):
+    """A directory's buckets name tensors and carry no bytes, so consecutive ones go as one
+    message (one call per rank) up to ``message_bytes``: every tensor once, in plan order,
+    a bucket larger than the limit alone; the progress line still counts the plan's
+    buckets, to N of N."""
+    tensors = {f"t{i}": torch.full((64 * (3 if i == 4 else 1),), float(i)) for i in range(10)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    infos = {i.name: i for i in checkpoint_inventory(tmp_path)}
+    buckets = tuple(Bucket((PlannedTensor(n, n, infos[n].nbytes, (infos[n].nbytes,),
+                                          infos[n].file),)) for n in tensors)
+    plan = Plan("plan", buckets, tuple(tensors), 0, 0, 0, 0)
+    monkeypatch.setattr(FilesTransport, "message_bytes", 600)  # two 256 B tensors, not three
+    fleet = RecordingFleet()
+    delivery = FilesTransport().deliver(open_source(tmp_path), plan,
+                                        DeliveryContext(fleet, None, "cpu", 10.0))
+    stream = io.StringIO()
+    progress = Progress("load v2", sum(b.nbytes for b in buckets), len(buckets),
+                        stream=stream, bucket_bytes=[b.nbytes for b in buckets])
+    monkeypatch.setattr("orchestrator.progress.PROGRESS_AFTER_S", 0.0)
+    for _, nbytes in delivery.steps:
+        progress.advance(nbytes)
+    progress.close()
+    assert [[e.name for e in m.entries] for m in fleet.messages] == \
+        [["t0", "t1"], ["t2", "t3"], ["t4"], ["t5", "t6"], ["t7", "t8"], ["t9"]]
+    assert delivery.replay == fleet.messages  # what the commit log replays
+    assert stream.getvalue().splitlines()[-1].startswith("load v2: bucket 10/10, ")

@@ -13,9 +13,10 @@ import json
 import os
 import socket
 import struct
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from safetensors import safe_open
 
@@ -26,13 +27,15 @@ from actors.transports.base import (
     BucketMessage,
     BucketReader,
     BucketTransport,
+    Delivery,
+    DeliveryContext,
     Fingerprint,
     Items,
     Source,
     TensorInfo,
 )
 from orchestrator.errors import CheckpointError
-from orchestrator.plan import Bucket
+from orchestrator.plan import Bucket, Plan
 
 INDEX_FILE = "model.safetensors.index.json"
 # A safetensors header is JSON metadata; anything this large is a corrupt length field.
@@ -76,6 +79,12 @@ def _slice(reader: BucketReader, handles: dict[str, Any], name: str, path: str
 
 class FilesTransport(BucketTransport):
     name = "files"
+    message_bytes: ClassVar[int] = 1 << 30
+    """A file message names its tensors, it does not carry them: nothing is held per message,
+    and a rank buffers by layer whatever the message. So consecutive buckets share one
+    message up to this many source bytes (a larger bucket goes alone): each message costs
+    about 2 ms of Ray calls and rank work here whatever it names (1.75 ms native, 2.1 ms
+    vLLM), and the progress line still moves every GiB."""
 
     def accepts(self, source: Any) -> bool:
         return isinstance(source, (str, Path))
@@ -87,9 +96,25 @@ class FilesTransport(BucketTransport):
     def send(self, source: Source, bucket: Bucket) -> FileBucket:
         return FileBucket(tuple(file_entry(source.handle[t.name]) for t in bucket.tensors))
 
+    def deliver(self, source: Source, plan: Plan, context: DeliveryContext) -> Delivery:
+        return super().deliver(source, replace(plan, buckets=tuple(
+            joined(plan.buckets, self.message_bytes))), context)
+
     def fingerprints(self, source: Source) -> dict[str, Fingerprint]:
         files = sorted({t.file for t in source.tensors if t.file is not None})
         return {f: (os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files}
+
+
+def joined(buckets: Iterable[Bucket], limit: int) -> Iterator[Bucket]:
+    """Consecutive buckets joined up to ``limit`` source bytes, in order."""
+    run: list[Bucket] = []
+    for bucket in buckets:
+        if run and sum(b.nbytes for b in run) + bucket.nbytes > limit:
+            yield Bucket(tuple(t for b in run for t in b.tensors))
+            run = []
+        run.append(bucket)
+    if run:
+        yield Bucket(tuple(t for b in run for t in b.tensors))
 
 
 # ---- listing a checkpoint directory ------------------------------------------------------
