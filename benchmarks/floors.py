@@ -100,6 +100,21 @@ def mapped_views(model_dir: Path) -> tuple[list[mmap.mmap], dict[str, torch.Tens
     return maps, views
 
 
+def from_files(work: Any, model_dir: Path) -> dict[str, float]:
+    """A rank's floor work (``RankWork``) reading the mapped files: its stages, the mapping
+    counted in ``load``."""
+    begin = time.perf_counter()
+    maps, views = mapped_views(model_dir)
+    mapped = time.perf_counter() - begin
+    try:
+        stages = work.run(views.items())
+    finally:
+        del views
+        for region in maps:
+            region.close()
+    return {**stages, "load": stages["load"] + mapped}
+
+
 def _in_memory(model_dir: Path) -> dict[str, torch.Tensor]:
     """The checkpoint in this process's own memory (read untimed)."""
     tensors: dict[str, torch.Tensor] = {}
@@ -131,23 +146,12 @@ def _rank_process(conn: Any, barriers: dict[str, Any], written: Any, model_dir: 
     shared = layout.views(region)
     conn.send("ready")
 
-    def from_files() -> dict[str, float]:
-        begin = time.perf_counter()
-        maps, views = mapped_views(path)
-        mapped = time.perf_counter() - begin
-        try:
-            stages = work.run(views.items())
-        finally:
-            del views
-            for region in maps:
-                region.close()
-        return {**stages, "load": stages["load"] + mapped}
-
     def from_region() -> dict[str, float]:
         written.wait()
         return work.run(shared.items())
 
-    runs = {"dir": from_files, "memory": lambda: work.run(own.items()), "shared": from_region}
+    runs = {"dir": lambda: from_files(work, path), "memory": lambda: work.run(own.items()),
+            "shared": from_region}
     while (command := conn.recv()) is not None:
         kind, together = command
         if together:

@@ -31,7 +31,7 @@ from actors.transports import BucketReader
 from actors.transports.files import FileBucket, checkpoint_inventory, file_entry
 from benchmarks.baselines import RankWork
 from benchmarks.checkpoints import SIZES, ensure_checkpoint
-from benchmarks.floors import mapped_views
+from benchmarks.floors import from_files
 from quant import QuantConfig
 
 log = logging.getLogger("tp_reload.bench")
@@ -65,13 +65,7 @@ class RankReload:
 def floor_seconds(work: RankWork, path: Path) -> float:
     """The floor's work for one rank from the files, as ``benchmarks.floors`` runs it."""
     begin = time.perf_counter()
-    maps, views = mapped_views(path)
-    try:
-        work.run(views.items())
-    finally:
-        del views
-        for region in maps:
-            region.close()
+    from_files(work, path)
     return time.perf_counter() - begin
 
 

@@ -17,16 +17,14 @@ LINE_EVERY_S = 5.0
 
 
 class Progress:
-    def __init__(self, label: str, total_bytes: int, total_buckets: int, *,
-                 enabled: bool = True, stream: TextIO | None = None,
-                 bucket_bytes: list[int] | None = None) -> None:
+    def __init__(self, label: str, bucket_bytes: list[int], *, enabled: bool = True,
+                 stream: TextIO | None = None) -> None:
         self.label = label
-        self.total_bytes = total_bytes
-        self.total_buckets = total_buckets
-        # With each bucket's bytes, a step that carries several buckets (a transport that
-        # joins them into one message) counts all of them.
-        self._bucket_ends = (None if bucket_bytes is None
-                             else list(itertools.accumulate(bucket_bytes)))
+        # Buckets are counted by bytes: a step that carries several (a transport that joins
+        # them into one message) counts all of them.
+        self._bucket_ends = list(itertools.accumulate(bucket_bytes))
+        self.total_bytes = sum(bucket_bytes)
+        self.total_buckets = len(bucket_bytes)
         self.enabled = enabled
         self.stream = stream or sys.stderr
         self.begin = time.perf_counter()
@@ -39,8 +37,7 @@ class Progress:
     def advance(self, nbytes: int) -> None:
         """One more step (a bucket, or consecutive buckets) reached every rank."""
         self.done_bytes += nbytes
-        self.done_buckets = (self.done_buckets + 1 if self._bucket_ends is None
-                             else bisect.bisect_right(self._bucket_ends, self.done_bytes))
+        self.done_buckets = bisect.bisect_right(self._bucket_ends, self.done_bytes)
         self._show(final=False)
 
     def close(self) -> None:

@@ -127,9 +127,8 @@ class Transaction:
         finish. A rank runs its calls in submission order, so they are queued back to back
         and awaited together: no round trip waits on another."""
         begin = time.perf_counter() - plan_seconds
-        sizes = [b.nbytes for b in plan.buckets]
-        progress = Progress(f"load v{version}", sum(sizes), len(sizes),
-                            enabled=self.config.progress, bucket_bytes=sizes)
+        progress = Progress(f"load v{version}", [b.nbytes for b in plan.buckets],
+                            enabled=self.config.progress)
         started = self.fleet.call(RankActor.start_reload, first, staged, list(plan.layers))
         context = DeliveryContext(self.fleet, self.router.routing, self.config.device,
                                   self.config.timeout_s, self.transports,

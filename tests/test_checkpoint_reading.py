@@ -199,8 +199,7 @@ def test_file_buckets_share_a_message_up_to_its_limit_and_every_bucket_is_counte
     delivery = FilesTransport().deliver(open_source(tmp_path), plan,
                                         DeliveryContext(fleet, None, "cpu", 10.0))
     stream = io.StringIO()
-    progress = Progress("load v2", sum(b.nbytes for b in buckets), len(buckets),
-                        stream=stream, bucket_bytes=[b.nbytes for b in buckets])
+    progress = Progress("load v2", [b.nbytes for b in buckets], stream=stream)
     monkeypatch.setattr("orchestrator.progress.PROGRESS_AFTER_S", 0.0)
     for _, nbytes in delivery.steps:
         progress.advance(nbytes)

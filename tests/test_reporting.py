@@ -22,7 +22,7 @@ class FakeTerminal(io.StringIO):
 
 def test_progress_is_silent_for_short_loads():
     stream = io.StringIO()
-    bar = Progress("load v1", 3_000_000, 3, stream=stream)
+    bar = Progress("load v1", [1_000_000] * 3, stream=stream)
     for _ in range(3):
         bar.advance(1_000_000)
     bar.close()
@@ -34,7 +34,7 @@ def test_progress_shows_buckets_bytes_and_rate_for_long_loads(monkeypatch, termi
     monkeypatch.setattr(progress_module, "PROGRESS_AFTER_S", 0.0)
     monkeypatch.setattr(progress_module, "LINE_EVERY_S", 3600.0)
     stream = FakeTerminal() if terminal else io.StringIO()
-    bar = Progress("load v7", 4_000_000, 4, stream=stream)
+    bar = Progress("load v7", [1_000_000] * 4, stream=stream)
     for _ in range(4):
         bar.advance(1_000_000)
     bar.close()
@@ -51,7 +51,7 @@ def test_progress_shows_buckets_bytes_and_rate_for_long_loads(monkeypatch, termi
 def test_progress_can_be_turned_off(monkeypatch):
     monkeypatch.setattr(progress_module, "PROGRESS_AFTER_S", 0.0)
     stream = io.StringIO()
-    bar = Progress("load v1", 10, 1, enabled=False, stream=stream)
+    bar = Progress("load v1", [10], enabled=False, stream=stream)
     bar.advance(10)
     bar.close()
     assert stream.getvalue() == ""

@@ -35,7 +35,7 @@ from actors.transports.base import (
     TensorInfo,
 )
 from orchestrator.errors import CheckpointError
-from orchestrator.plan import Bucket, Plan
+from orchestrator.plan import Bucket, Plan, PlannedTensor
 
 INDEX_FILE = "model.safetensors.index.json"
 # A safetensors header is JSON metadata; anything this large is a corrupt length field.
@@ -107,14 +107,16 @@ class FilesTransport(BucketTransport):
 
 def joined(buckets: Iterable[Bucket], limit: int) -> Iterator[Bucket]:
     """Consecutive buckets joined up to ``limit`` source bytes, in order."""
-    run: list[Bucket] = []
+    run: list[PlannedTensor] = []
+    run_bytes = 0
     for bucket in buckets:
-        if run and sum(b.nbytes for b in run) + bucket.nbytes > limit:
-            yield Bucket(tuple(t for b in run for t in b.tensors))
-            run = []
-        run.append(bucket)
+        if run and run_bytes + bucket.nbytes > limit:
+            yield Bucket(tuple(run))
+            run, run_bytes = [], 0
+        run.extend(bucket.tensors)
+        run_bytes += bucket.nbytes
     if run:
-        yield Bucket(tuple(t for b in run for t in b.tensors))
+        yield Bucket(tuple(run))
 
 
 # ---- listing a checkpoint directory ------------------------------------------------------
