@@ -8,20 +8,18 @@ shard before any byte is read.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from actors.dtypes import SAFETENSORS_DTYPES
 from actors.lazy import Bounds, LazyWindow
 
 
 class CheckpointSlice(LazyWindow):
     """A window of one safetensors tensor; its bytes are read when a loader uses it."""
 
-    def __init__(self, handle: Any, file: str, name: str) -> None:
-        super().__init__(tuple(handle.get_shape()), SAFETENSORS_DTYPES[handle.get_dtype()], name)
-        self._handle = handle
+    def __init__(self, mapped: torch.Tensor, file: str, name: str) -> None:
+        super().__init__(tuple(mapped.shape), mapped.dtype, name)
+        self._mapped = mapped
+        """The whole tensor, a view of its file mapped read-only."""
         self._file = file
 
     def narrow(self, dim: int, start: int, length: int) -> LazyWindow:
@@ -31,6 +29,4 @@ class CheckpointSlice(LazyWindow):
             raise ValueError(f"{self._file}: tensor '{self.name}' {exc}") from exc
 
     def _read(self, bounds: Bounds) -> torch.Tensor:
-        if not bounds:
-            return self._handle[...]
-        return self._handle[tuple(slice(lo, hi) for lo, hi in bounds)]
+        return self._mapped[tuple(slice(lo, hi) for lo, hi in bounds)]

@@ -3,9 +3,10 @@ process: the rank side of a ``dir`` reload, stage by stage, for measuring a chan
 reload engine (``benchmarks.reload_bench`` measures the whole system).
 
     python -m benchmarks.rank_bench [--size 0.5b] [--tp 2] [--rank 0] [--reloads 12]
-                                    [--no-check-finite]
+                                    [--quantization fp8] [--no-check-finite]
 
-Rank ``--rank`` of a TP=``--tp`` native engine, unquantized, on the CPU with one torch thread
+Rank ``--rank`` of a TP=``--tp`` native engine, unquantized unless ``--quantization`` names
+an online quantization, on the CPU with one torch thread
 (what a rank actor given one core has), loads the benchmark's checkpoint once, then reloads it
 from the files ``--reloads`` times, each reload followed by the floor's work for the same rank
 (``RankWork``: the files mapped, each window copied once into a model of its own), so both
@@ -41,10 +42,11 @@ class RankReload:
     """One rank's model and reload engine, fed every tensor of the checkpoint as one bucket
     of file entries (what the driver sends for a directory)."""
 
-    def __init__(self, path: Path, tp: int, rank: int, check_finite: bool) -> None:
+    def __init__(self, path: Path, tp: int, rank: int, check_finite: bool,
+                 quantization: str | None = None) -> None:
         self.model, reloadable = build_reloadable(
             load_spec(path), tp=TPGroup(rank, tp), dtype=torch.bfloat16,
-            device=torch.device("cpu"), quant=QuantConfig(None))
+            device=torch.device("cpu"), quant=QuantConfig(quantization))
         self.engine = ReloadEngine(reloadable, torch.device("cpu"), log, check_finite)
         self.bucket = FileBucket(tuple(file_entry(i) for i in checkpoint_inventory(path)))
         self.load("first")
@@ -69,12 +71,12 @@ def floor_seconds(work: RankWork, path: Path) -> float:
     return time.perf_counter() - begin
 
 
-def measure(path: Path, tp: int, rank: int, reloads: int, check_finite: bool = True
-            ) -> tuple[dict[str, Any], RankReload]:
+def measure(path: Path, tp: int, rank: int, reloads: int, check_finite: bool = True,
+            quantization: str | None = None) -> tuple[dict[str, Any], RankReload]:
     """Our reloads and the floor's, alternating; the figures and our rank (to inspect)."""
     torch.set_num_threads(1)
-    ours = RankReload(path, tp, rank, check_finite)
-    work = RankWork(path, tp, rank, torch.bfloat16, None)
+    ours = RankReload(path, tp, rank, check_finite, quantization)
+    work = RankWork(path, tp, rank, torch.bfloat16, quantization)
     floor_seconds(work, path)  # first touches
     seconds: dict[str, list[float]] = {"ours": [], "floor": []}
     stats = []
@@ -100,14 +102,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=0)
     parser.add_argument("--reloads", type=int, default=12)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/tp-reload-bench"))
+    parser.add_argument("--quantization", default=None,
+                        help="an online quantization of the native engine (e.g. fp8)")
     parser.add_argument("--no-check-finite", action="store_true",
                         help="reload without the per-tensor NaN/Inf check")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR, format="%(message)s")
     path = ensure_checkpoint(args.workdir, args.size)
-    result, _ = measure(path, args.tp, args.rank, args.reloads, not args.no_check_finite)
+    result, _ = measure(path, args.tp, args.rank, args.reloads, not args.no_check_finite,
+                        args.quantization)
     stages = ", ".join(f"{k} {v:.4f}" for k, v in result["ours_stage_seconds"].items())
-    print(f"rank {args.rank} of TP={args.tp}, {args.size}, NaN/Inf check "
+    print(f"rank {args.rank} of TP={args.tp}, {args.size} {args.quantization or 'bf16'}, "
+          "NaN/Inf check "
           f"{'off' if args.no_check_finite else 'on'}, {args.reloads} reloads\n"
           f"ours  min {result['ours_min_s']:.4f} s  median {result['ours_median_s']:.4f} s"
           f"  ({stages})\n"

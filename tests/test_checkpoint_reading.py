@@ -99,6 +99,34 @@ def test_every_box_reads_what_safetensors_reads(tmp_path, reader):
                 assert torch.equal(converted.reshape(-1), want.double())
 
 
+def test_a_file_whose_tensors_are_not_aligned_reads_what_safetensors_reads(tmp_path, reader):
+    """The format does not align tensor data, and writers other than safetensors' own may
+    not: each tensor still reads what safetensors' load_file reads."""
+    from safetensors.torch import load_file
+
+    tensors = {"ids": torch.arange(4, dtype=torch.int8),
+               "w": torch.randn(4, 5).to(torch.bfloat16),
+               "f": torch.randn(3)}
+    header, data = {}, b""
+    for name, tensor in tensors.items():  # in this order: "w" and "f" start at odd offsets
+        raw = tensor.view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": {torch.int8: "I8", torch.bfloat16: "BF16",
+                                  torch.float32: "F32"}[tensor.dtype],
+                        "shape": list(tensor.shape), "data_offsets": [len(data),
+                                                                      len(data) + len(raw)]}
+        data += raw
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (7 - len(encoded) % 8)  # an odd header length too
+    (tmp_path / "model.safetensors").write_bytes(
+        len(encoded).to_bytes(8, "little") + encoded + data)
+    expected = load_file(tmp_path / "model.safetensors")
+    lazy = lazy_slices(tmp_path, reader)
+    for name, tensor in tensors.items():
+        assert torch.equal(expected[name], tensor)
+        assert torch.equal(lazy[name].materialize(), tensor), name
+        assert torch.equal(lazy[name].narrow(0, 1, 2).materialize(), tensor[1:3]), name
+
+
 def test_narrow_outside_the_tensor_names_file_and_tensor(weights, reader):
     path, _ = weights
     message = r"model.safetensors: tensor 'a' has 8 entries along dim 1"

@@ -16,9 +16,10 @@ from actors.reload import (
     ReloadableModel,
     ReloadEngine,
     ReloadError,
+    finite,
     in_processing_order,
 )
-from actors.reload.finite import BLOCK_BYTES, extremes, screened_copy, screening_copies
+from actors.reload.finite import BLOCK_BYTES, screened_copy, screening_copies
 from actors.reload.meta import PrefetchedWeight, WriteCounter
 
 log = logging.getLogger("test")
@@ -296,11 +297,15 @@ def test_reported_peak_is_what_the_rank_really_held(tmp_path, monkeypatch, order
         assert min(peaks) > max(by_layer.values()), "a shuffled source buffers several layers"
 
 
-def test_a_screened_copy_keeps_every_bit_and_its_block_sums_find_one_nan():
-    """A CPU rank screens a loader's copy of its window block by block, while each block is in
-    cache, instead of in a pass of its own: the copy is exact (here from a strided window),
-    the blocks' sums find one NaN in any block, and a param that something else also wrote
-    is screened by a pass of its own."""
+@pytest.mark.parametrize("fused", [True, False], ids=["by-exponent-bits", "by-block-sums"])
+def test_a_screened_copy_keeps_every_bit_and_finds_one_nan(fused, monkeypatch):
+    """A CPU rank screens a loader's copy of its window as it copies, instead of in a pass of
+    its own: in the same pass by the built extension, else block by block while each block
+    is in cache. Either way the copy is exact (here from a strided window), one NaN is
+    found wherever it is, and a param that something else also wrote is screened by a pass
+    of its own."""
+    if not fused:
+        monkeypatch.setattr(finite, "_copy_screen", None)
     rows, cols = 5 * BLOCK_BYTES // (256 * 4), 256  # fp32 rows: five blocks and more
     source = torch.randn(rows, 2 * cols)
     window = PrefetchedWeight((rows, 2 * cols), torch.float32,
@@ -308,25 +313,84 @@ def test_a_screened_copy_keeps_every_bit_and_its_block_sums_find_one_nan():
                                for n in (rows, rows // 2)})
     target = torch.empty(rows, cols)
 
-    def copied(write_rows: int = rows) -> torch.Tensor:
+    def copied(write_rows: int = rows) -> torch.Tensor | None:
         with screening_copies(True) as sums:
             # The loader's own call: the window's torch function routes it (actors.reload.meta).
             target[:write_rows].copy_(window.narrow(1, cols, cols).narrow(0, 0, write_rows))
-        return extremes(target, sums.total(target, target.numel()))
+        assert bool(sums.nonfinite) == fused and bool(sums.sums) != fused or not sums.nonfinite
+        return sums.extremes(target, target.numel())
 
-    low, high = copied().tolist()
+    assert copied() is finite.ALL_FINITE if fused else torch.equal(*copied().unbind())
     assert torch.equal(target, source[:, cols:])
-    assert math.isclose(low, source[:, cols:].double().sum().item(), rel_tol=1e-4, abs_tol=1e-2)
-    assert low == high  # one sum stands for both extremes
     for row in (0, rows // 2, rows - 1):
         source[row, cols + 7] = float("nan")
         assert math.isnan(copied()[0]), f"NaN in row {row}"
         source[row, cols + 7] = 1.0
-    # Half written by copies, half filled: the sums cover half, so the param gets its pass.
+    # Half written by copies, half filled: the copies cover half, so the param gets its pass.
     target[rows // 2:].fill_(float("inf"))
-    low, high = copied(rows // 2).tolist()
-    assert (low, high) == (source[: rows // 2, cols:].min().item(), float("inf"))
+    assert copied(rows // 2) is None
     assert screened_copy(target, source[:, :cols]) is None, "no screen is collecting"
+
+
+def _layouts(rows: int, cols: int, dtype: torch.dtype) -> list[tuple]:
+    """(window of a rows x cols source, target for it): the layouts the loaders make."""
+    def unaligned(t: torch.Tensor) -> torch.Tensor:  # a target that starts mid cache line
+        return torch.empty(t.numel() + 1, dtype=dtype)[1:].view(t.shape)
+
+    return [(lambda t: t, torch.empty_like),
+            (lambda t: t[:, cols // 3:cols - 3], unaligned),  # narrowed along dim 1
+            (lambda t: t[:, 8:cols // 2 + 8],                 # into a param's rows
+             lambda t: torch.empty(3 * rows, cols // 2, dtype=dtype)[rows:2 * rows]),
+            (lambda t: t[rows // 4:rows // 2], torch.empty_like),
+            (lambda t: t[5], unaligned),
+            (lambda t: t.view(4, rows // 4, cols)[1:3, :, 10:cols - 7], torch.empty_like)]
+
+
+@pytest.mark.parametrize(("rows", "cols", "stream"),
+                         [(64, 96, True), (1280, 1000, False), (1280, 1000, True)],
+                         ids=["small", "large", "large-streamed"])
+def test_the_fused_copy_is_built_exact_and_finds_every_nan_and_inf(rows, cols, stream):
+    """The extension that copies and screens in one pass (actors/reload/copy_screen.c): it is
+    built by the install, copies every bit of bf16, fp16 and fp32 through the layouts the
+    loaders make (a param's rows, a window narrowed along either dim, 1-D, 3-D, a target
+    not aligned to a cache line), with ordinary stores, and large ones into kernel tensors
+    streamed around the cache,
+    and says a NaN or Inf is there exactly when torch's isfinite does, wherever it is (no
+    false alarm on the largest finite values or subnormals). Layouts it cannot take are left
+    to torch (None)."""
+    assert finite._copy_screen is not None, "make install builds actors.reload._copy_screen"
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        info = torch.finfo(dtype)
+        full = (torch.randn(rows, cols, generator=generator) * 100).to(dtype)
+        full[3, 5], full[7, 9] = info.max, -info.max
+        full[11, 13] = info.smallest_normal / 4  # subnormal
+        for window_of, target_for in _layouts(rows, cols, dtype):
+            window = window_of(full)
+            target = target_for(window)
+            random = torch.randint(window.numel(), (1,), generator=generator).item()
+            for special, flat in [(None, 0), *((s, at) for s in (math.nan, math.inf, -math.inf)
+                                             for at in (0, random, window.numel() - 1))]:
+                source = window.clone() if special is None else window
+                if special is not None:
+                    index = torch.unravel_index(torch.tensor(flat), window.shape)
+                    saved = window[index].clone()
+                    window[index] = special
+                found = finite.fused_copy(target, source, stream)
+                as_ints = {2: torch.int16, 4: torch.int32}[dtype.itemsize]
+                what = (dtype, tuple(window.shape), special, flat)
+                assert torch.equal(target.view(as_ints), source.view(as_ints)), what
+                assert found == bool((~torch.isfinite(source)).any()), what
+                if special is not None:
+                    window[index] = saved
+    bf16 = torch.ones(4, 8, dtype=torch.bfloat16)
+    assert finite.fused_copy(torch.empty(4, 8), bf16) is None, "a conversion is torch's"
+    assert finite.fused_copy(torch.empty(8, 4, dtype=torch.bfloat16), bf16.t()) is None
+    rows_apart_unevenly = torch.ones(8, 8, 96, dtype=torch.bfloat16)[:, 2:6]
+    assert finite.fused_copy(torch.empty(8, 4, 96, dtype=torch.bfloat16),
+                             rows_apart_unevenly) is None
+    assert finite.fused_copy(torch.empty(4, 8, dtype=torch.bfloat16),
+                             bf16[:1].expand(4, 8)) is None, "a broadcast is torch's"
 
 
 def test_a_loader_that_scales_what_it_copied_is_screened_by_a_pass_of_its_own():

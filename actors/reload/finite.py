@@ -6,12 +6,12 @@ host wait for the layer's transfer, and the next layer's reading could not overl
 verdict is read before the reload can commit, and before any collective processing (the
 failure consensus needs it).
 
-On a CPU rank the screen is one more pass over every byte written, and memory bandwidth is
-what that pass costs (a bf16 sum of a 1 MB block already in cache is ~3x faster than of one in
-memory). So while a layer is replayed (``screening_copies``), the loaders' copies of their
-windows go in blocks that fit in cache, each summed right after it is written
-(``screened_copy``); a param whose every written element came through such copies is screened
-from those sums, with no pass of its own.
+On a CPU rank a screen of its own would be one more pass over every byte written. So while a
+layer is replayed (``screening_copies``), the loaders' copies of their windows screen what they
+copy (``screened_copy``): in the same pass, by the exponent bits, where the built extension
+takes the layout (``actors/reload/copy_screen.c``); else in blocks that fit in cache, each
+summed right after it is written. A param whose every written element came through such
+copies is screened from what they found, with no pass of its own.
 """
 
 from __future__ import annotations
@@ -26,6 +26,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from actors.reload.errors import ReloadError
+
+try:  # built by `pip install` (pyproject.toml's ext-modules)
+    from actors.reload import _copy_screen
+except ImportError:  # a checkout that was not installed: the block sums screen every copy
+    _copy_screen = None
 
 if TYPE_CHECKING:  # types imports meta, whose copies this module screens
     from actors.reload.types import LayerLoad
@@ -54,16 +59,18 @@ def screen_written(load: LayerLoad, written: dict[str, torch.Tensor],
                    ) -> list[PendingScreen]:
     """Screens of what the replay just wrote, before any conversion: the bytes are resident
     and hot, where checking the source windows would fault their pages in a second time.
-    ``skip``: params the model's processing screens (``has_nonfinite``); ``copied``: the
-    sums the replay's copies took (``screening_copies``)."""
+    ``skip``: params the model's processing screens (``has_nonfinite``); ``copied``: what
+    the replay's copies found (``screening_copies``)."""
     screens = []
     for name in dict.fromkeys(call.param for call in load.calls):
         tensor = written[name]
         if name in skip or not tensor.is_floating_point() or not tensor.numel():
             continue
-        total = copied.total(tensor, load.writes.get(name, 0)) if copied else None
+        found = copied.extremes(tensor, load.writes.get(name, 0)) if copied else None
+        if found is ALL_FINITE:
+            continue  # the copies saw every element, all finite: no verdict to read later
         screens.append(PendingScreen(load.record.name, name, _sources(load, name),
-                                     extremes(tensor, total)))
+                                     extremes(tensor) if found is None else found))
     return screens
 
 
@@ -89,49 +96,109 @@ def extremes(tensor: torch.Tensor, total: torch.Tensor | None = None) -> torch.T
     return torch.stack([low, high]).float()
 
 
+ALL_FINITE = torch.zeros(2)
+"""The extremes of a param whose every element was seen finite as it was copied."""
+
+EXPONENT_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00, torch.float32: 0x7F800000}
+"""A float is NaN or Inf exactly when every one of its exponent bits is set."""
+
+
 @dataclass
 class CopySums:
-    """What the screened copies of one layer's replay wrote, per storage: elements and the
-    sums of their blocks."""
+    """What the screened copies of one layer's replay found, per storage: elements copied,
+    the sums of the blocks copied by torch, and whether a copy that screened by the
+    exponent bits met a NaN or an Inf."""
 
+    stream: bool = False
+    """Nothing reads what the copies write until the engine serves (the kernel tensors, not
+    a scratch that processing reads next): large copies may go around the cache."""
     numel: dict[int, int] = field(default_factory=dict)
     sums: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    nonfinite: set[int] = field(default_factory=set)
 
     def copy(self, target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        """``target.copy_(source)`` in blocks of about ``BLOCK_BYTES`` along dim 0, each
-        summed right after it is written."""
+        """``target.copy_(source)``, screened in the same pass (``fused_copy``), or in
+        blocks of about ``BLOCK_BYTES`` along dim 0, each summed right after it is
+        written."""
         key = target.untyped_storage().data_ptr()
-        sums = self.sums.setdefault(key, [])
-        step = max(1, BLOCK_BYTES // max(1, target[0].numel() * target.element_size()))
-        for start in range(0, target.shape[0], step):
-            block = target[start:start + step]
-            block.copy_(source[start:start + step])
-            sums.append(block.sum())
+        found = fused_copy(target, source, self.stream)
+        if found is None:
+            sums = self.sums.setdefault(key, [])
+            step = max(1, BLOCK_BYTES // max(1, target[0].numel() * target.element_size()))
+            for start in range(0, target.shape[0], step):
+                block = target[start:start + step]
+                block.copy_(source[start:start + step])
+                sums.append(block.sum())
+        elif found:
+            self.nonfinite.add(key)
         self.numel[key] = self.numel.get(key, 0) + target.numel()
         return target
 
-    def total(self, param: torch.Tensor, writes: int) -> torch.Tensor | None:
-        """The sum of every element of ``param``, when the screened copies wrote as many
-        elements as ``param`` has and every write the layer's loader calls made into it was
-        one of them (``writes``: their count on meta, uncapped; a loader that scales what it
+    def extremes(self, param: torch.Tensor, writes: int) -> torch.Tensor | None:
+        """``extremes`` of ``param`` from what the screened copies found (``ALL_FINITE``
+        when they found every element finite by its bits), when they wrote as many elements
+        as ``param`` has and every write the layer's loader calls made into it was one of
+        them (``writes``: their count on meta, uncapped; a loader that scales what it
         copied, or fills padding, writes more); else None, and the param is screened by a
         pass of its own."""
         key = param.untyped_storage().data_ptr()
         if self.numel.get(key) != writes or writes != param.numel():
             return None
-        return torch.stack(self.sums[key]).sum()
+        if key in self.nonfinite:
+            return extremes(param)  # a refused reload: min and max tell NaN from Inf
+        sums = self.sums.get(key)
+        return extremes(param, torch.stack(sums).sum()) if sums else ALL_FINITE
+
+
+def fused_copy(target: torch.Tensor, source: torch.Tensor, stream: bool = False
+               ) -> bool | None:
+    """``target.copy_(source)`` by the extension, which tests each element's exponent bits
+    as it moves it: whether any was NaN or Inf. None (nothing done) where the extension is
+    missing or the layouts do not fit it (different dtypes, rows that are not contiguous,
+    overlapping storages). ``stream``: see ``CopySums.stream``."""
+    if _copy_screen is None or source.dtype != target.dtype or target.dtype not in EXPONENT_BITS:
+        return None
+    into, out_of = _rows(target), _rows(source)
+    if into is None or out_of is None or into[:2] != out_of[:2]:
+        return None
+    if target.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():
+        return None
+    (rows, cols, target_stride), (_, _, source_stride) = into, out_of
+    return _copy_screen.copy(target.data_ptr(), source.data_ptr(), rows, cols, target_stride,
+                             source_stride, target.element_size(), EXPONENT_BITS[target.dtype],
+                             stream)
+
+
+def _rows(tensor: torch.Tensor) -> tuple[int, int, int] | None:
+    """(rows, columns, row stride in elements) when ``tensor`` is rows of contiguous
+    elements a fixed stride apart, else None."""
+    dims = [(size, stride) for size, stride in zip(tensor.shape, tensor.stride(), strict=True)
+            if size != 1]
+    if not dims:
+        return 1, 1, 1
+    cols, unit = dims[-1]
+    if unit != 1:
+        return None
+    if len(dims) == 1:
+        return 1, cols, cols
+    for (_, stride), (inner_size, inner_stride) in zip(dims[:-2], dims[1:-1], strict=True):
+        if stride != inner_size * inner_stride:
+            return None
+    rows, row_stride = math.prod(size for size, _ in dims[:-1]), dims[-2][1]
+    return (rows, cols, row_stride) if row_stride >= cols else None  # not a broadcast
 
 
 _COPY_SUMS: ContextVar[CopySums | None] = ContextVar("copy_sums", default=None)
 
 
 @contextmanager
-def screening_copies(enabled: bool) -> Iterator[CopySums | None]:
-    """Within: ``screened_copy`` sums what it writes into the returned ``CopySums``."""
+def screening_copies(enabled: bool, stream: bool = False) -> Iterator[CopySums | None]:
+    """Within: ``screened_copy`` screens what it writes into the returned ``CopySums``
+    (``stream``: see ``CopySums.stream``)."""
     if not enabled:
         yield None
         return
-    sums = CopySums()
+    sums = CopySums(stream)
     token = _COPY_SUMS.set(sums)
     try:
         yield sums
@@ -140,8 +207,9 @@ def screening_copies(enabled: bool) -> Iterator[CopySums | None]:
 
 
 def screened_copy(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor | None:
-    """``target.copy_(source)`` summed block by block, when a screen is collecting and both
-    are CPU tensors of the same shape and a summed dtype; None (nothing done) otherwise."""
+    """``target.copy_(source)`` screened as it goes (``CopySums.copy``), when a screen is
+    collecting and both are CPU tensors of the same shape and a screened dtype; None
+    (nothing done) otherwise."""
     sums = _COPY_SUMS.get()
     if (sums is None or target.device.type != "cpu" or source.device.type != "cpu"
             or target.dtype not in SUMMED or target.shape != source.shape

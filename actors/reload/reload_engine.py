@@ -353,11 +353,13 @@ class ReloadEngine:
             self._copy_into_kernel(record, load.kernel)
         self.side_streams.end_layer()
 
-    def _screening_copies(self, wanted: bool = True
+    def _screening_copies(self, wanted: bool = True, into_kernel: bool = False
                           ) -> AbstractContextManager[CopySums | None]:
-        """The replay's copies summed as they go (a CPU rank's screen, without a pass of
-        its own; ``actors.reload.finite``)."""
-        return screening_copies(wanted and self.check_finite and not self.sync.cuda)
+        """The replay's copies screened as they go (a CPU rank's screen, without a pass of
+        its own; ``actors.reload.finite``); ``into_kernel``: they write the kernel tensors,
+        which nothing reads until the engine serves (large copies stream)."""
+        return screening_copies(wanted and self.check_finite and not self.sync.cuda,
+                                stream=into_kernel)
 
     def _screen(self, load: LayerLoad, written: dict[str, torch.Tensor],
                 skip: tuple[str, ...] = (), copied: CopySums | None = None) -> None:
@@ -382,7 +384,7 @@ class ReloadEngine:
         targets = {n: param_like(p, load.kernel[n].data)
                    for n, p in record.placeholders.items()}
         with self.sync.on(self.side_streams.begin_layer()):
-            with self._screening_copies() as copied:
+            with self._screening_copies(into_kernel=True) as copied:
                 self._replay(load, targets)
             self._screen(load, targets, copied=copied)
         record.unregister(list(record.placeholders))

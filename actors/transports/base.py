@@ -44,6 +44,8 @@ class TensorInfo:
     nbytes: int
     file: str | None
     """Absolute path of the file holding the tensor; None when it is not in a file."""
+    offset: int = 0
+    """Where its bytes start in ``file``."""
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -10,6 +10,7 @@ unchanged until superseded (their size and mtime are checked).
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import socket
 import struct
@@ -18,10 +19,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
-from safetensors import safe_open
+import torch
 
 from actors.checkpoint import CheckpointSlice
-from actors.dtypes import SAFETENSORS_DTYPES, dtype_name, itemsize
+from actors.dtypes import SAFETENSORS_DTYPES, dtype_name, itemsize, view_in
 from actors.lazy import TensorEntry
 from actors.transports.base import (
     BucketMessage,
@@ -73,8 +74,32 @@ def _slice(reader: BucketReader, handles: dict[str, Any], name: str, path: str
                 f"checkpoint file {path} is not readable on node {socket.gethostname()}: "
                 "checkpoint directories must be at the same path on every node (a shared "
                 "filesystem), or pass the weights in memory")
-        handles[path] = reader.stack.enter_context(safe_open(path, framework="pt"))
-    return CheckpointSlice(handles[path].get_slice(name), path, name)
+        handles[path] = mapped_tensors(Path(path))
+    tensor = handles[path].get(name)
+    if tensor is None:
+        raise CheckpointError(f"{path}: no tensor '{name}' (the file changed since it was "
+                              "listed?)")
+    return CheckpointSlice(tensor, path, name)
+
+
+def mapped_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file as a view of the file mapped read-only: no byte
+    is read until a loader copies its window out (one copy, from the page cache). The
+    mapping lives as long as a view of it (a window a rank still buffers)."""
+    infos = read_safetensors_header(path)
+    with path.open("rb") as f:
+        region = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    if infos and len(region) < max(i.offset + i.nbytes for i in infos):
+        raise CheckpointError(f"{path}: truncated while it was being read")
+    return {i.name: _view(region, i) for i in infos}
+
+
+def _view(region: mmap.mmap, info: TensorInfo) -> torch.Tensor:
+    dtype = info.torch_dtype
+    if info.offset % dtype.itemsize:  # safetensors does not align data: read this one out
+        raw = view_in(region, info.offset, torch.uint8, (info.nbytes,))
+        return raw.clone().view(dtype).reshape(info.shape)
+    return view_in(region, info.offset, dtype, info.shape)
 
 
 class FilesTransport(BucketTransport):
@@ -142,7 +167,8 @@ def read_safetensors_header(path: Path) -> list[TensorInfo]:
     entries = sorted(((n, e) for n, e in header.items() if n != "__metadata__"),
                      key=lambda item: _data_start(path, *item))
     # Physical order: the order a sequential reader of this file meets the tensors.
-    return [_tensor_info(path, name, entry, data_size) for name, entry in entries]
+    return [_tensor_info(path, name, entry, 8 + header_len, data_size)
+            for name, entry in entries]
 
 
 def _data_start(path: Path, name: str, entry: Any) -> int:
@@ -152,7 +178,8 @@ def _data_start(path: Path, name: str, entry: Any) -> int:
         raise CheckpointError(f"{path}: tensor '{name}' has a malformed header entry") from exc
 
 
-def _tensor_info(path: Path, name: str, entry: dict, data_size: int) -> TensorInfo:
+def _tensor_info(path: Path, name: str, entry: dict, data_offset: int, data_size: int
+                 ) -> TensorInfo:
     try:
         dtype, shape, (start, stop) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
     except (KeyError, TypeError, ValueError) as exc:
@@ -167,7 +194,7 @@ def _tensor_info(path: Path, name: str, entry: dict, data_size: int) -> TensorIn
             f"{path}: tensor '{name}' data [{start}, {stop}) does not fit its shape {shape} "
             f"or the file's {data_size} data bytes (truncated?)"
         )
-    return TensorInfo(name, shape, dtype, stop - start, str(path))
+    return TensorInfo(name, shape, dtype, stop - start, str(path), data_offset + start)
 
 
 def checkpoint_files(model_dir: str | Path) -> list[Path]:
