@@ -26,8 +26,8 @@ install: $(STAMP)
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# The install also builds the C extension (actors/reload/copy_screen.c): a change to it reinstalls.
-$(STAMP): $(PY) pyproject.toml Makefile actors/reload/copy_screen.c
+# The install also builds the C extension (actors/copy_screen.c): a change to it reinstalls.
+$(STAMP): $(PY) pyproject.toml Makefile actors/copy_screen.c
 	$(if $(TORCH_PIN),$(PIP) "$(TORCH_PIN)")
 	$(PIP) -e ".[test]" "$(VLLM)" $(TORCH_PIN)
 	$(if $(HAS_CUDA),,$(PY) -m pip uninstall --quiet -y $(CUDA_ONLY_NEIGHBOURS))
@@ -44,4 +44,4 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info actors/reload/_copy_screen.*.so
+	rm -rf $(VENV) build *.egg-info actors/_copy_screen.*.so

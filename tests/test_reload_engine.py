@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from actors import copy_screen
 from actors.engines.native.parallel import default_weight_loader, to_tensor
 from actors.reload import (
     LayerRecord,
@@ -305,7 +306,7 @@ def test_a_screened_copy_keeps_every_bit_and_finds_one_nan(fused, monkeypatch):
     found wherever it is, and a param that something else also wrote is screened by a pass
     of its own."""
     if not fused:
-        monkeypatch.setattr(finite, "_copy_screen", None)
+        monkeypatch.setattr(copy_screen, "_copy_screen", None)
     rows, cols = 5 * BLOCK_BYTES // (256 * 4), 256  # fp32 rows: five blocks and more
     source = torch.randn(rows, 2 * cols)
     window = PrefetchedWeight((rows, 2 * cols), torch.float32,
@@ -350,7 +351,7 @@ def _layouts(rows: int, cols: int, dtype: torch.dtype) -> list[tuple]:
                          [(64, 96, True), (1280, 1000, False), (1280, 1000, True)],
                          ids=["small", "large", "large-streamed"])
 def test_the_fused_copy_is_built_exact_and_finds_every_nan_and_inf(rows, cols, stream):
-    """The extension that copies and screens in one pass (actors/reload/copy_screen.c): it is
+    """The extension that copies and screens in one pass (actors/copy_screen.c): it is
     built by the install, copies every bit of bf16, fp16 and fp32 through the layouts the
     loaders make (a param's rows, a window narrowed along either dim, 1-D, 3-D, a target
     not aligned to a cache line), with ordinary stores, and large ones into kernel tensors
@@ -358,7 +359,7 @@ def test_the_fused_copy_is_built_exact_and_finds_every_nan_and_inf(rows, cols, s
     and says a NaN or Inf is there exactly when torch's isfinite does, wherever it is (no
     false alarm on the largest finite values or subnormals). Layouts it cannot take are left
     to torch (None)."""
-    assert finite._copy_screen is not None, "make install builds actors.reload._copy_screen"
+    assert copy_screen._copy_screen is not None, "make install builds actors._copy_screen"
     generator = torch.Generator().manual_seed(0)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         info = torch.finfo(dtype)
@@ -376,7 +377,7 @@ def test_the_fused_copy_is_built_exact_and_finds_every_nan_and_inf(rows, cols, s
                     index = torch.unravel_index(torch.tensor(flat), window.shape)
                     saved = window[index].clone()
                     window[index] = special
-                found = finite.fused_copy(target, source, stream)
+                found = copy_screen.copy_screened(target, source, stream)
                 as_ints = {2: torch.int16, 4: torch.int32}[dtype.itemsize]
                 what = (dtype, tuple(window.shape), special, flat)
                 assert torch.equal(target.view(as_ints), source.view(as_ints)), what
@@ -384,13 +385,30 @@ def test_the_fused_copy_is_built_exact_and_finds_every_nan_and_inf(rows, cols, s
                 if special is not None:
                     window[index] = saved
     bf16 = torch.ones(4, 8, dtype=torch.bfloat16)
-    assert finite.fused_copy(torch.empty(4, 8), bf16) is None, "a conversion is torch's"
-    assert finite.fused_copy(torch.empty(8, 4, dtype=torch.bfloat16), bf16.t()) is None
+    assert copy_screen.copy_screened(torch.empty(4, 8), bf16) is None, "a conversion: torch"
+    assert copy_screen.copy_screened(torch.empty(8, 4, dtype=torch.bfloat16), bf16.t()) is None
     rows_apart_unevenly = torch.ones(8, 8, 96, dtype=torch.bfloat16)[:, 2:6]
-    assert finite.fused_copy(torch.empty(8, 4, 96, dtype=torch.bfloat16),
+    assert copy_screen.copy_screened(torch.empty(8, 4, 96, dtype=torch.bfloat16),
                              rows_apart_unevenly) is None
-    assert finite.fused_copy(torch.empty(4, 8, dtype=torch.bfloat16),
+    assert copy_screen.copy_screened(torch.empty(4, 8, dtype=torch.bfloat16),
                              bf16[:1].expand(4, 8)) is None, "a broadcast is torch's"
+
+
+def test_a_streamed_copy_keeps_every_bit_of_2_and_4_byte_elements():
+    """What a sender writes into the node's shared memory (``write_at``): large copies
+    stream around the cache, any bit pattern (ints, NaN payloads) arrives as it was; other
+    element sizes are left to torch."""
+    generator = torch.Generator().manual_seed(1)
+    for dtype in (torch.bfloat16, torch.int16, torch.float32, torch.int32):
+        bits = torch.randint(-2**15, 2**15, (1100, 999), generator=generator, dtype=torch.int32)
+        source = bits.to(torch.int16).view(dtype) if dtype.itemsize == 2 else bits.view(dtype)
+        for window in (source, source[:, 3:900]):
+            target = torch.empty(window.numel() + 1, dtype=dtype)[1:].view(window.shape)
+            assert copy_screen.copy_streamed(target, window), dtype
+            assert torch.equal(target.view(torch.uint8), window.contiguous().view(torch.uint8))
+    for dtype in (torch.int8, torch.int64):
+        assert not copy_screen.copy_streamed(torch.empty(4, dtype=dtype),
+                                             torch.zeros(4, dtype=dtype))
 
 
 def test_a_loader_that_scales_what_it_copied_is_screened_by_a_pass_of_its_own():

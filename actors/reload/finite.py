@@ -9,7 +9,7 @@ failure consensus needs it).
 On a CPU rank a screen of its own would be one more pass over every byte written. So while a
 layer is replayed (``screening_copies``), the loaders' copies of their windows screen what they
 copy (``screened_copy``): in the same pass, by the exponent bits, where the built extension
-takes the layout (``actors/reload/copy_screen.c``); else in blocks that fit in cache, each
+takes the layout (``actors.copy_screen``); else in blocks that fit in cache, each
 summed right after it is written. A param whose every written element came through such
 copies is screened from what they found, with no pass of its own.
 """
@@ -25,12 +25,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from actors.copy_screen import EXPONENT_BITS, copy_screened
 from actors.reload.errors import ReloadError
-
-try:  # built by `pip install` (pyproject.toml's ext-modules)
-    from actors.reload import _copy_screen
-except ImportError:  # a checkout that was not installed: the block sums screen every copy
-    _copy_screen = None
 
 if TYPE_CHECKING:  # types imports meta, whose copies this module screens
     from actors.reload.types import LayerLoad
@@ -74,7 +70,7 @@ def screen_written(load: LayerLoad, written: dict[str, torch.Tensor],
     return screens
 
 
-SUMMED = (torch.bfloat16, torch.float16, torch.float32)
+SUMMED = tuple(EXPONENT_BITS)
 BLOCK_BYTES = 256 << 10
 """A screened copy's block: written, then summed while it is still in the core's cache
 (256 KB ran fastest here, between the cost per block and the cache's size)."""
@@ -99,9 +95,6 @@ def extremes(tensor: torch.Tensor, total: torch.Tensor | None = None) -> torch.T
 ALL_FINITE = torch.zeros(2)
 """The extremes of a param whose every element was seen finite as it was copied."""
 
-EXPONENT_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00, torch.float32: 0x7F800000}
-"""A float is NaN or Inf exactly when every one of its exponent bits is set."""
-
 
 @dataclass
 class CopySums:
@@ -117,11 +110,11 @@ class CopySums:
     nonfinite: set[int] = field(default_factory=set)
 
     def copy(self, target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        """``target.copy_(source)``, screened in the same pass (``fused_copy``), or in
+        """``target.copy_(source)``, screened in the same pass (``copy_screened``), or in
         blocks of about ``BLOCK_BYTES`` along dim 0, each summed right after it is
         written."""
         key = target.untyped_storage().data_ptr()
-        found = fused_copy(target, source, self.stream)
+        found = copy_screened(target, source, self.stream)
         if found is None:
             sums = self.sums.setdefault(key, [])
             step = max(1, BLOCK_BYTES // max(1, target[0].numel() * target.element_size()))
@@ -148,44 +141,6 @@ class CopySums:
             return extremes(param)  # a refused reload: min and max tell NaN from Inf
         sums = self.sums.get(key)
         return extremes(param, torch.stack(sums).sum()) if sums else ALL_FINITE
-
-
-def fused_copy(target: torch.Tensor, source: torch.Tensor, stream: bool = False
-               ) -> bool | None:
-    """``target.copy_(source)`` by the extension, which tests each element's exponent bits
-    as it moves it: whether any was NaN or Inf. None (nothing done) where the extension is
-    missing or the layouts do not fit it (different dtypes, rows that are not contiguous,
-    overlapping storages). ``stream``: see ``CopySums.stream``."""
-    if _copy_screen is None or source.dtype != target.dtype or target.dtype not in EXPONENT_BITS:
-        return None
-    into, out_of = _rows(target), _rows(source)
-    if into is None or out_of is None or into[:2] != out_of[:2]:
-        return None
-    if target.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():
-        return None
-    (rows, cols, target_stride), (_, _, source_stride) = into, out_of
-    return _copy_screen.copy(target.data_ptr(), source.data_ptr(), rows, cols, target_stride,
-                             source_stride, target.element_size(), EXPONENT_BITS[target.dtype],
-                             stream)
-
-
-def _rows(tensor: torch.Tensor) -> tuple[int, int, int] | None:
-    """(rows, columns, row stride in elements) when ``tensor`` is rows of contiguous
-    elements a fixed stride apart, else None."""
-    dims = [(size, stride) for size, stride in zip(tensor.shape, tensor.stride(), strict=True)
-            if size != 1]
-    if not dims:
-        return 1, 1, 1
-    cols, unit = dims[-1]
-    if unit != 1:
-        return None
-    if len(dims) == 1:
-        return 1, cols, cols
-    for (_, stride), (inner_size, inner_stride) in zip(dims[:-2], dims[1:-1], strict=True):
-        if stride != inner_size * inner_stride:
-            return None
-    rows, row_stride = math.prod(size for size, _ in dims[:-1]), dims[-2][1]
-    return (rows, cols, row_stride) if row_stride >= cols else None  # not a broadcast
 
 
 _COPY_SUMS: ContextVar[CopySums | None] = ContextVar("copy_sums", default=None)

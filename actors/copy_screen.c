@@ -6,8 +6,8 @@
  * costs nothing next to moving it (the loop stays memory-bound; GCC vectorizes it). The
  * verdict is exact both ways: no sum that overflows, no false alarm.
  *
- * Built by `pip install` (pyproject.toml's ext-modules). `actors.reload.finite` falls back to
- * torch's copy and block sums where this module is missing or a layout does not fit it.
+ * Built by `pip install` (pyproject.toml's ext-modules); called through `actors.copy_screen`,
+ * whose callers copy with torch where this module is missing or a layout does not fit it.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
