@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd.graph import increment_version
 
 try:  # built by `pip install` (pyproject.toml's ext-modules)
     from actors import _copy_screen
@@ -56,8 +57,12 @@ def _copy(target: torch.Tensor, source: torch.Tensor, exponent: int, stream: boo
     if target.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():
         return None
     (rows, cols, target_stride), (_, _, source_stride) = into, out_of
-    return _copy_screen.copy(target.data_ptr(), source.data_ptr(), rows, cols, target_stride,
-                             source_stride, target.element_size(), exponent, stream)
+    found = _copy_screen.copy(target.data_ptr(), source.data_ptr(), rows, cols, target_stride,
+                              source_stride, target.element_size(), exponent, stream)
+    # What torch's copy_ does too: whatever keys on the tensor's version (autograd, caches
+    # of converted weights) sees it written.
+    increment_version(target)
+    return found
 
 
 def _rows(tensor: torch.Tensor) -> tuple[int, int, int] | None:

@@ -315,7 +315,7 @@ def test_a_screened_copy_keeps_every_bit_and_finds_one_nan(fused, monkeypatch):
     target = torch.empty(rows, cols)
 
     def copied(write_rows: int = rows) -> torch.Tensor | None:
-        with screening_copies(True) as sums:
+        with screening_copies(True, into_kernel=True) as sums:
             # The loader's own call: the window's torch function routes it (actors.reload.meta).
             target[:write_rows].copy_(window.narrow(1, cols, cols).narrow(0, 0, write_rows))
         assert bool(sums.nonfinite) == fused and bool(sums.sums) != fused or not sums.nonfinite

@@ -357,9 +357,9 @@ class ReloadEngine:
                           ) -> AbstractContextManager[CopySums | None]:
         """The replay's copies screened as they go (a CPU rank's screen, without a pass of
         its own; ``actors.reload.finite``); ``into_kernel``: they write the kernel tensors,
-        which nothing reads until the engine serves (large copies stream)."""
+        which nothing reads until the engine serves (``CopySums.into_kernel``)."""
         return screening_copies(wanted and self.check_finite and not self.sync.cuda,
-                                stream=into_kernel)
+                                into_kernel)
 
     def _screen(self, load: LayerLoad, written: dict[str, torch.Tensor],
                 skip: tuple[str, ...] = (), copied: CopySums | None = None) -> None:
