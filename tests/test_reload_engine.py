@@ -357,8 +357,8 @@ def test_the_fused_copy_is_built_exact_and_finds_every_nan_and_inf(rows, cols, s
     not aligned to a cache line), with ordinary stores, and large ones into kernel tensors
     streamed around the cache,
     and says a NaN or Inf is there exactly when torch's isfinite does, wherever it is (no
-    false alarm on the largest finite values or subnormals). Layouts it cannot take are left
-    to torch (None)."""
+    false alarm on the largest finite values or subnormals), bumping the target's version as
+    copy_ does. Layouts it cannot take are left to torch (None)."""
     assert copy_screen._copy_screen is not None, "make install builds actors._copy_screen"
     generator = torch.Generator().manual_seed(0)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -377,7 +377,9 @@ def test_the_fused_copy_is_built_exact_and_finds_every_nan_and_inf(rows, cols, s
                     index = torch.unravel_index(torch.tensor(flat), window.shape)
                     saved = window[index].clone()
                     window[index] = special
+                version = target._version
                 found = copy_screen.copy_screened(target, source, stream)
+                assert target._version > version, "written as copy_ writes: versioned"
                 as_ints = {2: torch.int16, 4: torch.int32}[dtype.itemsize]
                 what = (dtype, tuple(window.shape), special, flat)
                 assert torch.equal(target.view(as_ints), source.view(as_ints)), what
