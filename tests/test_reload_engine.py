@@ -298,13 +298,15 @@ def test_reported_peak_is_what_the_rank_really_held(tmp_path, monkeypatch, order
         assert min(peaks) > max(by_layer.values()), "a shuffled source buffers several layers"
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["by-exponent-bits", "by-block-sums"])
-def test_a_screened_copy_keeps_every_bit_and_finds_one_nan(fused, monkeypatch):
+@pytest.mark.parametrize(("fused", "stream"), [(True, True), (True, False), (False, False)],
+                         ids=["into-kernel", "into-a-scratch-to-quantize", "by-block-sums"])
+def test_a_screened_copy_keeps_every_bit_and_finds_one_nan(fused, stream, monkeypatch):
     """A CPU rank screens a loader's copy of its window as it copies, instead of in a pass of
-    its own: in the same pass by the built extension, else block by block while each block
-    is in cache. Either way the copy is exact (here from a strided window), one NaN is
-    found wherever it is, and a param that something else also wrote is screened by a pass
-    of its own."""
+    its own: in the same pass by the built extension (streamed into kernel tensors, not into
+    a scratch that quantization reads next), else block by block while each block is in
+    cache. Each way the copy is exact (here from a strided window), one NaN is found
+    wherever it is, and a param that something else also wrote is screened by a pass of
+    its own."""
     if not fused:
         monkeypatch.setattr(copy_screen, "_copy_screen", None)
     rows, cols = 5 * BLOCK_BYTES // (256 * 4), 256  # fp32 rows: five blocks and more
@@ -315,7 +317,7 @@ def test_a_screened_copy_keeps_every_bit_and_finds_one_nan(fused, monkeypatch):
     target = torch.empty(rows, cols)
 
     def copied(write_rows: int = rows) -> torch.Tensor | None:
-        with screening_copies(True, into_kernel=True) as sums:
+        with screening_copies(True, fused=True, stream=stream) as sums:
             # The loader's own call: the window's torch function routes it (actors.reload.meta).
             target[:write_rows].copy_(window.narrow(1, cols, cols).narrow(0, 0, write_rows))
         assert bool(sums.nonfinite) == fused and bool(sums.sums) != fused or not sums.nonfinite

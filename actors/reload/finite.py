@@ -8,10 +8,11 @@ failure consensus needs it).
 
 On a CPU rank a screen of its own would be one more pass over every byte written. So while a
 layer is replayed (``screening_copies``), the loaders' copies of their windows screen what they
-copy (``screened_copy``): into the kernel tensors in the same pass, by the exponent bits,
-where the built extension takes the layout (``actors.copy_screen``); else in blocks that fit
-in cache, each summed right after it is written. A param whose every written element came
-through such copies is screened from what they found, with no pass of its own.
+copy (``screened_copy``): in the same pass, by the exponent bits, where the built extension
+takes the layout (``actors.copy_screen``) and the reload engine chose it (``CopySums.fused``);
+else in blocks that fit in cache, each summed right after it is written. A param whose every
+written element came through such copies is screened from what they found, with no pass of
+its own.
 """
 
 from __future__ import annotations
@@ -102,13 +103,16 @@ class CopySums:
     the sums of the blocks copied by torch, and whether a copy that screened by the
     exponent bits met a NaN or an Inf."""
 
-    into_kernel: bool = False
-    """The copies write the kernel tensors, which nothing reads until the engine serves:
-    they go through the extension, screened by the exponent bits, large ones streamed
-    around the cache. Copies into a scratch that processing reads next stay torch's, with
-    block sums: through the extension, vLLM ranks peaked ~170 MB higher per rank (anonymous
-    memory, reproduced three times against as many runs without; the cause is not pinned
-    down) for no time gained, their reload being dominated by vLLM's weight packing."""
+    fused: bool = False
+    """The copies go through the extension, screened by the exponent bits; else torch's
+    copies with block sums. Chosen by the reload engine where it was measured to pay: the
+    kernel tensors, and a scratch that quantization reads next. Not a scratch that
+    processing repacks at its own dtype (vLLM's CPU weight packing): through the extension,
+    those vLLM ranks peaked ~170 MB higher per rank (anonymous memory, three runs each way;
+    the cause is not pinned down) for no time gained."""
+    stream: bool = False
+    """Nothing reads what the copies write until the engine serves (the kernel tensors):
+    large fused copies go around the cache."""
     numel: dict[int, int] = field(default_factory=dict)
     sums: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     nonfinite: set[int] = field(default_factory=set)
@@ -118,7 +122,7 @@ class CopySums:
         blocks of about ``BLOCK_BYTES`` along dim 0, each summed right after it is
         written."""
         key = target.untyped_storage().data_ptr()
-        found = copy_screened(target, source, stream=True) if self.into_kernel else None
+        found = copy_screened(target, source, self.stream) if self.fused else None
         if found is None:
             sums = self.sums.setdefault(key, [])
             step = max(1, BLOCK_BYTES // max(1, target[0].numel() * target.element_size()))
@@ -151,14 +155,14 @@ _COPY_SUMS: ContextVar[CopySums | None] = ContextVar("copy_sums", default=None)
 
 
 @contextmanager
-def screening_copies(enabled: bool, into_kernel: bool = False
+def screening_copies(enabled: bool, fused: bool = False, stream: bool = False
                      ) -> Iterator[CopySums | None]:
     """Within: ``screened_copy`` screens what it writes into the returned ``CopySums``
-    (``into_kernel``: see ``CopySums.into_kernel``)."""
+    (``fused``, ``stream``: see ``CopySums``)."""
     if not enabled:
         yield None
         return
-    sums = CopySums(into_kernel)
+    sums = CopySums(fused, stream)
     token = _COPY_SUMS.set(sums)
     try:
         yield sums

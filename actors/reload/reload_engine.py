@@ -353,13 +353,13 @@ class ReloadEngine:
             self._copy_into_kernel(record, load.kernel)
         self.side_streams.end_layer()
 
-    def _screening_copies(self, wanted: bool = True, into_kernel: bool = False
-                          ) -> AbstractContextManager[CopySums | None]:
+    def _screening_copies(self, wanted: bool = True, *, into_kernel: bool = False,
+                          fused: bool = False) -> AbstractContextManager[CopySums | None]:
         """The replay's copies screened as they go (a CPU rank's screen, without a pass of
-        its own; ``actors.reload.finite``); ``into_kernel``: they write the kernel tensors,
-        which nothing reads until the engine serves (``CopySums.into_kernel``)."""
+        its own; ``actors.reload.finite``). ``into_kernel``: they write the kernel tensors,
+        fused and streamed; ``fused``: through the extension (``CopySums.fused``)."""
         return screening_copies(wanted and self.check_finite and not self.sync.cuda,
-                                into_kernel)
+                                fused=into_kernel or fused, stream=into_kernel)
 
     def _screen(self, load: LayerLoad, written: dict[str, torch.Tensor],
                 skip: tuple[str, ...] = (), copied: CopySums | None = None) -> None:
@@ -404,7 +404,8 @@ class ReloadEngine:
                      for n, p in record.placeholders.items()}
             record.register(fresh)
             # A layer whose processing screens its weights needs no sums of them.
-            with self._screening_copies(not record.screened) as copied:
+            with self._screening_copies(not record.screened,
+                                        fused=_quantizes(load)) as copied:
                 self._replay(load, fresh)
             self._screen(load, fresh, skip=record.screened, copied=copied)
 
@@ -542,6 +543,15 @@ def _kernel_has_model_format(load: LayerLoad) -> bool:
         return False
     return all(kernel[n].shape == p.shape and kernel[n].dtype == p.dtype
                and not is_optional(p) for n, p in record.placeholders.items())
+
+
+def _quantizes(load: LayerLoad) -> bool:
+    """The layer's kernel tensors hold narrower elements than its model format (its
+    processing quantizes, rather than repacking at the same dtype)."""
+    if load.kernel is None:
+        return False
+    narrowest = min(t.element_size() for t in load.kernel.values())
+    return narrowest < min(p.element_size() for p in load.record.placeholders.values())
 
 
 def _complete(load: LayerLoad) -> bool:
