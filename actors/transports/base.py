@@ -16,7 +16,6 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -87,17 +86,16 @@ class BucketMessage(ABC):
 
 
 class BucketReader:
-    """Rank side, one per reload: reads bucket messages, keeping what they open (files, a
-    stream's group) until ``close``."""
+    """Rank side, one per reload: reads bucket messages, keeping what they open (mapped
+    files, a stream's group) in ``state`` until ``close``."""
 
     def __init__(self, kept: dict[int, Any] | None = None,
                  device: torch.device | None = None) -> None:
-        self.stack = ExitStack()
         self.device = device or torch.device("cpu")
         self.fetch_seconds = 0.0
         """Time spent waiting for bytes to arrive (object store fetches, stream receives)."""
         self.state: dict[str, Any] = {}
-        """Per transport, what its messages share during this reload (open file handles)."""
+        """Per transport, what its messages share during this reload (mapped files)."""
         self.kept = {} if kept is None else kept
         """What the rank keeps across reloads for replay, by id (trainer streams)."""
         self.to_keep: tuple[int, Any] | None = None
@@ -115,7 +113,6 @@ class BucketReader:
             self.fetch_seconds += time.perf_counter() - begin
 
     def close(self) -> None:
-        self.stack.close()
         self.state.clear()
 
 
