@@ -1,9 +1,9 @@
 """Rank-side reading of safetensors checkpoints: lazy slices, so a rank reads only its shard.
 
 The driver resolves which file holds which tensor (``actors.transports.files``) and sends the
-names; each rank opens the files itself (``FileBucket.read``) and hands ``CheckpointSlice``
-objects (``actors.lazy``) to the model's weight loaders, which narrow them to the rank's
-shard before any byte is read.
+names; each rank maps the files itself (``FileBucket.read``, ``files.mapped_tensors``) and
+hands ``CheckpointSlice`` objects (``actors.lazy``) to the model's weight loaders, which narrow
+them to the rank's shard before any byte is read.
 """
 
 from __future__ import annotations
