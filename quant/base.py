@@ -10,7 +10,7 @@ inspects quantized layouts.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -53,8 +53,8 @@ def fill_value(param: torch.Tensor) -> float | None:
     return getattr(param, "fill_value", None)
 
 
-class LinearMethod(ABC):
-    """How one linear layer stores, converts and applies its weight."""
+class WeightProcessing:
+    """The processing verbs every method family (linear, fused experts, KV cache) shares."""
 
     name: str = ""
     policy: ClassVar[LayerPolicy] = LayerPolicy()
@@ -62,6 +62,21 @@ class LinearMethod(ABC):
     def has_nonfinite(self, layer: nn.Module) -> bool:
         """After processing: whether a screened param held NaN or Inf."""
         return False
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:  # noqa: B027
+        """Convert model format to kernel format in place. Identity by default."""
+
+    def process_weights_into(self, layer: nn.Module, kernel: Mapping[str, torch.Tensor]
+                             ) -> None:
+        """``process_weights_after_loading``, given the tensors the layer serves from
+        (``kernel``, by param name; written in place by this reload anyway): a method may
+        write its results straight into them and register them, saving the caller a copy
+        of each. Default: it does not."""
+        self.process_weights_after_loading(layer)
+
+
+class LinearMethod(WeightProcessing, ABC):
+    """How one linear layer stores, converts and applies its weight."""
 
     @abstractmethod
     def create_weights(
@@ -75,9 +90,6 @@ class LinearMethod(ABC):
     ) -> None:
         """Register the model-format parameters on ``layer``."""
 
-    def process_weights_after_loading(self, layer: nn.Module) -> None:  # noqa: B027
-        """Convert model format to kernel format in place. Identity by default."""
-
     @abstractmethod
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x @ W.T (+ bias)`` with the kernel-format tensors."""
@@ -86,6 +98,32 @@ class LinearMethod(ABC):
 def replace_parameter(layer: nn.Module, name: str, tensor: torch.Tensor) -> None:
     """Register ``tensor`` as the kernel-format parameter ``name`` of ``layer``."""
     layer._parameters[name] = nn.Parameter(tensor, requires_grad=False)
+
+
+def kernel_slot(kernel: Mapping[str, torch.Tensor], name: str, shape: torch.Size,
+                dtype: torch.dtype) -> nn.Parameter | None:
+    """``kernel[name]`` when a result of ``shape`` and ``dtype`` can be written into it
+    (``process_weights_into``); None otherwise, and the result goes to a tensor of its own
+    (the caller's kernel copy then names any mismatch)."""
+    target = kernel.get(name)
+    if (not isinstance(target, nn.Parameter) or target.shape != shape
+            or target.dtype != dtype):
+        return None
+    return target
+
+
+def register_result(layer: nn.Module, name: str, result: torch.Tensor,
+                    kernel: Mapping[str, torch.Tensor]) -> None:
+    """Register kernel-format ``result`` as param ``name``: ``kernel[name]`` itself when
+    ``result`` was written into it or fits it (copied: small results, scales), so the caller
+    copies nothing; a param of its own otherwise."""
+    target = kernel_slot(kernel, name, result.shape, result.dtype)
+    if target is None:
+        replace_parameter(layer, name, result)
+        return
+    if result is not target:
+        target.data.copy_(result)
+    layer._parameters[name] = target
 
 
 class UnquantizedLinearMethod(LinearMethod):

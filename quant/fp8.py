@@ -18,12 +18,13 @@ dtype and multiplies in that dtype; activations are never quantized.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant.base import LayerPolicy, UnquantizedLinearMethod, replace_parameter
+from quant.base import LayerPolicy, UnquantizedLinearMethod, kernel_slot, register_result
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -37,12 +38,15 @@ its allocation is recycled. A whole-tensor temporary (40 MB for a 10M-element we
 mapped fresh and faulted in page by page on every call: 2-4x slower for the same bits."""
 
 
-def quantize_fp8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def quantize_fp8(w: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None
+                 ) -> torch.Tensor:
     """``scale`` (float32) broadcast against ``w``: per row block, the true division into one
     reused float32 buffer (w's float32 value is exact, so dividing w directly is the same
-    arithmetic), the clamp in place and the cast straight into the result. Elementwise, so
-    the row blocks change no bit; on CUDA one block."""
-    out = torch.empty(w.shape, dtype=FP8, device=w.device)
+    arithmetic), the clamp in place and the cast straight into the result (``out``, fp8 of
+    w's shape, or a new tensor). Elementwise, so the row blocks change no bit; on CUDA one
+    block."""
+    if out is None:
+        out = torch.empty(w.shape, dtype=FP8, device=w.device)
     rows = w.shape[0] if w.is_cuda else max(1, CPU_CHUNK_ELEMENTS // max(1, w[0].numel()))
     per_row = scale.dim() == w.dim() and scale.shape[0] == w.shape[0] > 1
     buffer = torch.empty((min(rows, w.shape[0]), *w.shape[1:]), dtype=torch.float32,
@@ -108,10 +112,12 @@ def element_scale(scale: torch.Tensor, shape: torch.Size, granularity: str) -> t
     return expand_blocks(scale, shape) if granularity == "block" else scale
 
 
-def quantize_weight(w: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """2-D weight -> (fp8 weight, float32 scale), on ``w``'s device."""
+def quantize_weight(w: torch.Tensor, granularity: str, out: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-D weight -> (fp8 weight, written into ``out`` when given; float32 scale), on
+    ``w``'s device."""
     scale = group_scale(w, granularity)
-    return quantize_fp8(w, element_scale(scale, w.shape, granularity)), scale
+    return quantize_fp8(w, element_scale(scale, w.shape, granularity), out), scale
 
 
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, granularity: str,
@@ -131,11 +137,18 @@ class Fp8LinearMethod(UnquantizedLinearMethod):
         return not bool(torch.isfinite(layer.weight_scale).all())
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
+        self.process_weights_into(layer, {})
+
+    def process_weights_into(self, layer: nn.Module, kernel: Mapping[str, torch.Tensor]
+                             ) -> None:
         weight = layer.weight.data
-        # The ranks' fused full-precision weight is quantized as one tensor (q|k|v together).
-        qweight, scale = quantize_weight(weight, self.granularity)
-        replace_parameter(layer, "weight", qweight)
-        replace_parameter(layer, "weight_scale", scale)
+        # The ranks' fused full-precision weight is quantized as one tensor (q|k|v together),
+        # its fp8 values straight into the served weight when there is one: no fp8 copy.
+        into = kernel_slot(kernel, "weight", weight.shape, FP8)
+        qweight, scale = quantize_weight(weight, self.granularity, into)
+        kernel = kernel if into is not None else {}  # all of the kernel tensors, or none
+        register_result(layer, "weight", qweight, kernel)
+        register_result(layer, "weight_scale", scale, kernel)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         w = dequantize_weight(layer.weight, layer.weight_scale, self.granularity, x.dtype)

@@ -26,12 +26,10 @@ scale = amax / 448.
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 from torch import nn
 
-from quant.base import LayerPolicy, mark_optional, replace_parameter
+from quant.base import LayerPolicy, WeightProcessing, mark_optional, replace_parameter
 from quant.fp8 import FP8, FP8_MAX, MIN_AMAX
 
 NOT_LOADED = -1.0
@@ -47,12 +45,11 @@ def _scalar_loader(param: torch.Tensor, loaded, shard_id=None) -> None:
     param.data.fill_(value.reshape(()))
 
 
-class KVCacheMethod:
+class KVCacheMethod(WeightProcessing):
     """``auto``: the identity."""
 
     name = "auto"
     has_scales = False
-    policy: ClassVar[LayerPolicy] = LayerPolicy()
 
     def __init__(self) -> None:
         self._amax: list[torch.Tensor] | None = None  # [k, v] while calibrating

@@ -25,13 +25,20 @@ partial sum; the caller all-reduces it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant.base import LayerPolicy, WeightLoader, replace_parameter
+from quant.base import (
+    LayerPolicy,
+    WeightLoader,
+    WeightProcessing,
+    kernel_slot,
+    register_result,
+    replace_parameter,
+)
 from quant.fp8 import FP8, dequantize_weight, quantize_weight
 from quant.sync import DeviceSync
 from quant.w4a8 import NIBBLES, dequantize_w4a8, fake_quantize_fp8_per_token, quantize_w4a8
@@ -48,14 +55,8 @@ def expert_chunks(weight: torch.Tensor) -> list[slice]:
             for e in range(0, weight.shape[0], per_chunk)]
 
 
-class MoEMethod(ABC):
+class MoEMethod(WeightProcessing, ABC):
     """How one fused-expert layer stores, converts and applies its weights."""
-
-    name: str = ""
-    policy: ClassVar[LayerPolicy] = LayerPolicy()
-
-    def has_nonfinite(self, layer: nn.Module) -> bool:
-        return False
 
     def create_weights(self, layer: nn.Module, *, num_experts: int, hidden_size: int,
                        intermediate_size_per_partition: int, params_dtype: torch.dtype,
@@ -68,9 +69,6 @@ class MoEMethod(ABC):
             param = nn.Parameter(torch.empty(shape, dtype=params_dtype), requires_grad=False)
             param.weight_loader = weight_loader
             layer.register_parameter(f"{proj}_weight", param)
-
-    def process_weights_after_loading(self, layer: nn.Module) -> None:  # noqa: B027
-        """Convert model format to kernel format. Identity by default."""
 
     @abstractmethod
     def expert_weight(self, layer: nn.Module, proj: str, expert: int, dtype: torch.dtype
@@ -117,15 +115,25 @@ class Fp8MoEMethod(MoEMethod):
                        for p in PROJECTIONS)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
+        self.process_weights_into(layer, {})
+
+    def process_weights_into(self, layer: nn.Module, kernel: Mapping[str, torch.Tensor]
+                             ) -> None:
+        slots = {proj: kernel_slot(kernel, f"{proj}_weight",
+                                   getattr(layer, f"{proj}_weight").shape, FP8)
+                 for proj in PROJECTIONS}
+        if any(slot is None for slot in slots.values()):
+            kernel, slots = {}, dict.fromkeys(PROJECTIONS)  # all of the kernel tensors, or none
         for proj in PROJECTIONS:
             weight = getattr(layer, f"{proj}_weight").data
-            qweight = torch.empty(weight.shape, dtype=FP8, device=weight.device)
-            scales = []
-            for expert in range(weight.shape[0]):
-                qweight[expert], scale = quantize_weight(weight[expert], self.granularity)
-                scales.append(scale)
-            replace_parameter(layer, f"{proj}_weight", qweight)
-            replace_parameter(layer, f"{proj}_weight_scale", torch.stack(scales))
+            # Each expert's fp8 values straight into the served weight when there is one.
+            qweight = slots[proj]
+            if qweight is None:
+                qweight = torch.empty(weight.shape, dtype=FP8, device=weight.device)
+            scales = [quantize_weight(weight[expert], self.granularity, qweight.data[expert])[1]
+                      for expert in range(weight.shape[0])]
+            register_result(layer, f"{proj}_weight", qweight, kernel)
+            register_result(layer, f"{proj}_weight_scale", torch.stack(scales), kernel)
 
     def expert_weight(self, layer: nn.Module, proj: str, expert: int, dtype: torch.dtype
                       ) -> torch.Tensor:

@@ -4,6 +4,9 @@
   per-row absolute max from separate amin/amax passes: checked against the independent
   numpy reference, with blocks small enough that every weight spans several of them, an
   uneven last block included.
+* ``process_weights_into`` writes a reload's fp8 results straight into the tensors a layer
+  serves from (no fp8 copy), the same bits as the reference, and touches none of them when
+  they do not fit (the reload engine then names the mismatch).
 * ``actors.engines.vllm.kernels`` swaps two of vLLM's helpers during our processing: checked against
   vLLM's originals, bit for bit, NaN and Inf included, and put back afterwards.
 No Ray: these are pure functions.
@@ -13,9 +16,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import quant.fp8 as fp8
-from tests.quant_reference import fp8_reference, same_bytes
+import quant.moe as moe
+from tests.quant_reference import fp8_reference, reference_expert_kernels, same_bytes
 
 GRANULARITIES = ("tensor", "channel", "block")
 
@@ -48,6 +53,58 @@ def test_abs_max_along_a_dim_is_exact_and_propagates_nan():
     finite = torch.ones(w.shape[0], dtype=torch.bool)
     finite[11] = finite[12] = False
     assert torch.equal(amax[finite], expected[finite])
+
+
+def served(tensors: dict[str, torch.Tensor]) -> dict[str, nn.Parameter]:
+    """Kernel params as a layer serves them, filled with a pattern no result has."""
+    return {n: nn.Parameter(torch.full(t.shape, 0.5).to(t.dtype), requires_grad=False)
+            for n, t in tensors.items()}
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_linear_results_go_straight_into_the_served_tensors(granularity):
+    method = {"tensor": fp8.Fp8LinearMethod, "channel": fp8.Fp8PerChannelLinearMethod,
+              "block": fp8.Fp8BlockLinearMethod}[granularity]()
+    w = weight()
+    expected = fp8_reference(w, granularity)
+    kernel = served(expected)
+    layer = nn.Module()
+    layer.weight = nn.Parameter(w, requires_grad=False)
+    method.process_weights_into(layer, kernel)
+    for name, tensor in expected.items():
+        assert getattr(layer, name) is kernel[name], name  # registered: nothing to copy
+        assert same_bytes(kernel[name], tensor), name
+
+
+def test_a_kernel_that_does_not_fit_is_left_untouched():
+    w = weight()
+    expected = fp8_reference(w, "channel")
+    wrong = served({"weight": expected["weight"][:-1], "weight_scale": expected["weight_scale"]})
+    before = {n: t.clone() for n, t in wrong.items()}
+    layer = nn.Module()
+    layer.weight = nn.Parameter(w, requires_grad=False)
+    fp8.Fp8PerChannelLinearMethod().process_weights_into(layer, wrong)
+    assert all(torch.equal(wrong[n].float(), before[n].float()) for n in wrong)
+    assert layer.weight is not wrong["weight"] and layer.weight_scale is not wrong["weight_scale"]
+    assert same_bytes(layer.weight, expected["weight"])
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_expert_results_go_straight_into_the_served_tensors(granularity):
+    method = {"tensor": moe.Fp8MoEMethod, "channel": moe.Fp8PerChannelMoEMethod,
+              "block": moe.Fp8BlockMoEMethod}[granularity]()
+    layer = nn.Module()
+    experts = {"w13": torch.stack([weight(seed=s) for s in range(3)]),
+               "w2": torch.stack([weight(rows=200, cols=300, seed=s) for s in range(3, 6)])}
+    expected = {}
+    for proj, w in experts.items():
+        layer.register_parameter(f"{proj}_weight", nn.Parameter(w, requires_grad=False))
+        expected |= reference_expert_kernels(w, proj, method.name)
+    kernel = served(expected)
+    method.process_weights_into(layer, kernel)
+    for name, tensor in expected.items():
+        assert getattr(layer, name) is kernel[name], name
+        assert same_bytes(kernel[name], tensor), name
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import quant.fp8 as fp8
 from actors.dtypes import SAFETENSORS_DTYPES, dtype_name
 from actors.engines.native import TPGroup, load_spec
 from actors.engines.native.reloadable import build_reloadable
@@ -103,13 +104,26 @@ def test_reload_in_place_matches_transformers(tmp_path, prompt, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_fp8_reloads_through_alternating_scratch_equal_the_reference(tmp_path, device):
+def test_fp8_reloads_through_alternating_scratch_equal_the_reference(tmp_path, device,
+                                                                      monkeypatch):
     """Three reloads, so each of a CUDA rank's two scratch slots is reused; every kernel
-    tensor equals an independent quantization of the checkpoint, bit for bit."""
+    tensor equals an independent quantization of the checkpoint, bit for bit, and was
+    quantized straight into the tensors served (no fp8 copy)."""
     steps = [write_checkpoint(tmp_path / str(s), "llama", seed=s, **QSHAPE) for s in (3, 4)]
     rank = InProcessRank(steps[0], device, quantization="fp8")
+    served_at = {t.data_ptr() for t in rank.kernel().values()}
+    written: list[int | None] = []
+    quantize = fp8.quantize_fp8
+
+    def spy(w: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None):
+        written.append(None if out is None else out.data_ptr())
+        return quantize(w, scale, out)
+
+    monkeypatch.setattr(fp8, "quantize_fp8", spy)
     for path in (steps[1], steps[0], steps[1]):
+        written.clear()
         rank.load(path)
+        assert written and all(ptr in served_at for ptr in written)
         config = json.loads((path / "config.json").read_text())
         served = {n: t.cpu() for n, t in rank.kernel().items()}
         for layer, w in rank_linears(load_tensors(path), config, 1, 0).items():

@@ -13,7 +13,9 @@ or inference engines. A model takes part in layerwise reloading by implementing
     names the model does not have raise ``UnknownTensorError``; a weight that does not fit
     raises ``ReloadError`` naming it (``actors.reload.errors``);
   * ``process(record)``: turn a complete layer's model-format tensors, registered on
-    ``record.module``, into its kernel-format tensors (quantization, repacking);
+    ``record.module``, into its kernel-format tensors (quantization, repacking); a model
+    that can write them straight into the tensors the layer serves from also overrides
+    ``process_into(record, kernel)``;
   * ``has_nonfinite(record)``: after ``process``, whether the params in ``record.screened``
     held NaN or Inf (the processed scales reveal it, so they need no scan of their own);
   * ``twin()`` and ``hand_over(staged, live)`` (``StageableModel``, an engine's ``staging``
@@ -26,7 +28,7 @@ The native engine implements it in ``actors/engines/native/``, vLLM in ``actors/
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,6 +136,13 @@ class ReloadableModel(ABC):
     @abstractmethod
     def process(self, record: LayerRecord) -> None:
         """Model format -> kernel format for one complete layer, in place on its module."""
+
+    def process_into(self, record: LayerRecord, kernel: Mapping[str, torch.Tensor]) -> None:
+        """``process``, given the tensors the layer serves from (``kernel``), which this
+        reload writes in place anyway: a result written straight into one of them and
+        registered as that very tensor costs the reload engine no copy; any other result
+        is copied into it afterwards. Default: ``process``."""
+        self.process(record)
 
     def has_nonfinite(self, record: LayerRecord) -> bool:
         """After ``process``: whether a ``screened`` param held NaN or Inf."""

@@ -9,7 +9,7 @@ meta copies of every rank, in the driver, with no Ray.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import Any
 
@@ -56,9 +56,12 @@ class NativeReloadable(StageableModel):
         self.model.load_weights(weights)
 
     def process(self, record: LayerRecord) -> None:
+        self.process_into(record, {})
+
+    def process_into(self, record: LayerRecord, kernel: Mapping[str, torch.Tensor]) -> None:
         method = getattr(record.module, "quant_method", None)
         if method is not None:
-            method.process_weights_after_loading(record.module)
+            method.process_weights_into(record.module, kernel)
 
     def has_nonfinite(self, record: LayerRecord) -> bool:
         return record.module.quant_method.has_nonfinite(record.module)
