@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from actors.lazy import Bounds, LazyWindow
+from actors.lazy import Bounds, LazyWindow, box_view
 
 
 class CheckpointSlice(LazyWindow):
@@ -29,4 +29,4 @@ class CheckpointSlice(LazyWindow):
             raise ValueError(f"{self._file}: tensor '{self.name}' {exc}") from exc
 
     def _read(self, bounds: Bounds) -> torch.Tensor:
-        return self._mapped[tuple(slice(lo, hi) for lo, hi in bounds)]
+        return box_view(self._mapped, bounds)

@@ -297,6 +297,15 @@ class RankActor:
         engine.load(items)
         engine.own_buffers()
 
+    def reload_all(self, first_load: bool, staged: bool, layers: list[str],
+                   messages: tuple[BucketMessage, ...]) -> dict[str, Any]:
+        """``start_reload``, ``load_bucket`` of each message and ``finish_reload`` in one
+        call (``Transport.one_call``)."""
+        self.start_reload(first_load, staged, layers)
+        for message in messages:
+            self.load_bucket(message)
+        return self.finish_reload()
+
     def finish_reload(self) -> dict[str, Any]:
         try:
             stats = self.active.finish()

@@ -17,7 +17,9 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,7 +30,7 @@ from actors.transports.base import Delivery, DeliveryContext, Source, TransportS
 from orchestrator.commit_log import CommitLog, CommittedSource, committed
 from orchestrator.config import EngineConfig
 from orchestrator.errors import RankError, RecoveryError
-from orchestrator.fleet import Calls, Fleet
+from orchestrator.fleet import Calls, Fleet, RankKey
 from orchestrator.gate import Gate
 from orchestrator.plan import Plan
 from orchestrator.progress import Progress
@@ -124,26 +126,25 @@ class Transaction:
     def transfer(self, source: Source, plan: Plan, plan_seconds: float, version: int, *,
                first: bool = False, staged: bool = False) -> tuple[ReloadReport, Delivery]:
         """Every rank: start, the plan's buckets as the source's transport delivers them,
-        finish. A rank runs its calls in submission order, so they are queued back to back
-        and awaited together: no round trip waits on another."""
+        finish (``_in_steps``, or ``_in_one_call``)."""
         begin = time.perf_counter() - plan_seconds
         progress = Progress(f"load v{version}", [b.nbytes for b in plan.buckets],
                             enabled=self.config.progress)
-        started = self.fleet.call(RankActor.start_reload, first, staged, list(plan.layers))
         context = DeliveryContext(self.fleet, self.router.routing, self.config.device,
                                   self.config.timeout_s, self.transports,
                                   self.config.shared_memory)
-        delivery = source.transport.deliver(source, plan, context)
+        arguments = (first, staged, list(plan.layers))
+        if source.transport.one_call:  # everything up front: one call per rank
+            delivery = source.transport.deliver(source, plan, context)
+            stream = partial(self._in_one_call, arguments, delivery, progress,
+                             sum(b.nbytes for b in plan.buckets))
+        else:
+            started = self.fleet.call(RankActor.start_reload, *arguments)
+            delivery = source.transport.deliver(source, plan, context)
+            stream = partial(self._in_steps, started, delivery,
+                             delivery.max_in_flight or source.transport.max_in_flight, progress)
         try:
-            pending, send_seconds = self._queue(
-                delivery, delivery.max_in_flight or source.transport.max_in_flight, progress)
-            finishing = self.fleet.call(RankActor.finish_reload)
-            self.fleet.wait(started)
-            for calls, nbytes in pending:
-                self.fleet.wait(calls)
-                if nbytes is not None:  # a bucket, not a link
-                    progress.advance(nbytes)
-            stats = self.fleet.wait(finishing)
+            stats, send_seconds = stream()
             sent = delivery.finish(self.config.timeout_s)
         except BaseException as error:
             blamed = delivery.blame(error, self.config.timeout_s)
@@ -169,6 +170,31 @@ class Transaction:
         for warning in report.warnings:
             log.warning(warning)
         return report, delivery
+
+    def _in_one_call(self, arguments: tuple[Any, ...], delivery: Delivery,
+                     progress: Progress, nbytes: int) -> tuple[dict[RankKey, Any], float]:
+        """Every message in one call per rank, which starts, reads and finishes (a transport
+        whose messages name what ranks read: ``Transport.one_call``). Returns every rank's
+        statistics and the seconds spent producing the messages (none: they came made)."""
+        assert delivery.messages is not None, "a one_call transport delivers its messages"
+        stats = self.fleet.run(RankActor.reload_all, *arguments, delivery.messages)
+        progress.advance(nbytes)
+        return stats, 0.0
+
+    def _in_steps(self, started: Calls, delivery: Delivery, max_in_flight: int | None,
+                  progress: Progress) -> tuple[dict[RankKey, Any], float]:
+        """Start (already queued), the delivery's steps as they are produced, finish: a rank
+        runs its calls in submission order, so they are queued back to back and awaited
+        together. Returns every rank's statistics and the seconds spent producing the
+        steps."""
+        pending, send_seconds = self._queue(delivery, max_in_flight, progress)
+        finishing = self.fleet.call(RankActor.finish_reload)
+        self.fleet.wait(started)
+        for calls, nbytes in pending:
+            self.fleet.wait(calls)
+            if nbytes is not None:  # a bucket, not a link
+                progress.advance(nbytes)
+        return self.fleet.wait(finishing), send_seconds
 
     def _queue(self, delivery: Delivery, max_in_flight: int | None, progress: Progress
                ) -> tuple[deque[tuple[Calls, int | None]], float]:

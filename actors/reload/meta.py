@@ -23,7 +23,7 @@ import torch
 # a loader makes, whatever view it writes through.
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from actors.lazy import Bounds, LazyWindow
+from actors.lazy import Bounds, LazyWindow, box_view
 from actors.reload.finite import screened_copy
 from actors.reload.pinned_host import copy_into
 
@@ -88,7 +88,7 @@ def read_window(source: Any, bounds: Bounds) -> torch.Tensor:
     ``PrefetchedWeight.own``), the bytes read from the file for a lazy checkpoint slice."""
     if isinstance(source, LazyWindow):
         return source._read(bounds)
-    return source[tuple(slice(lo, hi) for lo, hi in bounds)]
+    return box_view(source, bounds)
 
 
 def _index_put_numel(dest: torch.Tensor, indices: list[torch.Tensor | None]) -> int:

@@ -24,7 +24,7 @@ def mirror(cls: type, weight: Any, *args: Any, **kwargs: Any) -> Any:
     boxes read through it are in the coordinates ``read_window(weight, ...)`` expects."""
     if isinstance(weight, LazyWindow):
         mirror = cls(weight.full_shape, weight.dtype, *args, **kwargs)
-        mirror.bounds, mirror._dims = weight.bounds, weight._dims
+        mirror._place(weight.bounds, weight._dims)
     else:
         mirror = cls(tuple(weight.shape), weight.dtype, *args, **kwargs)
     mirror.name = getattr(weight, "name", "")

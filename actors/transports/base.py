@@ -156,6 +156,8 @@ class Delivery:
     """Steps pending at once when it is not the transport's ``max_in_flight`` (a transport
     that picks between carriers: only one of them holds memory per step); None: the
     transport's."""
+    messages: tuple[BucketMessage, ...] | None = None
+    """A ``one_call`` transport's messages, all of them, in order (no steps)."""
 
     def drop(self) -> None:
         """After a failure: let go of the messages and the steps not yet produced, and so of
@@ -210,6 +212,11 @@ class Transport(ABC):
     max_in_flight: ClassVar[int | None] = None
     """Steps pending at once; None: every step is queued at once (nothing is held per
     step). Bounded for transports whose steps hold memory until the ranks read them."""
+    one_call: ClassVar[bool] = False
+    """Its messages name what the ranks read and hold nothing, and need no link: ``deliver``
+    makes them all at once (``Delivery.messages``, no steps), and each rank gets them in
+    one call that also starts and finishes the reload (``RankActor.reload_all``): two Ray
+    round trips fewer per rank than start, a step per message, finish."""
 
     @abstractmethod
     def accepts(self, source: Any) -> bool:

@@ -15,7 +15,7 @@ import os
 import socket
 import struct
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -104,6 +104,7 @@ def _view(region: mmap.mmap, info: TensorInfo) -> torch.Tensor:
 
 class FilesTransport(BucketTransport):
     name = "files"
+    one_call = True
     message_bytes: ClassVar[int] = 1 << 30
     """A file message names its tensors, it does not carry them: nothing is held per message,
     and a rank buffers by layer whatever the message. So consecutive buckets share one
@@ -122,8 +123,12 @@ class FilesTransport(BucketTransport):
         return FileBucket(tuple(file_entry(source.handle[t.name]) for t in bucket.tensors))
 
     def deliver(self, source: Source, plan: Plan, context: DeliveryContext) -> Delivery:
-        return super().deliver(source, replace(plan, buckets=tuple(
-            joined(plan.buckets, self.message_bytes))), context)
+        buckets = list(joined(plan.buckets, self.message_bytes))
+        messages = tuple(self.send(source, bucket) for bucket in buckets)
+        # Steps too (made only if taken), for a caller that sends a call per message.
+        steps = ((context.fleet.load_bucket(m), b.nbytes)
+                 for m, b in zip(messages, buckets, strict=True))
+        return Delivery(steps, list(messages), messages=messages)
 
     def fingerprints(self, source: Source) -> dict[str, Fingerprint]:
         files = sorted({t.file for t in source.tensors if t.file is not None})
