@@ -21,7 +21,7 @@ from actors.reload import (
     in_processing_order,
 )
 from actors.reload.finite import BLOCK_BYTES, screened_copy, screening_copies
-from actors.reload.meta import PrefetchedWeight, WriteCounter
+from actors.reload.meta import PrefetchedWeight, ProbeWeight, RecordedCopy, WriteCounter, recorded
 
 log = logging.getLogger("test")
 
@@ -49,6 +49,84 @@ def test_write_counter_counts_writes_into_the_param(write, expected):
     with WriteCounter(param) as counter:
         write(param)
     assert counter.numel == expected
+
+
+def probe_copy(write) -> tuple | None:
+    """What a dry run of ``write(param, probe)`` records, for a [6, 4] param and an [8, 4]
+    source."""
+    param, probe = meta(6, 4), ProbeWeight((8, 4), torch.float32)
+    with WriteCounter(param) as counter:
+        write(param, probe)
+    return recorded(counter, probe, param)
+
+
+def test_a_dry_run_records_the_copies_of_whole_boxes():
+    copies = probe_copy(lambda p, w: p.narrow(0, 2, 3).copy_(w.narrow(0, 5, 3)))
+    assert copies == (RecordedCopy((3, 4), (4, 1), 8, ((5, 8), (0, 4))),)
+    # A box read as one row, unsqueezed: still the box, in row-major order.
+    assert probe_copy(lambda p, w: p[1].copy_(w.select(0, 7))) == (
+        RecordedCopy((4,), (1,), 4, ((7, 8), (0, 4))),)
+
+
+@pytest.mark.parametrize("write", [
+    lambda p, w: (p.copy_(w.narrow(0, 0, 6)), p.mul_(2)),                 # then scaled
+    lambda p, w: (p[:5].copy_(w.narrow(0, 0, 5)), p[5:].zero_()),         # padding filled
+    lambda p, w: p[:4].copy_(w.narrow(0, 0, 4).materialize().t()),        # a transposed box
+    lambda p, w: p[:2].copy_(w.narrow(0, 0, 4).materialize()[1:3]),       # part of a box
+    lambda p, w: p.copy_(torch.zeros(6, 4, device="meta")),                # not the source
+    lambda p, w: p[:3].copy_(w.narrow(0, 0, 1).materialize()),            # broadcast
+])
+def test_a_loader_that_does_more_than_copy_boxes_is_replayed_itself(write):
+    assert probe_copy(write) is None
+
+
+class CountingToy(ReloadableModel):
+    """The toy, replaying recorded copies or not; counts the loader's runs on real tensors."""
+
+    def __init__(self, replays: bool) -> None:
+        with torch.device("meta"):
+            self.toy = Toy()
+        self.replays_copies = replays
+        self.runs = 0
+        for param in self.toy.parameters():
+            param.weight_loader = self._counted(param.weight_loader)
+        self.inner = ToyReloadable(self.toy)
+
+    def _counted(self, loader):
+        def run(param, loaded, *args):
+            self.runs += not param.is_meta
+            return loader(param, loaded, *args)
+        return run
+
+    def records(self):
+        return self.inner.records()
+
+    def load_weights(self, weights):
+        self.inner.load_weights(weights)
+
+    def process(self, record):
+        pass
+
+
+def test_recorded_copies_replay_a_reload_without_its_loaders():
+    """The same reloads with and without replaying recorded copies write the same bits;
+    replaying them, a reload runs only the loader that fills (the scalar scale) on real
+    tensors: every copying one is replayed from its copies (the toy's twice-writing loader
+    included: two copies recorded)."""
+    served = {}
+    for replays in (False, True):
+        model = CountingToy(replays)
+        engine = ReloadEngine(model, torch.device("cpu"), log)
+        first_load(engine, weights(0))
+        model.runs = 0
+        for seed in (1, 2):
+            engine.start("reload")
+            engine.load(weights(seed).items())
+            engine.finish()
+        served[replays] = {n: p.clone() for n, p in model.toy.named_parameters()}
+        assert model.runs == 2 * (1 if replays else len(weights(0)))
+    assert all(torch.equal(served[True][n], t) for n, t in served[False].items())
+    assert all(torch.equal(served[True][n], t) for n, t in weights(2).items())
 
 
 class Toy(nn.Module):

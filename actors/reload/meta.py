@@ -10,11 +10,17 @@ tensors.
 Loader contract this relies on: a loader finds its shard with the free window algebra of
 ``actors.lazy.LazyWindow`` (narrow, chunk, unsqueeze, select, ...) and reads it the same way
 on every call with the same shapes (it may not branch on the values it reads).
+
+When every write a call makes into its param is a copy of a whole box it read, the dry run
+also records those copies (``RecordedCopy``): a model whose loaders do nothing else
+(``ReloadableModel.replays_copies``) has such calls replayed from them, without the
+loader's Python, on every reload.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,7 +29,7 @@ import torch
 # a loader makes, whatever view it writes through.
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from actors.lazy import Bounds, LazyWindow, box_view
+from actors.lazy import Bounds, LazyWindow, box_numel, box_view
 from actors.reload.finite import screened_copy
 from actors.reload.pinned_host import copy_into
 
@@ -36,10 +42,59 @@ class ProbeWeight(LazyWindow):
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, name: str = "") -> None:
         super().__init__(shape, dtype, name)
         self.reads: list[Bounds] = []
+        self.boxes: dict[int, Bounds] = {}
+        """Storage identity -> box, of every meta tensor a read returned (``recorded``)."""
+        self._keep: list[torch.Tensor] = []  # alive, so no later tensor reuses an identity
 
     def _read(self, bounds: Bounds) -> torch.Tensor:
         self.reads.append(bounds)
-        return torch.empty([hi - lo for lo, hi in bounds], dtype=self.dtype, device="meta")
+        box = torch.empty([hi - lo for lo, hi in bounds], dtype=self.dtype, device="meta")
+        self.boxes[_identity(box)] = bounds
+        self._keep.append(box)
+        return box
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedCopy:
+    """One copy a loader made into its param: the param's view ``(size, stride, offset)``
+    took the whole box ``bounds`` of the source, in row-major order."""
+
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+    """Storage offset from the param's own."""
+    bounds: Bounds
+
+    def replay(self, target: torch.Tensor, weight: PrefetchedWeight) -> None:
+        """The copy again, into ``target`` (laid out as the param was on meta)."""
+        dest = target.as_strided(self.size, self.stride, target.storage_offset() + self.offset)
+        window = weight.windows[self.bounds]
+        copy_window(dest, window if window.shape == dest.shape else window.reshape(self.size))
+
+
+def recorded(counter: WriteCounter, probe: ProbeWeight, param: torch.Tensor
+             ) -> tuple[RecordedCopy, ...] | None:
+    """The writes a dry run saw into ``param`` as copies of whole boxes the probe read, when
+    that is all of them (no fill, no scale, no copy of a transformed or partial box); else
+    None, and the call is replayed through its loader."""
+    copies = []
+    for dest, source in counter.copies:
+        bounds = probe.boxes.get(_identity(source)) if isinstance(source, torch.Tensor) else None
+        if (bounds is None or not source.is_contiguous() or source.storage_offset()
+                or source.numel() != box_numel(bounds) or source.shape != dest.shape):
+            return None
+        copies.append(RecordedCopy(tuple(dest.shape), tuple(dest.stride()),
+                                   dest.storage_offset() - param.storage_offset(), bounds))
+    written = sum(math.prod(c.size) for c in copies)
+    if not copies or counter.changed or written != counter.numel:
+        return None
+    return tuple(copies)
+
+
+def _identity(tensor: torch.Tensor) -> int:
+    # Private: the storage's C++ identity, the one key that is the same for every view of
+    # a meta tensor (meta storages have no data pointer to compare).
+    return tensor.untyped_storage()._cdata
 
 
 class PrefetchedWeight(LazyWindow):
@@ -77,10 +132,16 @@ class PrefetchedWeight(LazyWindow):
         if (func is torch.Tensor.copy_ and not kwargs and len(args) == 2
                 and isinstance(args[1], PrefetchedWeight)
                 and isinstance(args[0], torch.Tensor)):
-            target, source = args[0], args[1].materialize()
-            screened = screened_copy(target, source)
-            return copy_into(target, source) if screened is None else screened
+            return copy_window(args[0], args[1].materialize())
         return super().__torch_function__(func, types, args, kwargs)
+
+
+def copy_window(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """A loader's copy of a window into its param: screened as it goes on a CPU rank
+    (``actors.reload.finite``), a DMA from a pinned window (``actors.reload.pinned_host``),
+    else a plain copy."""
+    screened = screened_copy(target, source)
+    return copy_into(target, source) if screened is None else screened
 
 
 def read_window(source: Any, bounds: Bounds) -> torch.Tensor:
@@ -105,9 +166,9 @@ class WriteCounter(TorchDispatchMode):
 
     def __init__(self, target: torch.Tensor) -> None:
         super().__init__()
-        # Private: the storage's C++ identity, the one key that is the same for every view of
-        # a meta tensor (meta storages have no data pointer to compare).
-        self._storage = target.untyped_storage()._cdata
+        self._storage = _identity(target)
+        self.copies: list[tuple[torch.Tensor, Any]] = []
+        """(destination, source) of every ``copy_`` into ``target``, in order."""
         self.numel = 0
         self.changed = 0
         """Elements other in-place ops changed there (a scale of what was just copied, an
@@ -115,11 +176,13 @@ class WriteCounter(TorchDispatchMode):
         would miss."""
 
     def _lands_in_target(self, tensor: Any) -> bool:
-        return isinstance(tensor, torch.Tensor) and tensor.untyped_storage()._cdata == self._storage
+        return isinstance(tensor, torch.Tensor) and _identity(tensor) == self._storage
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if args and self._lands_in_target(args[0]):
+            if func is aten.copy_.default:
+                self.copies.append((args[0], args[1]))
             written = self._written(func, args)
             self.numel += written
             alias = func._schema.arguments[0].alias_info

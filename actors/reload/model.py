@@ -120,6 +120,12 @@ def in_processing_order(records: list[LayerRecord]) -> list[LayerRecord]:
 class ReloadableModel(ABC):
     """What the reload engine needs from a model (see the module docstring)."""
 
+    replays_copies: bool = False
+    """Its weight loaders have no effect but their writes into the param (shape checks
+    aside): a call whose writes were all copies of whole source boxes is replayed from the
+    copies its dry run recorded, without the loader's Python (``meta.RecordedCopy``).
+    False: every call runs its loader again (vLLM's loaders may keep state of their own)."""
+
     reuses_scratch: bool = False
     """``process`` keeps no reference to the model-format tensors it is handed, so the
     reload engine may reuse their storage for the next layer of the same shape. False when

@@ -36,7 +36,13 @@ from torch import nn
 
 from actors.reload.errors import PeerFailedError, ReloadError
 from actors.reload.finite import CopySums, nonfinite_error, screen_written, screening_copies
-from actors.reload.meta import PrefetchedWeight, ProbeWeight, WriteCounter, read_window
+from actors.reload.meta import (
+    PrefetchedWeight,
+    ProbeWeight,
+    WriteCounter,
+    read_window,
+    recorded,
+)
 from actors.reload.model import LayerRecord, ReloadableModel, is_optional
 from actors.reload.params import (
     empty_like_on,
@@ -243,7 +249,7 @@ class ReloadEngine:
         self.bytes_read += buffered.nbytes
         self.seconds["transfer"] += read_seconds
         load.calls.append(BufferedCall(name, args, kwargs, buffered,
-                                       getattr(weight, "name", "") or "?"))
+                                       getattr(weight, "name", "") or "?", run.copies))
         load.loaded_numel += run.written
         load.per_param[name] = load.per_param.get(name, 0) + run.written
         load.writes[name] = load.writes.get(name, 0) + run.writes
@@ -268,8 +274,9 @@ class ReloadEngine:
             probe = mirror(ProbeWeight, weight)
             with WriteCounter(placeholder) as counter:
                 result = placeholder.weight_loader(placeholder, probe, *args, **kwargs)
+            copies = recorded(counter, probe, placeholder) if self.model.replays_copies else None
             self._dry_runs[key] = DryRun(min(counter.numel, placeholder.numel()), probe.reads,
-                                         result, counter.numel + counter.changed)
+                                         result, counter.numel + counter.changed, copies)
         return self._dry_runs[key]
 
     def own_buffers(self) -> None:
@@ -374,9 +381,15 @@ class ReloadEngine:
                                      + time.perf_counter() - begin)
 
     def _replay(self, load: LayerLoad, targets: dict[str, torch.Tensor]) -> None:
+        """Each buffered call into ``targets``: its recorded copies where it has them and the
+        target is laid out as the placeholder was on meta, else its loader again."""
         for call in load.calls:
-            loader = load.record.placeholders[call.param].weight_loader
-            loader(targets[call.param], call.weight, *call.args, **call.kwargs)
+            target, placeholder = targets[call.param], load.record.placeholders[call.param]
+            if call.copies is not None and target.stride() == placeholder.stride():
+                for copy in call.copies:
+                    copy.replay(target, call.weight)
+            else:
+                placeholder.weight_loader(target, call.weight, *call.args, **call.kwargs)
 
     def _replay_into_kernel(self, load: LayerLoad) -> None:
         """The kernel tensors have the model format: the buffered calls write them

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import torch
 
 from actors.lazy import Bounds
-from actors.reload.meta import PrefetchedWeight
+from actors.reload.meta import PrefetchedWeight, RecordedCopy
 from actors.reload.model import LayerRecord
 
 
@@ -24,6 +24,9 @@ class DryRun(NamedTuple):
     writes: int
     """Every element write or in-place change in the param's storage, uncapped: a copy and
     then an in-place scale of the same elements count twice."""
+    copies: tuple[RecordedCopy, ...] | None = None
+    """Those writes as copies of whole boxes read, when that is all they were and the model
+    replays copies (``ReloadableModel.replays_copies``); None: replay the loader."""
 
 
 @dataclass(slots=True)
@@ -34,6 +37,8 @@ class BufferedCall:
     weight: PrefetchedWeight
     source_name: str
     """Checkpoint tensor name, for error messages."""
+    copies: tuple[RecordedCopy, ...] | None = None
+    """``DryRun.copies`` of this call."""
 
 
 @dataclass(slots=True)

@@ -40,6 +40,8 @@ ROLE_MODULES: dict[Role, str] = {"qkv": "qkv_proj"}
 class NativeReloadable(StageableModel):
     # quant/ methods build new kernel tensors and keep nothing of the model format.
     reuses_scratch = True
+    # The loaders (engines/native/parallel.py) check shapes, narrow and copy: nothing else.
+    replays_copies = True
 
     def __init__(self, model: DecoderForCausalLM, device: torch.device,
                  build: Callable[[], DecoderForCausalLM]) -> None:
