@@ -94,9 +94,11 @@ def mapped_views(model_dir: Path) -> tuple[list[mmap.mmap], dict[str, torch.Tens
         size = int.from_bytes(region[:8], "little")
         header = json.loads(region[8:8 + size])
         header.pop("__metadata__", None)
+        whole = view_in(region, 0, torch.uint8, (len(region),))
         for name, entry in header.items():
-            views[name] = view_in(region, 8 + size + entry["data_offsets"][0],
-                                  SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]))
+            start, end = entry["data_offsets"]
+            views[name] = whole[8 + size + start:8 + size + end].view(
+                SAFETENSORS_DTYPES[entry["dtype"]]).view(tuple(entry["shape"]))
     return maps, views
 
 

@@ -91,15 +91,17 @@ def mapped_tensors(path: Path) -> dict[str, torch.Tensor]:
         region = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
     if infos and len(region) < max(i.offset + i.nbytes for i in infos):
         raise CheckpointError(f"{path}: truncated while it was being read")
-    return {i.name: _view(region, i) for i in infos}
+    whole = view_in(region, 0, torch.uint8, (len(region),))  # one view of the mapping
+    return {i.name: _view(whole, i) for i in infos}
 
 
-def _view(region: mmap.mmap, info: TensorInfo) -> torch.Tensor:
+def _view(whole: torch.Tensor, info: TensorInfo) -> torch.Tensor:
+    """Tensor ``info`` as a view of its file's bytes ``whole`` (no copy)."""
     dtype = info.torch_dtype
+    raw = whole.narrow(0, info.offset, info.nbytes)
     if info.offset % dtype.itemsize:  # safetensors does not align data: read this one out
-        raw = view_in(region, info.offset, torch.uint8, (info.nbytes,))
         return raw.clone().view(dtype).reshape(info.shape)
-    return view_in(region, info.offset, dtype, info.shape)
+    return raw.view(dtype).view(info.shape)
 
 
 class FilesTransport(BucketTransport):
