@@ -273,6 +273,8 @@ def list_trainer(transport: Transport, source: TrainerSource, timeout_s: float) 
 def _check_holdings(name: str, shape: tuple[int, ...], held: list[tuple[int, Bounds]]) -> None:
     """Distinct boxes must not overlap (replicas hold equal boxes) and must cover the tensor."""
     boxes = list(dict.fromkeys(box for _, box in held))
+    if len(boxes) == 1 and boxes[0] == tuple((0, n) for n in shape):
+        return  # held whole (by one rank, or replicated): the common case, checked at once
     for a, b in itertools.combinations(boxes, 2):
         if intersect(a, b) is not None:
             raise CheckpointError(f"trainer tensor '{name}': ranks hold overlapping parts "
