@@ -9,6 +9,7 @@ and rank with its traceback text, never later than the configured timeout.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -28,6 +29,7 @@ from orchestrator.cluster import (
     restart_ranks,
 )
 from orchestrator.config import EngineConfig
+from orchestrator.scratch import local_ray
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -44,6 +46,8 @@ class Fleet:
         self.engines: list[Engine] = []
         self.pids: dict[RankKey, int] = {}
         """Process id of every rank when last checked: a changed one is a restarted rank."""
+        self._own_ray = contextlib.ExitStack()
+        """The local Ray this fleet started, when Ray was not initialized (``release``)."""
 
     # ---- placement ---------------------------------------------------------------------
 
@@ -51,7 +55,10 @@ class Fleet:
         """Place every engine, form its process group (as a new engine instance) and note
         each rank's pid."""
         if not ray.is_initialized():
-            ray.init(ignore_reinit_error=True)
+            # Its session files in a directory this process owns, and no dashboard (whose
+            # helper processes leave their multiprocessing directories in /tmp when Ray
+            # stops them): both go at ``release``, or at the next start after a crash.
+            self._own_ray.enter_context(local_ray(include_dashboard=False))
         targets = engine_targets(self.config)
         self.engines = [create_engine(i, self.config, dtype, targets[i])
                         for i in range(self.config.num_engines)]
@@ -65,6 +72,11 @@ class Fleet:
         close_engines(engines, min(CLOSE_TIMEOUT_S, self.config.timeout_s))
         for engine in engines:
             engine.kill()
+
+    def release(self) -> None:
+        """Stop the local Ray ``place`` started, if it did (a Ray the caller initialized, or
+        a cluster, is left running)."""
+        self._own_ray.close()
 
     def rank_keys(self) -> list[RankKey]:
         return [(e.index, r) for e in self.engines for r in range(len(e.ranks))]

@@ -111,11 +111,13 @@ class ReloadOrchestrator(EngineServing):
         return self
 
     def shutdown(self) -> None:
-        """Ranks release what they made on their node, then are killed with their groups."""
+        """Ranks release what they made on their node, then are killed with their groups;
+        a local Ray that ``start`` started goes last."""
         self.dispatcher.stop()
         self.fleet.close()
         self.dispatcher.close()
         self.transaction.close()
+        self.fleet.release()
 
     def reload(self, source: Any, order: Order = "plan", strict: bool = True,
                staged: bool | None = None, staging: str | None = None,

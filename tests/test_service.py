@@ -112,6 +112,17 @@ class Background:
                 process.wait(timeout=30)
 
 
+LIBRARY_RUN = """
+import sys, ray
+from orchestrator import EngineConfig, ReloadOrchestrator
+config = EngineConfig(model=sys.argv[1], tensor_parallel_size=2, num_cpus_per_rank=0.5)
+with ReloadOrchestrator(config) as orch:
+    print("version", orch.reload(sys.argv[1]).version, "ray", ray.is_initialized())
+print("ray after shutdown", ray.is_initialized())
+"""
+"""A user's script: an orchestrator in a process where nothing initialized Ray."""
+
+
 @pytest.fixture(scope="module", autouse=True)
 def background(request, session_dir, tmp_path_factory):
     """The module's scenarios that the session selected, started at once."""
@@ -125,6 +136,11 @@ def background(request, session_dir, tmp_path_factory):
             runs.start("multinode", [sys.executable, "-m", "tests.multinode_scenario", str(work),
                                      str(REPO / "configs" / "multi_node.yaml")],
                        session_dir / "mn")  # short: Ray's socket paths live under it
+        if "test_a_library_orchestrator_stops_the_ray_it_started" in selected:
+            model = write_checkpoint(tmp_path_factory.mktemp("library") / "ckpt", "llama",
+                                     seed=5)
+            runs.start("library", [sys.executable, "-c", LIBRARY_RUN, str(model)],
+                       stack.enter_context(owned_temp_dir("tpr-t-")))
         if "test_demo_starts_a_ray_of_its_own_and_leaves_nothing_behind" in selected:
             # A directory of its own (short, for Ray's sockets) to see what the demo leaves.
             runs.start("demo", [sys.executable, "-m", "orchestrator.cli", "demo", "--json",
@@ -279,6 +295,19 @@ def test_two_vllm_engines_spread_over_two_simulated_nodes(background):
         assert len(errors) == 2 and max(errors) <= 1e-4, (stage, errors)
     assert result["sample_engines"] == [0] * 4 + [1] * 4
     assert result["sample_prompts"] == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_library_orchestrator_stops_the_ray_it_started(background):
+    """An orchestrator in a script that never initialized Ray starts a local Ray, reloads on
+    it, and at shutdown stops it: nothing is left in the temporary directory (Ray's session
+    files, which Ray alone leaves in <tmp>/ray, nor the multiprocessing directories its
+    dashboard's helpers leave there when Ray stops them)."""
+    done = background.result("library")
+    left = sorted(p.name for p in background.temp_dirs["library"].iterdir())
+    assert "version 1 ray True" in done.stdout and "ray after shutdown False" in done.stdout
+    assert left == [".owner"], f"the script left {left} in its temporary directory"
 
 
 @pytest.mark.ray
