@@ -352,10 +352,8 @@ class ReloadEngine:
         current, side = self.sync.current(), self.side_streams.side
         if record.converts:
             with self.sync.on(side):
-                if load.kernel is None:
-                    self.model.process(record)
-                else:  # quantized straight into the served tensors where the model can
-                    self.model.process_into(record, load.kernel)
+                # Quantized straight into the served tensors where the model can.
+                self.model.process_into(record, load.kernel or {})
                 if self.check_finite and record.screened and self.model.has_nonfinite(record):
                     raise nonfinite_error(load, record.screened[0], "NaN or Inf")
         self.sync.order(side, current, *record.current().values())

@@ -157,7 +157,7 @@ class Delivery:
     that picks between carriers: only one of them holds memory per step); None: the
     transport's."""
     messages: tuple[BucketMessage, ...] | None = None
-    """A ``one_call`` transport's messages, all of them, in order (no steps)."""
+    """A ``one_call`` transport's messages, all of them, in order."""
 
     def drop(self) -> None:
         """After a failure: let go of the messages and the steps not yet produced, and so of
@@ -214,7 +214,8 @@ class Transport(ABC):
     step). Bounded for transports whose steps hold memory until the ranks read them."""
     one_call: ClassVar[bool] = False
     """Its messages name what the ranks read and hold nothing, and need no link: ``deliver``
-    makes them all at once (``Delivery.messages``, no steps), and each rank gets them in
+    makes them all at once (``Delivery.messages``; its steps, made only if taken, carry the
+    same messages a call each), and each rank gets them in
     one call that also starts and finishes the reload (``RankActor.reload_all``): two Ray
     round trips fewer per rank than start, a step per message, finish."""
 
