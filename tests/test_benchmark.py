@@ -110,7 +110,7 @@ def test_inflight_benchmark_measures_each_mode_while_clients_stream(native_tp2, 
     from benchmarks.inflight_bench import Options as InflightOptions
     from benchmarks.inflight_bench import measure_windows, summarize
 
-    opts = InflightOptions(engine="native", tp=2, requests=4, window_s=2.0, warmup_s=0.5,
+    opts = InflightOptions(engine="native", tp=2, requests=4, window_s=1.2, warmup_s=0.5,
                            max_new_tokens=(8, 32), prompt_tokens=(4, 16))
     orch = serving(native_tp2, llama32["a"])
     result = summarize(*asyncio.run(measure_windows(orch, opts, [llama32["a"], llama32["b"]])))

@@ -150,16 +150,23 @@ def background(request, session_dir, tmp_path_factory):
         yield runs
 
 
-def job_server_answers(jobs: str, token: Path) -> bool:
-    """Whether the job server lists jobs (what `ray job list` asks), asked over HTTP with
-    the head's token: the CLI would cost a Python start with Ray's imports per try."""
-    request = urllib.request.Request(f"{jobs}/api/jobs/",
+def ask_job_server(jobs: str, token: Path, path: str) -> dict | list:
+    """The job server's JSON answer at ``path`` (what `ray job list`, `status` and `logs`
+    ask), over HTTP with the head's token: the CLI would cost a Python start with Ray's
+    imports per question."""
+    request = urllib.request.Request(f"{jobs}{path}",
                                      headers={"authorization": f"Bearer {token.read_text()}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def job_server_answers(jobs: str, token: Path) -> bool:
+    """Whether the job server lists jobs yet."""
     try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status == 200
+        ask_job_server(jobs, token, "/api/jobs/")
     except OSError:  # refused, reset, or an error status (HTTPError is an OSError)
         return False
+    return True
 
 
 @pytest.fixture(scope="module")
@@ -257,9 +264,9 @@ def test_ray_job_serves_vllm_and_watches_a_trainer(ray_head, tmp_path):
     assert result["rollout"] == {"versions": [2], "completions": 4, "seeded_repeats": True}
 
     assert stop.returncode == 0, stop.stderr
-    status = run(ray, "job", "status", "--address", ray_head["jobs"], job, token=token).stdout
-    assert "was stopped" in status, status
-    logs = run(ray, "job", "logs", "--address", ray_head["jobs"], job, token=token).stdout
+    status = ask_job_server(ray_head["jobs"], token, f"/api/jobs/{job}")
+    assert status["status"] == "STOPPED", status
+    logs = ask_job_server(ray_head["jobs"], token, f"/api/jobs/{job}/logs")["logs"]
     for line in ("serving", "step_1 -> version 1", "step_2 -> version 2", "stop requested",
                  "stopped"):
         assert line in logs, f"job log lacks '{line}':\n{logs[-3000:]}"

@@ -344,12 +344,15 @@ def test_failed_trainer_reloads_leave_the_engines_bit_identical(ray_cluster, tmp
                for n, s in (("a", 30), ("b", 31), ("c", 32)))
     remote = ray.remote(num_cpus=0)(TensorTrainer)
     left_before = regions()
+    good = load_tensors(b)
+    # One trainer process serves both carriers (a dying one is new each time): a process
+    # start is the dearest part of this test.
+    trainer = remote.remote(good)
     with start(a, 2, bucket_bytes=32 << 10) as orch:
         for shared, carrier in ((True, "shared_memory"), (False, "trainer_stream")):
             orch.config.shared_memory = shared
-            good = load_tensors(b)
             capsys.readouterr()
-            report = orch.reload(TrainerSource([remote.remote(good)]))  # from a trainer
+            report = orch.reload(TrainerSource([trainer]))  # from a trainer
             assert report.transport == carrier
             shown = [line for line in capsys.readouterr().err.splitlines()
                      if line.startswith(f"load v{report.version}:")]
@@ -371,11 +374,12 @@ def test_failed_trainer_reloads_leave_the_engines_bit_identical(ray_cluster, tmp
 
         diverged = load_tensors(c)
         diverged["model.layers.1.mlp.down_proj.weight"][3, 5] = float("nan")
+        diverging = remote.remote(diverged)
         version = orch.version
         for shared in (True, False):
             orch.config.shared_memory = shared
             with pytest.raises(CheckpointError, match="down_proj.weight.*NaN"):
-                orch.reload(TrainerSource([remote.remote(diverged)]))
+                orch.reload(TrainerSource([diverging]))
             assert orch.version == version and torch.equal(orch.forward(prompt), served)
 
         orch.config.shared_memory = True

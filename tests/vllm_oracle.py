@@ -23,7 +23,7 @@ from tests.support import VLLM_ARGS
 @ray.remote(num_cpus=0.5)
 class OracleRank:
     def __init__(self, rank: int, world_size: int, port: int, path: str, kwargs: dict,
-                 instance: str) -> None:
+                 instance: str, compile_helpers: bool) -> None:
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                           VLLM_ENABLE_V1_MULTIPROCESSING="0")
@@ -33,6 +33,8 @@ class OracleRank:
         prepare(instance, rank, world_size, torch.device("cpu"))  # before vLLM is imported
         from vllm import LLM
 
+        if not compile_helpers:
+            torch.compiler.set_stance("force_eager")
         self.llm = LLM(model=path, tensor_parallel_size=world_size,
                        distributed_executor_backend="external_launcher",
                        skip_tokenizer_init=True, enforce_eager=True, seed=0, **kwargs)
@@ -53,15 +55,20 @@ class OracleRank:
                  for o in outputs])
 
 
-def vllm_greedy(path: Path, tp: int, prompts: torch.Tensor, new_tokens: int, **kwargs: Any
+def vllm_greedy(path: Path, tp: int, prompts: torch.Tensor, new_tokens: int,
+                compile_helpers: bool = True, **kwargs: Any
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy tokens [B, N] and log-probs [B, N] of vLLM's own engine on ``path``."""
+    """Greedy tokens [B, N] and log-probs [B, N] of vLLM's own engine on ``path``. By
+    default vLLM compiles its two integer helpers on the first request, as it does unasked
+    (about 17 s of Dynamo, Inductor and a C++ compiler here); ``compile_helpers=False`` runs
+    them eagerly, as tp-reload's ranks do (``actors.engines.vllm.runtime.skip_helper_compiles``),
+    for an oracle whose other half already showed that both give the same bits."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     instance = new_instance(0)
-    ranks = [OracleRank.remote(r, tp, port, str(path), {**VLLM_ARGS, **kwargs}, instance)
-             for r in range(tp)]
+    ranks = [OracleRank.remote(r, tp, port, str(path), {**VLLM_ARGS, **kwargs}, instance,
+                               compile_helpers) for r in range(tp)]
     try:
         tokens, logprobs = ray.get([r.greedy.remote(prompts.tolist(), new_tokens)
                                     for r in ranks])[0]
