@@ -23,11 +23,13 @@ input it holds: a row-parallel layer's per-token scale covers only the rank's sl
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant.base import LayerPolicy, UnquantizedLinearMethod, replace_parameter
+from quant.base import LayerPolicy, UnquantizedLinearMethod, kernel_slot, register_result
 from quant.fp8 import FP8, FP8_MAX, MIN_AMAX, abs_max, pad_to_multiple
 from quant.sync import DeviceSync
 
@@ -69,9 +71,11 @@ def convert_uint4b8_to_signed_inplace(packed: torch.Tensor) -> torch.Tensor:
     return packed.bitwise_xor_(SIGN_FLIP)
 
 
-def reorder_for_kernel(packed: torch.Tensor) -> torch.Tensor:
-    """Step 5: [..., N, K/8] -> [..., K/8, N] contiguous."""
-    return packed.transpose(-1, -2).contiguous()
+def reorder_for_kernel(packed: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Step 5: [..., N, K/8] -> [..., K/8, N] contiguous, into ``out`` when given."""
+    if out is None:
+        return packed.transpose(-1, -2).contiguous()
+    return out.copy_(packed.transpose(-1, -2))
 
 
 def unpack_signed(packed_kn: torch.Tensor) -> torch.Tensor:
@@ -95,9 +99,11 @@ def convert_bf16_scales_to_fp8(scales: torch.Tensor) -> tuple[torch.Tensor, torc
     return fp8.view(*shape), chan.view(*shape[:-1], -1)
 
 
-def quantize_w4a8(w: torch.Tensor, sync: DeviceSync
+def quantize_w4a8(w: torch.Tensor, sync: DeviceSync, into: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Steps 1-6 on ``w``'s device; returns (weight_packed, weight_scale, weight_chan_scale)."""
+    """Steps 1-6 on ``w``'s device; returns (weight_packed, weight_scale, weight_chan_scale),
+    the packed weight reordered straight into ``into`` when given (a served kernel tensor:
+    the reorder stream runs after everything queued on the current one before this call)."""
     scale = group_scales(w)
     current, convert, reorder = sync.current(), sync.new_stream(), sync.new_stream()
     sync.order(current, convert, w, scale)
@@ -106,7 +112,7 @@ def quantize_w4a8(w: torch.Tensor, sync: DeviceSync
         convert_uint4b8_to_signed_inplace(packed)
     sync.order(convert, reorder, packed)  # the in-place conversion before the reorder reads it
     with sync.on(reorder):
-        kernel = reorder_for_kernel(packed)
+        kernel = reorder_for_kernel(packed, into)
     fp8_scale, chan_scale = convert_bf16_scales_to_fp8(scale)
     sync.order(reorder, current, kernel)  # results before the caller's copy into kernel tensors
     return kernel, fp8_scale, chan_scale
@@ -146,12 +152,20 @@ class W4A8LinearMethod(UnquantizedLinearMethod):
                                **kwargs)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
+        self.process_weights_into(layer, {})
+
+    def process_weights_into(self, layer: nn.Module, kernel: Mapping[str, torch.Tensor]
+                             ) -> None:
         weight = layer.weight.data
-        packed, fp8_scale, chan_scale = quantize_w4a8(weight, DeviceSync(weight.device))
+        # The packed weight is reordered straight into the served one when there is one.
+        n, k = weight.shape
+        into = kernel_slot(kernel, "weight_packed", torch.Size((k // NIBBLES, n)), torch.int32)
+        packed, fp8_scale, chan_scale = quantize_w4a8(weight, DeviceSync(weight.device), into)
+        kernel = kernel if into is not None else {}  # all of the kernel tensors, or none
         del layer._parameters["weight"]
-        replace_parameter(layer, "weight_packed", packed)
-        replace_parameter(layer, "weight_scale", fp8_scale)
-        replace_parameter(layer, "weight_chan_scale", chan_scale)
+        register_result(layer, "weight_packed", packed, kernel)
+        register_result(layer, "weight_scale", fp8_scale, kernel)
+        register_result(layer, "weight_chan_scale", chan_scale, kernel)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         w = dequantize_w4a8(layer.weight_packed, layer.weight_scale, layer.weight_chan_scale)

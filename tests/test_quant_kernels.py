@@ -4,9 +4,10 @@
   per-row absolute max from separate amin/amax passes: checked against the independent
   numpy reference, with blocks small enough that every weight spans several of them, an
   uneven last block included.
-* ``process_weights_into`` writes a reload's fp8 results straight into the tensors a layer
-  serves from (no fp8 copy), the same bits as the reference, and touches none of them when
-  they do not fit (the reload engine then names the mismatch).
+* ``process_weights_into`` writes a reload's fp8 results (and w4a8's reordered packed
+  weight) straight into the tensors a layer serves from (no copy of them), the same bits as
+  the reference, and touches none of them when they do not fit (the reload engine then
+  names the mismatch).
 * ``actors.engines.vllm.kernels`` swaps two of vLLM's helpers during our processing: checked against
   vLLM's originals, bit for bit, NaN and Inf included, and put back afterwards.
 No Ray: these are pure functions.
@@ -20,7 +21,13 @@ from torch import nn
 
 import quant.fp8 as fp8
 import quant.moe as moe
-from tests.quant_reference import fp8_reference, reference_expert_kernels, same_bytes
+import quant.w4a8 as w4a8
+from tests.quant_reference import (
+    fp8_reference,
+    reference_expert_kernels,
+    same_bytes,
+    w4a8_reference,
+)
 
 GRANULARITIES = ("tensor", "channel", "block")
 
@@ -74,6 +81,29 @@ def test_linear_results_go_straight_into_the_served_tensors(granularity):
     for name, tensor in expected.items():
         assert getattr(layer, name) is kernel[name], name  # registered: nothing to copy
         assert same_bytes(kernel[name], tensor), name
+
+
+def test_w4a8_packed_weight_is_reordered_straight_into_the_served_one():
+    """The reorder (step 5) writes the served ``weight_packed``; the scales are copied into
+    theirs. Bits equal the independent reference, and a misfit touches nothing."""
+    w = weight()
+    expected = w4a8_reference(w)
+    kernel = served(expected)
+    layer = nn.Module()
+    layer.weight = nn.Parameter(w, requires_grad=False)
+    w4a8.W4A8LinearMethod().process_weights_into(layer, kernel)
+    assert "weight" not in layer._parameters
+    for name, tensor in expected.items():
+        assert getattr(layer, name) is kernel[name], name
+        assert same_bytes(kernel[name], tensor), name
+    wrong = served({**expected, "weight_packed": expected["weight_packed"][:-1]})
+    before = {n: t.clone() for n, t in wrong.items()}
+    layer.weight = nn.Parameter(w, requires_grad=False)
+    w4a8.W4A8LinearMethod().process_weights_into(layer, wrong)
+    assert all(torch.equal(wrong[n], before[n]) for n in ("weight_packed", "weight_chan_scale"))
+    assert torch.equal(wrong["weight_scale"].float(), before["weight_scale"].float())
+    assert all(getattr(layer, n) is not wrong[n] for n in wrong)
+    assert all(same_bytes(getattr(layer, n), t) for n, t in expected.items())
 
 
 def test_a_kernel_that_does_not_fit_is_left_untouched():
