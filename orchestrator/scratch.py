@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -73,12 +74,36 @@ def local_ray(**init_kwargs: Any) -> Iterator[None]:
         ray.init(**{k: v for k, v in init_kwargs.items() if k not in START_UP_OPTIONS})
         yield
         return
-    with owned_temp_dir(RAY_PREFIX) as path:
+    with owned_temp_dir(RAY_PREFIX) as path, token_of_its_own():
         ray.init(_temp_dir=str(path), **init_kwargs)
         try:
             yield
         finally:
             ray.shutdown()
+
+
+RAY_AUTH_SETTINGS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+"""How a user configures Ray's token authentication (any of them set: theirs to keep)."""
+
+
+@contextlib.contextmanager
+def token_of_its_own() -> Iterator[None]:
+    """For a local Ray that lives as long as this block. Ray turns token authentication on
+    for a local cluster nobody configured, and writes the new token to ``~/.ray/auth_token``,
+    where it outlives the cluster. Unless the user chose (a setting in ``RAY_AUTH_SETTINGS``,
+    or that file), the cluster gets a token in this process's environment instead, which
+    Ray's processes inherit: authentication stays on, and nothing is written to the home
+    directory. The settings are as they were once the block ends."""
+    if any(os.environ.get(n) for n in RAY_AUTH_SETTINGS) or (
+            Path.home() / ".ray" / "auth_token").exists():
+        yield
+        return
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # the length Ray's own tokens have
+    try:
+        yield
+    finally:
+        for name in RAY_AUTH_SETTINGS:  # none was set before; ray.init sets RAY_AUTH_MODE
+            os.environ.pop(name, None)
 
 
 @contextlib.contextmanager

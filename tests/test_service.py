@@ -80,17 +80,22 @@ class Background:
         """Engine instances in /dev/shm before any scenario started."""
         self.running: dict[str, subprocess.Popen] = {}
         self.temp_dirs: dict[str, Path] = {}
+        self.homes: dict[str, Path] = {}
+        """The home directory of a scenario that has one of its own."""
 
-    def start(self, name: str, args: list[str], temp_dir: Path) -> None:
+    def start(self, name: str, args: list[str], temp_dir: Path,
+              env: dict[str, str] | None = None) -> None:
+        """``env``: variables set for this scenario (an empty value unsets one)."""
         self.temp_dirs[name] = temp_dir
         out = self.root / name
         out.mkdir(parents=True)
+        environ = {**in_temp_dir(temp_dir), **(env or {})}
         # Files, not pipes: Ray's logs would fill a pipe nobody reads until the end.
         with open(out / "stdout", "w") as stdout, open(out / "stderr", "w") as stderr:
             self.running[name] = subprocess.Popen(
                 args, stdout=stdout, stderr=stderr, start_new_session=True, cwd=REPO,
-                env={k: v for k, v in in_temp_dir(temp_dir).items()
-                     if k not in ("RAY_ADDRESS", "TORCHINDUCTOR_CACHE_DIR")})
+                env={k: v for k, v in environ.items()
+                     if k not in ("RAY_ADDRESS", "TORCHINDUCTOR_CACHE_DIR") and v})
 
     def result(self, name: str, timeout: float = 400) -> subprocess.CompletedProcess:
         process = self.running[name]
@@ -113,14 +118,17 @@ class Background:
 
 
 LIBRARY_RUN = """
-import sys, ray
+import os, sys, ray
 from orchestrator import EngineConfig, ReloadOrchestrator
 config = EngineConfig(model=sys.argv[1], tensor_parallel_size=2, num_cpus_per_rank=0.5)
 with ReloadOrchestrator(config) as orch:
     print("version", orch.reload(sys.argv[1]).version, "ray", ray.is_initialized())
+    print("auth", os.environ.get("RAY_AUTH_MODE"))
 print("ray after shutdown", ray.is_initialized())
+print("auth after shutdown", [k for k in os.environ if k.startswith("RAY_AUTH")])
 """
-"""A user's script: an orchestrator in a process where nothing initialized Ray."""
+"""A user's script: an orchestrator in a process where nothing initialized Ray, with Ray's
+authentication left as Ray has it unconfigured (token authentication on)."""
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -139,8 +147,10 @@ def background(request, session_dir, tmp_path_factory):
         if "test_a_library_orchestrator_stops_the_ray_it_started" in selected:
             model = write_checkpoint(tmp_path_factory.mktemp("library") / "ckpt", "llama",
                                      seed=5)
+            runs.homes["library"] = tmp_path_factory.mktemp("library-home")
             runs.start("library", [sys.executable, "-c", LIBRARY_RUN, str(model)],
-                       stack.enter_context(owned_temp_dir("tpr-t-")))
+                       stack.enter_context(owned_temp_dir("tpr-t-")),
+                       env={"RAY_AUTH_MODE": "", "HOME": str(runs.homes["library"])})
         if "test_demo_starts_a_ray_of_its_own_and_leaves_nothing_behind" in selected:
             # A directory of its own (short, for Ray's sockets) to see what the demo leaves.
             runs.start("demo", [sys.executable, "-m", "orchestrator.cli", "demo", "--json",
@@ -310,11 +320,17 @@ def test_a_library_orchestrator_stops_the_ray_it_started(background):
     """An orchestrator in a script that never initialized Ray starts a local Ray, reloads on
     it, and at shutdown stops it: nothing is left in the temporary directory (Ray's session
     files, which Ray alone leaves in <tmp>/ray, nor the multiprocessing directories its
-    dashboard's helpers leave there when Ray stops them)."""
+    dashboard's helpers leave there when Ray stops them). Ray's token authentication is on,
+    as Ray has it when nobody configured it, and its token is not left in the home
+    directory (Ray alone writes it to ~/.ray/auth_token) nor in the script's environment."""
     done = background.result("library")
     left = sorted(p.name for p in background.temp_dirs["library"].iterdir())
     assert "version 1 ray True" in done.stdout and "ray after shutdown False" in done.stdout
     assert left == [".owner"], f"the script left {left} in its temporary directory"
+    assert "auth token" in done.stdout and "auth after shutdown []" in done.stdout, done.stdout
+    home = sorted(p.relative_to(background.homes["library"]).as_posix()
+                  for p in background.homes["library"].rglob("*"))
+    assert ".ray" not in home and ".ray/auth_token" not in home, home
 
 
 @pytest.mark.ray
