@@ -60,11 +60,13 @@ def owned_temp_dir(prefix: str) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def local_ray(**init_kwargs: Any) -> Iterator[None]:
+def local_ray(joinable: bool = False, **init_kwargs: Any) -> Iterator[None]:
     """Ray for this block. A Ray already initialized, or a cluster named by ``RAY_ADDRESS``,
     is used as it is and left running; otherwise a local Ray starts with its session files
     (logs, sockets, spilled objects) in a directory this process owns, and both go when
-    the block ends (Ray alone would leave them in /tmp/ray)."""
+    the block ends (Ray alone would leave them in /tmp/ray). Unless ``joinable`` (other
+    processes of the machine connect to it: the service's clients), its authentication
+    token is this process's own (``token_of_its_own``)."""
     import ray
 
     if ray.is_initialized():
@@ -74,7 +76,8 @@ def local_ray(**init_kwargs: Any) -> Iterator[None]:
         ray.init(**{k: v for k, v in init_kwargs.items() if k not in START_UP_OPTIONS})
         yield
         return
-    with owned_temp_dir(RAY_PREFIX) as path, token_of_its_own():
+    with owned_temp_dir(RAY_PREFIX) as path, \
+            contextlib.nullcontext() if joinable else token_of_its_own():
         ray.init(_temp_dir=str(path), **init_kwargs)
         try:
             yield
@@ -93,7 +96,8 @@ def token_of_its_own() -> Iterator[None]:
     where it outlives the cluster. Unless the user chose (a setting in ``RAY_AUTH_SETTINGS``,
     or that file), the cluster gets a token in this process's environment instead, which
     Ray's processes inherit: authentication stays on, and nothing is written to the home
-    directory. The settings are as they were once the block ends."""
+    directory. The settings are as they were once the block ends. Another process of the
+    machine cannot join such a cluster (it has no token): ``local_ray(joinable=True)``."""
     if any(os.environ.get(n) for n in RAY_AUTH_SETTINGS) or (
             Path.home() / ".ray" / "auth_token").exists():
         yield

@@ -219,7 +219,8 @@ class StepWatcher:
 
 def serve(config: FileConfig, stop: threading.Event | None = None) -> int:
     """Entrypoint of ``tp-reload serve``: start the service actor, then watch until stopped."""
-    with local_ray(namespace=config.service.namespace):
+    # Joinable: its clients connect from processes of their own (Ray's token file).
+    with local_ray(joinable=True, namespace=config.service.namespace):
         return _serve(config, stop or threading.Event())
 
 
