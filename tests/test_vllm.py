@@ -169,7 +169,7 @@ def test_online_quantized_reload_equals_vllms_own_loader(ray_cluster, vsteps, pr
         kernel_dtypes = {t.dtype for t in orch.get_tensors(rank=1).values()}
     assert (torch.float8_e4m3fn in kernel_dtypes) == (method == "fp8_per_channel")
     # vLLM's oracle compiles its integer helpers once (fp8): that shows our ranks' eager
-    # helpers give the same bits; the int8 oracle then runs them eagerly too (17 s less).
+    # helpers give the same bits; the int8 oracle runs them eagerly (a compile costs 10-17 s).
     tokens, logprobs = vllm_greedy(vsteps["qb"], 2, prompt, NEW_TOKENS, dtype="bfloat16",
                                    quantization=method,
                                    compile_helpers=method == "fp8_per_channel")
