@@ -7,6 +7,7 @@ behind; vLLM loads and runs the weights alone."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -33,6 +34,7 @@ class OracleRank:
         prepare(instance, rank, world_size, torch.device("cpu"))  # before vLLM is imported
         from vllm import LLM
 
+        gc.freeze()  # as tp-reload's ranks do: vLLM's collections skip the imports' heap
         if not compile_helpers:
             torch.compiler.set_stance("force_eager")
         self.llm = LLM(model=path, tensor_parallel_size=world_size,

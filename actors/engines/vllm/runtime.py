@@ -19,6 +19,7 @@ once no request runs: nothing computed with old weights is served to a later req
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import socket
@@ -108,6 +109,11 @@ class VllmRuntime(RankRuntime):
         shm.prepare(instance, rank, self.context.world_size, self.device)
         from vllm import LLM
 
+        # What the imports allocated (torch, transformers, vLLM: most of the heap) lives as
+        # long as the process. Frozen, the full collections vLLM runs while it builds (five
+        # here) skip it: about 0.9 s less per rank start on this CPU. vLLM freezes its own
+        # startup heap the same way once built (``freeze_gc_heap``).
+        gc.freeze()
         args = self._llm_args()
         if self.device.type == "cpu" and args.get("enforce_eager"):
             skip_helper_compiles()
