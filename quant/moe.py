@@ -14,6 +14,9 @@ the engine dtype. Kernel format per method:
     DeviceSync, bf16 group scales to FP8): ``{w}_weight_packed`` int32 [E, K/8, N],
     ``{w}_weight_scale`` fp8 [E, N, G], ``{w}_weight_chan_scale`` float32 [E, N, 1].
 
+A reload's fp8 values and w4a8's reordered packed weights are written straight into the
+tensors the layer serves from when they fit (``process_weights_into``), chunk by chunk.
+
 Experts are processed in chunks of whole experts, so the float32 temporaries of a
 conversion never exceed ``CHUNK_ELEMENTS`` however large the layer.
 
@@ -37,7 +40,6 @@ from quant.base import (
     WeightProcessing,
     kernel_slot,
     register_result,
-    replace_parameter,
 )
 from quant.fp8 import FP8, dequantize_weight, quantize_weight
 from quant.sync import DeviceSync
@@ -46,6 +48,12 @@ from quant.w4a8 import NIBBLES, dequantize_w4a8, fake_quantize_fp8_per_token, qu
 PROJECTIONS = ("w13", "w2")
 CHUNK_ELEMENTS = 1 << 24
 """Most model-format elements converted at once (64 MB of float32 temporaries)."""
+
+
+def packed_shape(weight: torch.Tensor) -> torch.Size:
+    """w4a8's kernel layout of experts [E, N, K]: [E, K/8, N]."""
+    experts, n, k = weight.shape
+    return torch.Size((experts, k // NIBBLES, n))
 
 
 def expert_chunks(weight: torch.Tensor) -> list[slice]:
@@ -175,16 +183,28 @@ class W4A8MoEMethod(MoEMethod):
                                **kwargs)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        for proj in PROJECTIONS:
-            weight = getattr(layer, f"{proj}_weight").data
-            sync = DeviceSync(weight.device)
-            parts = [quantize_w4a8(weight[chunk], sync) for chunk in expert_chunks(weight)]
-            # quantize_w4a8 orders its results before this (the current) stream.
-            packed, fp8_scale, chan_scale = (torch.cat(p) for p in zip(*parts, strict=True))
+        self.process_weights_into(layer, {})
+
+    def process_weights_into(self, layer: nn.Module, kernel: Mapping[str, torch.Tensor]
+                             ) -> None:
+        weights = {proj: getattr(layer, f"{proj}_weight").data for proj in PROJECTIONS}
+        slots = {proj: kernel_slot(kernel, f"{proj}_weight_packed", packed_shape(weight),
+                                   torch.int32)
+                 for proj, weight in weights.items()}
+        if any(slot is None for slot in slots.values()):
+            kernel, slots = {}, dict.fromkeys(PROJECTIONS)  # all of the kernel tensors, or none
+        for proj, weight in weights.items():
+            sync, into = DeviceSync(weight.device), slots[proj]
+            # Each chunk's packed weight is reordered straight into its experts of the served
+            # tensor when there is one; quantize_w4a8 orders its results before this stream.
+            parts = [quantize_w4a8(weight[chunk], sync, None if into is None else into.data[chunk])
+                     for chunk in expert_chunks(weight)]
+            packed, fp8_scales, chan_scales = zip(*parts, strict=True)
             del layer._parameters[f"{proj}_weight"]
-            replace_parameter(layer, f"{proj}_weight_packed", packed)
-            replace_parameter(layer, f"{proj}_weight_scale", fp8_scale)
-            replace_parameter(layer, f"{proj}_weight_chan_scale", chan_scale)
+            register_result(layer, f"{proj}_weight_packed",
+                            torch.cat(packed) if into is None else into, kernel)
+            register_result(layer, f"{proj}_weight_scale", torch.cat(fp8_scales), kernel)
+            register_result(layer, f"{proj}_weight_chan_scale", torch.cat(chan_scales), kernel)
 
     def expert_weight(self, layer: nn.Module, proj: str, expert: int, dtype: torch.dtype
                       ) -> torch.Tensor:

@@ -119,22 +119,52 @@ def test_a_kernel_that_does_not_fit_is_left_untouched():
     assert same_bytes(layer.weight, expected["weight"])
 
 
-@pytest.mark.parametrize("granularity", GRANULARITIES)
-def test_expert_results_go_straight_into_the_served_tensors(granularity):
-    method = {"tensor": moe.Fp8MoEMethod, "channel": moe.Fp8PerChannelMoEMethod,
-              "block": moe.Fp8BlockMoEMethod}[granularity]()
+EXPERT_METHODS = (moe.Fp8MoEMethod, moe.Fp8PerChannelMoEMethod, moe.Fp8BlockMoEMethod,
+                  moe.W4A8MoEMethod)
+
+
+def expert_layer() -> nn.Module:
+    """Three experts; w2's K (296) spans an uneven last fp8 block and w4a8 group."""
     layer = nn.Module()
     experts = {"w13": torch.stack([weight(seed=s) for s in range(3)]),
-               "w2": torch.stack([weight(rows=200, cols=300, seed=s) for s in range(3, 6)])}
-    expected = {}
+               "w2": torch.stack([weight(rows=200, cols=296, seed=s) for s in range(3, 6)])}
     for proj, w in experts.items():
         layer.register_parameter(f"{proj}_weight", nn.Parameter(w, requires_grad=False))
-        expected |= reference_expert_kernels(w, proj, method.name)
+    return layer
+
+
+@pytest.mark.parametrize("method", EXPERT_METHODS, ids=[m.name for m in EXPERT_METHODS])
+def test_expert_results_go_straight_into_the_served_tensors(monkeypatch, method):
+    """Chunk by chunk (two experts, then one), each into its experts of the served tensor."""
+    layer = expert_layer()
+    expected = {}
+    for proj in moe.PROJECTIONS:
+        expected |= reference_expert_kernels(getattr(layer, f"{proj}_weight").data, proj,
+                                             method.name)
     kernel = served(expected)
-    method.process_weights_into(layer, kernel)
+    monkeypatch.setattr(moe, "CHUNK_ELEMENTS", 2 * 300 * 1000)
+    method().process_weights_into(layer, kernel)
     for name, tensor in expected.items():
         assert getattr(layer, name) is kernel[name], name
         assert same_bytes(kernel[name], tensor), name
+
+
+@pytest.mark.parametrize("method", EXPERT_METHODS, ids=[m.name for m in EXPERT_METHODS])
+def test_experts_that_do_not_fit_leave_every_served_tensor_untouched(method):
+    """w2's served weight has one expert too few: w13's, which fits, is not written either."""
+    layer = expert_layer()
+    expected = {}
+    for proj in moe.PROJECTIONS:
+        expected |= reference_expert_kernels(getattr(layer, f"{proj}_weight").data, proj,
+                                             method.name)
+    big = "w2_weight_packed" if method.name == "w4a8" else "w2_weight"
+    wrong = served({**expected, big: expected[big][:-1]})
+    before = {n: t.clone() for n, t in wrong.items()}
+    method().process_weights_into(layer, wrong)
+    for name in wrong:
+        assert same_bytes(wrong[name], before[name]), name
+        assert getattr(layer, name) is not wrong[name], name
+    assert all(same_bytes(getattr(layer, n), t) for n, t in expected.items())
 
 
 @pytest.fixture
