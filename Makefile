@@ -19,13 +19,14 @@ CUDA_ONLY_NEIGHBOURS := torchvision torchaudio torchcodec
 # uv installs: about 15 s here where pip took 80, resolving the same versions. A pinned
 # release, put in the venv by pip. It reads no pip configuration, so the machine's own is
 # passed on: its find-links (where this machine's CPU torch wheel lies) and its constraints.
-# Its cache lives in the venv (one file system: installs hard-link from it) until the end.
+# Its cache lives in the venv (one file system: installs hard-link from it) until the end,
+# and so do its temporary files (build locks it would leave in /tmp).
 UV_VERSION := 0.13.8
 pip_config = $(shell $(PYTHON) -m pip config get global.$(1) 2>/dev/null)
 FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(call pip_config,find-links))
 CONSTRAINT ?= $(or $(PIP_CONSTRAINT),$(call pip_config,constraint))
 UV_CACHE := $(VENV)/uv-cache
-UV     := UV_CACHE_DIR=$(UV_CACHE) $(VENV)/bin/uv pip
+UV     := UV_CACHE_DIR=$(UV_CACHE) TMPDIR=$(abspath $(UV_CACHE))/tmp $(VENV)/bin/uv pip
 UV_INSTALL := $(UV) install --quiet --python $(PY) --system-certs \
   $(if $(FIND_LINKS),--find-links $(FIND_LINKS)) $(if $(CONSTRAINT),--constraint $(CONSTRAINT))
 PYTEST_ARGS ?=
@@ -40,7 +41,7 @@ $(PY):
 # The install also builds the C extension (actors/copy_screen.c): a change to it reinstalls.
 $(STAMP): $(PY) pyproject.toml Makefile actors/copy_screen.c
 	$(PY) -m pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"
-	$(UV_INSTALL) -e ".[test]" "$(VLLM)" $(TORCH_PIN) \
+	mkdir -p $(UV_CACHE)/tmp && $(UV_INSTALL) -e ".[test]" "$(VLLM)" $(TORCH_PIN) \
 	  $(if $(HAS_CUDA),,&& $(UV) uninstall --quiet --python $(PY) $(CUDA_ONLY_NEIGHBOURS)); \
 	  rc=$$?; rm -rf $(UV_CACHE); exit $$rc
 	# Bytecode up front, on every core: nothing compiles it later where PYTHONDONTWRITEBYTECODE
