@@ -22,7 +22,7 @@ CUDA_ONLY_NEIGHBOURS := torchvision torchaudio torchcodec
 # Its cache lives in the venv (one file system: installs hard-link from it) until the end,
 # and so do its temporary files (build locks it would leave in /tmp).
 UV_VERSION := 0.13.8
-pip_config = $(shell $(PYTHON) -m pip config get global.$(1) 2>/dev/null)
+pip_config = $(shell $(PYTHON) -m pip config list 2>/dev/null | sed -n "s/^global\.$(1)='\(.*\)'$$/\1/p")
 FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(call pip_config,find-links))
 CONSTRAINT ?= $(or $(PIP_CONSTRAINT),$(call pip_config,constraint))
 UV_CACHE := $(VENV)/uv-cache
