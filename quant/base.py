@@ -112,6 +112,19 @@ def kernel_slot(kernel: Mapping[str, torch.Tensor], name: str, shape: torch.Size
     return target
 
 
+def kernel_slots(kernel: Mapping[str, torch.Tensor],
+                 wanted: Mapping[str, tuple[torch.Size, torch.dtype]]
+                 ) -> tuple[Mapping[str, torch.Tensor], dict[str, nn.Parameter | None]]:
+    """The kernel tensors a method writes its large results straight into (``wanted``: name
+    -> shape and dtype), all of them or none: when one does not fit, every slot is None and
+    the kernel returned is empty, so ``register_result`` writes nothing into any kernel
+    tensor, small results included."""
+    slots = {name: kernel_slot(kernel, name, *spec) for name, spec in wanted.items()}
+    if any(slot is None for slot in slots.values()):
+        return {}, dict.fromkeys(wanted)
+    return kernel, slots
+
+
 def register_result(layer: nn.Module, name: str, result: torch.Tensor,
                     kernel: Mapping[str, torch.Tensor]) -> None:
     """Register kernel-format ``result`` as param ``name``: ``kernel[name]`` itself when

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant.base import LayerPolicy, UnquantizedLinearMethod, kernel_slot, register_result
+from quant.base import LayerPolicy, UnquantizedLinearMethod, kernel_slots, register_result
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -144,9 +144,8 @@ class Fp8LinearMethod(UnquantizedLinearMethod):
         weight = layer.weight.data
         # The ranks' fused full-precision weight is quantized as one tensor (q|k|v together),
         # its fp8 values straight into the served weight when there is one: no fp8 copy.
-        into = kernel_slot(kernel, "weight", weight.shape, FP8)
-        qweight, scale = quantize_weight(weight, self.granularity, into)
-        kernel = kernel if into is not None else {}  # all of the kernel tensors, or none
+        kernel, slots = kernel_slots(kernel, {"weight": (weight.shape, FP8)})
+        qweight, scale = quantize_weight(weight, self.granularity, slots["weight"])
         register_result(layer, "weight", qweight, kernel)
         register_result(layer, "weight_scale", scale, kernel)
 

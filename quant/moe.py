@@ -38,7 +38,7 @@ from quant.base import (
     LayerPolicy,
     WeightLoader,
     WeightProcessing,
-    kernel_slot,
+    kernel_slots,
     register_result,
 )
 from quant.fp8 import FP8, dequantize_weight, quantize_weight
@@ -127,15 +127,13 @@ class Fp8MoEMethod(MoEMethod):
 
     def process_weights_into(self, layer: nn.Module, kernel: Mapping[str, torch.Tensor]
                              ) -> None:
-        slots = {proj: kernel_slot(kernel, f"{proj}_weight",
-                                   getattr(layer, f"{proj}_weight").shape, FP8)
-                 for proj in PROJECTIONS}
-        if any(slot is None for slot in slots.values()):
-            kernel, slots = {}, dict.fromkeys(PROJECTIONS)  # all of the kernel tensors, or none
+        kernel, slots = kernel_slots(kernel, {
+            f"{proj}_weight": (getattr(layer, f"{proj}_weight").shape, FP8)
+            for proj in PROJECTIONS})
         for proj in PROJECTIONS:
             weight = getattr(layer, f"{proj}_weight").data
             # Each expert's fp8 values straight into the served weight when there is one.
-            qweight = slots[proj]
+            qweight = slots[f"{proj}_weight"]
             if qweight is None:
                 qweight = torch.empty(weight.shape, dtype=FP8, device=weight.device)
             scales = [quantize_weight(weight[expert], self.granularity, qweight.data[expert])[1]
@@ -188,13 +186,11 @@ class W4A8MoEMethod(MoEMethod):
     def process_weights_into(self, layer: nn.Module, kernel: Mapping[str, torch.Tensor]
                              ) -> None:
         weights = {proj: getattr(layer, f"{proj}_weight").data for proj in PROJECTIONS}
-        slots = {proj: kernel_slot(kernel, f"{proj}_weight_packed", packed_shape(weight),
-                                   torch.int32)
-                 for proj, weight in weights.items()}
-        if any(slot is None for slot in slots.values()):
-            kernel, slots = {}, dict.fromkeys(PROJECTIONS)  # all of the kernel tensors, or none
+        kernel, slots = kernel_slots(kernel, {
+            f"{proj}_weight_packed": (packed_shape(weight), torch.int32)
+            for proj, weight in weights.items()})
         for proj, weight in weights.items():
-            sync, into = DeviceSync(weight.device), slots[proj]
+            sync, into = DeviceSync(weight.device), slots[f"{proj}_weight_packed"]
             # Each chunk's packed weight is reordered straight into its experts of the served
             # tensor when there is one; quantize_w4a8 orders its results before this stream.
             parts = [quantize_w4a8(weight[chunk], sync, None if into is None else into.data[chunk])

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant.base import LayerPolicy, UnquantizedLinearMethod, kernel_slot, register_result
+from quant.base import LayerPolicy, UnquantizedLinearMethod, kernel_slots, register_result
 from quant.fp8 import FP8, FP8_MAX, MIN_AMAX, abs_max, pad_to_multiple
 from quant.sync import DeviceSync
 
@@ -159,9 +159,10 @@ class W4A8LinearMethod(UnquantizedLinearMethod):
         weight = layer.weight.data
         # The packed weight is reordered straight into the served one when there is one.
         n, k = weight.shape
-        into = kernel_slot(kernel, "weight_packed", torch.Size((k // NIBBLES, n)), torch.int32)
-        packed, fp8_scale, chan_scale = quantize_w4a8(weight, DeviceSync(weight.device), into)
-        kernel = kernel if into is not None else {}  # all of the kernel tensors, or none
+        kernel, slots = kernel_slots(
+            kernel, {"weight_packed": (torch.Size((k // NIBBLES, n)), torch.int32)})
+        packed, fp8_scale, chan_scale = quantize_w4a8(weight, DeviceSync(weight.device),
+                                                      slots["weight_packed"])
         del layer._parameters["weight"]
         register_result(layer, "weight_packed", packed, kernel)
         register_result(layer, "weight_scale", fp8_scale, kernel)
