@@ -30,6 +30,11 @@ UV     := UV_CACHE_DIR=$(UV_CACHE) TMPDIR=$(abspath $(UV_CACHE))/tmp $(VENV)/bin
 UV_INSTALL := $(UV) install --quiet --python $(PY) --system-certs \
   $(if $(FIND_LINKS),--find-links $(FIND_LINKS)) $(if $(CONSTRAINT),--constraint $(CONSTRAINT))
 PYTEST_ARGS ?=
+# Bytecode: each module is compiled once, by the first process that imports it, and cached in
+# its __pycache__ (the venv's, the project's). Where PYTHONDONTWRITEBYTECODE is set (as on this
+# machine) every Ray worker would compile each module it imports again, and byte-compiling all
+# of site-packages up front costs a minute of CPU for the fifth of its modules anything imports.
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: demo test install clean
 
@@ -44,12 +49,8 @@ $(STAMP): $(PY) pyproject.toml Makefile actors/copy_screen.c
 	mkdir -p $(UV_CACHE)/tmp && $(UV_INSTALL) -e ".[test]" "$(VLLM)" $(TORCH_PIN) \
 	  $(if $(HAS_CUDA),,&& $(UV) uninstall --quiet --python $(PY) $(CUDA_ONLY_NEIGHBOURS)); \
 	  rc=$$?; rm -rf $(UV_CACHE); exit $$rc
-	# Bytecode up front, on every core: nothing compiles it later where PYTHONDONTWRITEBYTECODE
-	# is set (as here), and every Ray worker would compile each module it imports again. Some
-	# packages ship a module in a newer Python's syntax, which no install compiles either.
-	$(PY) -m compileall -q -j 0 $$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") \
-	  actors orchestrator quant tests benchmarks >/dev/null || true
-	# The import check makes torch's Inductor cache directory in TMPDIR: a scratch one here.
+	# The import check (which compiles the modules every process imports) makes torch's Inductor
+	# cache directory in TMPDIR: a scratch one here.
 	tmp=$$(mktemp -d) && TMPDIR=$$tmp $(PY) -c "import vllm, transformers, orchestrator"; \
 	  rc=$$?; rm -rf $$tmp; exit $$rc
 	touch $(STAMP)
