@@ -1,5 +1,6 @@
-"""Benchmark checkpoints: Llama-family models written with transformers, sharded, bf16,
-cached in a work directory so repeated runs reuse them."""
+"""Benchmark checkpoints: Llama-family models (and, for the rank benchmark, a Qwen3-MoE one)
+written with transformers, sharded, bf16, cached in a work directory so repeated runs reuse
+them."""
 
 from __future__ import annotations
 
@@ -30,6 +31,16 @@ SIZES: dict[str, tuple[dict, str]] = {
                 num_hidden_layers=20, num_attention_heads=16, num_key_value_heads=8), "400MB"),
 }
 
+MOE_SIZES: dict[str, tuple[dict, str]] = {
+    # Qwen3-MoE, every layer sparse: 8 experts of width 512, top-2; the experts hold 61% of
+    # the bytes. For the expert methods' share of a rank's reload (``benchmarks.rank_bench``).
+    "moe-0.25b": (dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816,
+                       moe_intermediate_size=512, num_experts=8, num_experts_per_tok=2,
+                       num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=4,
+                       head_dim=64, norm_topk_prob=True), "200MB"),
+}
+"""name -> (Qwen3MoeConfig fields, max shard size)."""
+
 
 def parameter_count(fields: dict) -> int:
     h, i, v, n = (fields[k] for k in ("hidden_size", "intermediate_size", "vocab_size",
@@ -39,18 +50,23 @@ def parameter_count(fields: dict) -> int:
 
 
 def ensure_checkpoint(workdir: Path, size: str, seed: int = 0) -> Path:
-    """The cached checkpoint of ``size``; written with transformers on first use."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The cached checkpoint of ``size`` (a name of ``SIZES`` or ``MOE_SIZES``); written with
+    transformers on first use."""
+    import transformers
 
-    fields, shard = SIZES[size]
-    path = workdir / f"llama-{size}-seed{seed}"
+    moe = size in MOE_SIZES
+    fields, shard = (MOE_SIZES if moe else SIZES)[size]
+    family = "qwen3_moe" if moe else "llama"
+    path = workdir / f"{family}-{size}-seed{seed}"
     if (path / "model.safetensors.index.json").is_file() or (path / "model.safetensors").is_file():
         return path
-    log.warning("writing the %s benchmark checkpoint (%.2fB parameters) to %s", size,
-                parameter_count(fields) / 1e9, path)
-    config = LlamaConfig(**fields, max_position_embeddings=4096, tie_word_embeddings=False)
+    log.warning("writing the %s benchmark checkpoint to %s", size, path)
+    config_class, model_class = (("Qwen3MoeConfig", "Qwen3MoeForCausalLM") if moe else
+                                 ("LlamaConfig", "LlamaForCausalLM"))
+    config = getattr(transformers, config_class)(**fields, max_position_embeddings=4096,
+                                                 tie_word_embeddings=False)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = getattr(transformers, model_class)(config)
     model = model.to_empty(device="cpu").to(torch.bfloat16)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

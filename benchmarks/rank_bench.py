@@ -2,7 +2,7 @@
 process: the rank side of a ``dir`` reload, stage by stage, for measuring a change to the
 reload engine (``benchmarks.reload_bench`` measures the whole system).
 
-    python -m benchmarks.rank_bench [--size 0.5b] [--tp 2] [--rank 0] [--reloads 12]
+    python -m benchmarks.rank_bench [--size 0.5b|moe-0.25b] [--tp 2] [--rank 0] [--reloads 12]
                                     [--quantization fp8] [--no-check-finite]
 
 Rank ``--rank`` of a TP=``--tp`` native engine, unquantized unless ``--quantization`` names
@@ -31,7 +31,7 @@ from actors.reload import RankReloadStats, ReloadEngine
 from actors.transports import BucketReader
 from actors.transports.files import FileBucket, checkpoint_inventory, file_entry
 from benchmarks.baselines import RankWork
-from benchmarks.checkpoints import SIZES, ensure_checkpoint
+from benchmarks.checkpoints import MOE_SIZES, SIZES, ensure_checkpoint
 from benchmarks.floors import from_files
 from quant import QuantConfig
 
@@ -97,7 +97,8 @@ def measure(path: Path, tp: int, rank: int, reloads: int, check_finite: bool = T
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.rank_bench")
-    parser.add_argument("--size", choices=list(SIZES), default="0.5b")
+    parser.add_argument("--size", choices=[*SIZES, *MOE_SIZES], default="0.5b",
+                        help="a Llama size, or a Qwen3-MoE one (the expert methods)")
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--rank", type=int, default=0)
     parser.add_argument("--reloads", type=int, default=12)
