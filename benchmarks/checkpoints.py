@@ -56,13 +56,15 @@ def ensure_checkpoint(workdir: Path, size: str, seed: int = 0) -> Path:
 
     moe = size in MOE_SIZES
     fields, shard = (MOE_SIZES if moe else SIZES)[size]
-    family = "qwen3_moe" if moe else "llama"
+    family, config_class, model_class = (
+        ("qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM") if moe else
+        ("llama", "LlamaConfig", "LlamaForCausalLM"))
     path = workdir / f"{family}-{size}-seed{seed}"
     if (path / "model.safetensors.index.json").is_file() or (path / "model.safetensors").is_file():
         return path
-    log.warning("writing the %s benchmark checkpoint to %s", size, path)
-    config_class, model_class = (("Qwen3MoeConfig", "Qwen3MoeForCausalLM") if moe else
-                                 ("LlamaConfig", "LlamaForCausalLM"))
+    # parameter_count knows the dense layout only.
+    log.warning("writing the %s benchmark checkpoint%s to %s", size,
+                "" if moe else f" ({parameter_count(fields) / 1e9:.2f}B parameters)", path)
     config = getattr(transformers, config_class)(**fields, max_position_embeddings=4096,
                                                  tie_word_embeddings=False)
     with torch.device("meta"):
