@@ -237,7 +237,13 @@ class RankActor:
 
     def start_reload(self, first_load: bool, staged: bool = False,
                      layers: list[str] | None = None) -> None:
-        """``layers``: those the plan writes (a plain reload arms only them)."""
+        """``layers``: those the plan writes (a plain reload arms only them). A plain reload
+        writes the kernel tensors in place, so it first parks the step loop, letting running
+        requests finish (new ones wait): here rather than in a call of its own, which would
+        cost every reload one more round trip to every rank. Every rank parks at the same
+        step (rank 0 decides), whichever of them starts first."""
+        if not staged:
+            self.loop.park(drain=True)
         self.reader = BucketReader(self._kept, self.runtime.device)
         self._pending = None
         self.reload_begin = time.perf_counter()

@@ -26,6 +26,9 @@ class ReloadReport:
     version: int
     """Version now served (0 for the first load)."""
     seconds: float
+    """The whole reload as its caller waits for it, from the plan's start until every rank
+    serves the new version (a plain reload: its drain, stream, commit and resume; a staged
+    one: through its flip and commit)."""
     stage_seconds: dict[str, float]
     """plan, transfer (reading or fetching bytes), load (dry runs, buffering), process
     (materialize, replay, quantize, copy into kernel tensors), finalize."""

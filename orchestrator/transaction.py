@@ -69,10 +69,8 @@ class Transaction:
         an in-flight 'wait' flip. The caller holds the gate; a failed reload is rolled back
         before the error is raised (a failed first load is the caller's to clean up)."""
         version = 0 if first else self.current + 1
-        try:
-            begin = time.perf_counter()
-            self.fleet.run(RankActor.pause, True)
-            drained = time.perf_counter() - begin
+        begin = time.perf_counter() - plan_seconds
+        try:  # every rank parks its step loop as it starts (RankActor.start_reload)
             report, delivery = self.transfer(source, plan, plan_seconds, version, first=first)
             entry, covers = committed(source, delivery), first or not report.layers_kept
             self.commit(entry, covers, version)
@@ -83,7 +81,10 @@ class Transaction:
         self.log.record(entry, covers)
         self.version = version
         self.fleet.run(RankActor.resume, version)
-        return replace(report, pause_seconds=report.seconds + drained,
+        # The whole call, as the caller waits for it: the plan, the drain, the stream, the
+        # commit and the resume. Serving waited for all of it.
+        seconds = time.perf_counter() - begin
+        return replace(report, seconds=seconds, pause_seconds=seconds,
                        rollback_bytes=self.log.node_bytes())
 
     def load_staged(self, source: Source, plan: Plan, plan_seconds: float, place: str,
