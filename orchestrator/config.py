@@ -56,7 +56,8 @@ class EngineConfig:
     room on the rank's GPU for a colocated trainer rank, as RL frameworks colocate them
     (a trainer source then shares its tensors over CUDA IPC, with no copy on its side)."""
     bucket_bytes: int = 256 << 20
-    """Upper bound of one streamed bucket during a reload."""
+    """Upper bound of one streamed bucket during a reload (the first few are smaller, so
+    the ranks start sooner: ``orchestrator.plan.RAMP_STEPS``)."""
     shared_memory: bool = True
     """Whether in-memory and trainer sources travel through shared memory tp-reload keeps on
     the node when their sender (the driver, a trainer's ranks) and every rank share it: the

@@ -74,14 +74,27 @@ def order_tensors(tensors: Sequence[PlannedTensor], layer_order: Sequence[str], 
     return sorted(tensors, key=lambda t: position[t.layer])
 
 
+RAMP_STEPS = 3
+"""The first bucket holds ``bucket_bytes / 2**RAMP_STEPS``, each next one twice the one
+before, up to ``bucket_bytes``. Ranks start on a bucket once the sender has written all of
+it, so a small first one gets them working sooner while the buckets after it, bigger, keep
+the per-bucket calls few. Measured on vLLM ranks at TP=2 (0.5B, 256 MB buckets, 24 reloads
+each way in turn, twice): in-memory and trainer reloads 2-5% faster (min) and 4-10%
+(median) than with every bucket full-size; 2 or 5 steps did no better, and the native
+engine, whose ranks do less per byte, did not move beyond noise."""
+
+
 def cut_buckets(tensors: Sequence[PlannedTensor], bucket_bytes: int) -> list[Bucket]:
-    """Greedy, in stream order; a tensor larger than ``bucket_bytes`` travels alone."""
+    """Greedy, in stream order, ramping up to ``bucket_bytes`` (``RAMP_STEPS``); a tensor
+    larger than its bucket's limit travels alone."""
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
     buckets: list[list[PlannedTensor]] = []
-    size = 0
+    size, limit = 0, max(1, bucket_bytes >> RAMP_STEPS)
     for tensor in tensors:
-        if not buckets or size + tensor.nbytes > bucket_bytes:
+        if not buckets or size + tensor.nbytes > limit:
+            if buckets:
+                limit = min(bucket_bytes, limit * 2)
             buckets.append([])
             size = 0
         buckets[-1].append(tensor)

@@ -60,10 +60,13 @@ def test_order_rejects_unknown_layers_and_orders():
 @pytest.mark.parametrize(
     ("sizes", "bucket", "expected"),
     [
-        ([10, 10, 10], 20, [[10, 10], [10]]),
-        ([10, 30, 5], 20, [[10], [30], [5]]),  # larger than a bucket: travels alone
-        ([5, 5, 5, 5], 100, [[5, 5, 5, 5]]),
-        ([20, 1], 20, [[20], [1]]),
+        # the limit ramps 10, 20, 40, then stays at bucket_bytes (RAMP_STEPS = 3)
+        ([10] * 10, 80, [[10], [10, 10], [10] * 4, [10, 10, 10]]),
+        ([10] * 16, 80, [[10], [10, 10], [10] * 4, [10] * 8, [10]]),
+        ([30, 5, 5, 50], 80, [[30], [5, 5], [50]]),  # larger than its limit: travels alone
+        ([100, 1], 80, [[100], [1]]),
+        ([5, 5, 5, 5], 400, [[5, 5, 5, 5]]),
+        ([1] * 8, 4, [[1], [1, 1], [1] * 4, [1]]),  # the first limit is at least one byte
         ([], 20, []),
     ],
 )
@@ -94,7 +97,8 @@ def test_make_plan_predicts_both_orders():
               t("n", "layers.2.mlp", 1)]
     plan = make_plan(stream, LAYERS, bucket_bytes=8, order="plan")
     assert [x.name for x in plan.tensors] == ["a", "b", "m", "n"]
-    assert [[x.name for x in b.tensors] for b in plan.buckets] == [["a"], ["b"], ["m", "n"]]
+    # limits 1, 2, 4, 8 bytes (the ramp): each tensor overflows the bucket before it
+    assert [[x.name for x in b.tensors] for b in plan.buckets] == [["a"], ["b"], ["m"], ["n"]]
     assert (plan.plan_order_peak_bytes, plan.source_order_peak_bytes) == (10, 15)
     assert plan.predicted_peak_buffered_bytes == 10 and plan.largest_layer_rank_bytes == 10
     source = make_plan(stream, LAYERS, bucket_bytes=8, order="source")
