@@ -5,12 +5,14 @@ engine shares: the layerwise reload engine, fault drills, failure consensus and 
 
 Lifecycle, each step called on every rank of the engine by the driver:
 ``store_address`` (rank 0 only) -> ``init_distributed`` (starts the step loop,
-``actors.step_loop``) -> ``pause`` -> ``start_reload(first_load=True)`` -> ``load_bucket``* ->
-``finish_reload`` -> ``commit`` -> ``resume`` -> serve (``submit`` / ``cancel`` / ``events`` on
-rank 0, ``forward`` / ``inspect`` / ``get_tensors`` on every rank), and for every plain reload
-again ``pause`` -> ``start_reload`` -> ``load_bucket``* -> ``finish_reload`` (or
-``abort_reload``) -> ``commit`` -> ``resume``; a staged one streams while the loop steps and
-ends with ``flip_staged`` -> ``commit``; ``close`` before the actor is killed.
+``actors.step_loop``) -> ``start_reload(first_load=True)`` (parks the loop) ->
+``load_bucket``* -> ``finish_reload`` -> ``commit`` -> ``resume`` -> serve (``submit`` /
+``cancel`` / ``events`` on rank 0, ``forward`` / ``inspect`` / ``get_tensors`` on every
+rank), and for every plain reload again ``start_reload`` -> ``load_bucket``* ->
+``finish_reload`` (or ``abort_reload``) -> ``commit`` -> ``resume``, the three middle ones in
+one call (``reload_all``) for a source whose messages name what ranks read; a rollback
+``pause``s first; a staged one streams while the loop steps and ends with ``flip_staged`` ->
+``commit``; ``close`` before the actor is killed.
 """
 
 from __future__ import annotations

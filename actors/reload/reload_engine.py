@@ -5,11 +5,12 @@ layers those reset; the others go on serving untouched): its live kernel tensors
 aside and meta placeholders put back, each with a wrapped ``weight_loader``. A wrapped call
 is dry-run on meta (counting the elements it writes and the source boxes it reads), the
 boxes are read into rank memory, and the call is buffered. When a layer's count reaches its
-total it is processed at once: placeholders materialized on ``restore_device``, calls
-replayed, the model's ``process`` run, results copied into the original kernel tensors,
-and those original objects re-registered, so every ``data_ptr`` the engine serves from
-survives. ``finish`` processes ``process_last`` (attention) layers, keeps the old tensors of
-layers that received nothing and rejects partly loaded ones.
+total it is processed at once (``actors.reload.layer_writer``): the calls replayed into the
+kernel tensors, or into placeholders materialized on ``restore_device``, the model's
+``process`` run, results copied into the original kernel tensors, and those original objects
+re-registered, so every ``data_ptr`` the engine serves from survives. ``finish`` processes
+``process_last`` (attention) layers, keeps the old tensors of layers that received nothing
+and rejects partly loaded ones.
 
 Failure consensus: a layer whose processing communicates with the engine's other ranks
 (``collective``, e.g. vLLM's online FP8 reduces amax over the TP group) is processed only
@@ -28,14 +29,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Iterable
-from contextlib import AbstractContextManager
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from actors.reload.errors import PeerFailedError, ReloadError
-from actors.reload.finite import CopySums, nonfinite_error, screen_written, screening_copies
+from actors.reload.layer_writer import LayerWriter
 from actors.reload.meta import (
     PrefetchedWeight,
     ProbeWeight,
@@ -44,14 +44,7 @@ from actors.reload.meta import (
     recorded,
 )
 from actors.reload.model import LayerRecord, ReloadableModel, is_optional
-from actors.reload.params import (
-    empty_like_on,
-    geometry,
-    materialize,
-    mirror,
-    param_like,
-    read_bytes,
-)
+from actors.reload.params import empty_like_on, geometry, mirror, param_like, read_bytes
 from actors.reload.pinned_host import PinnedHost
 from actors.reload.side_streams import SideStreams
 from actors.reload.tracker import BufferTracker
@@ -82,12 +75,9 @@ class ReloadEngine:
         self.side_streams = SideStreams(self.sync)
         # Called with a stage name ('process', 'quantize') before that work: fault injection.
         self.stage_hook: Any = None
+        self.writer = LayerWriter(model, self.sync, self.side_streams, check_finite)
         # A loader's dry run depends only on the call's shape: run it once, reuse it after.
         self._dry_runs: dict[tuple, DryRun] = {}
-        # Model-format buffers of converting layers, reused from layer to layer and reload
-        # to reload: one per (param name, shape, dtype, slot), so the params of one layer
-        # never share storage and the pool holds about one layer of each kind per slot.
-        self._scratch: dict[tuple, torch.Tensor] = {}
         # The meta params that stand in for each layer's params during a reload: built once
         # (a few ms for a deep model), their loaders find the reload's LayerLoad by name.
         self._armed_params: dict[str, dict[str, nn.Parameter]] = {}
@@ -306,7 +296,10 @@ class ReloadEngine:
         error = self._failed
         if error is None:
             try:
-                self._prepare(load)
+                self._at_stage("process")
+                self.writer.prepare(load)
+                if load.record.converts:
+                    self._at_stage("quantize")
             except Exception as exc:  # noqa: BLE001 - agreed on below, raised by load()
                 error = exc
             # Verdicts of earlier layers' screens, now that this layer's transfer is queued;
@@ -319,7 +312,7 @@ class ReloadEngine:
                                         "stops too")
         if error is None:
             try:
-                self._convert(load)
+                self.writer.convert(load)
             except Exception as exc:  # noqa: BLE001 - raised by load()
                 error = exc
         if error is not None:
@@ -333,121 +326,13 @@ class ReloadEngine:
         self.seconds["process"] += time.perf_counter() - begin
         self._charge(load.record.name, begin)
 
-    def _prepare(self, load: LayerLoad) -> None:
-        """The rank-local part of processing: replay (into the kernel tensors when they
-        have the model format, else into materialized ones), checked."""
+    def _at_stage(self, stage: str) -> None:
         if self.stage_hook is not None:
-            self.stage_hook("process")
-        if _kernel_has_model_format(load):
-            self._replay_into_kernel(load)
-        else:
-            self._materialize(load)
-        if load.record.converts and self.stage_hook is not None:
-            self.stage_hook("quantize")
-
-    def _convert(self, load: LayerLoad) -> None:
-        """The model's processing (may communicate), then the copy into the kernel tensors
-        of whatever processing replaced."""
-        record = load.record
-        current, side = self.sync.current(), self.side_streams.side
-        if record.converts:
-            with self.sync.on(side):
-                # Quantized straight into the served tensors where the model can.
-                self.model.process_into(record, load.kernel or {})
-                if self.check_finite and record.screened and self.model.has_nonfinite(record):
-                    raise nonfinite_error(load, record.screened[0], "NaN or Inf")
-        self.sync.order(side, current, *record.current().values())
-        if load.kernel is not None:
-            self._copy_into_kernel(record, load.kernel)
-        self.side_streams.end_layer()
-
-    def _screening_copies(self, wanted: bool = True, *, into_kernel: bool = False,
-                          fused: bool = False) -> AbstractContextManager[CopySums | None]:
-        """The replay's copies screened as they go (a CPU rank's screen, without a pass of
-        its own; ``actors.reload.finite``). ``into_kernel``: they write the kernel tensors,
-        fused and streamed; ``fused``: through the extension (``CopySums.fused``)."""
-        return screening_copies(wanted and self.check_finite and not self.sync.cuda,
-                                fused=into_kernel or fused, stream=into_kernel)
-
-    def _screen(self, load: LayerLoad, written: dict[str, torch.Tensor],
-                skip: tuple[str, ...] = (), copied: CopySums | None = None) -> None:
-        if self.check_finite:
-            self.side_streams.add_screens(screen_written(load, written, skip, copied))
+            self.stage_hook(stage)
 
     def _charge(self, layer: str, begin: float) -> None:
         self.layer_seconds[layer] = (self.layer_seconds.get(layer, 0.0)
                                      + time.perf_counter() - begin)
-
-    def _replay(self, load: LayerLoad, targets: dict[str, torch.Tensor]) -> None:
-        """Each buffered call into ``targets``: its recorded copies where it has them and the
-        target is laid out as the placeholder was on meta, else its loader again."""
-        for call in load.calls:
-            target, placeholder = targets[call.param], load.record.placeholders[call.param]
-            if call.copies is not None and target.stride() == placeholder.stride():
-                for copy in call.copies:
-                    copy.replay(target, call.weight)
-            else:
-                placeholder.weight_loader(target, call.weight, *call.args, **call.kwargs)
-
-    def _replay_into_kernel(self, load: LayerLoad) -> None:
-        """The kernel tensors have the model format: the buffered calls write them
-        directly, through params of the placeholders' class and attributes (loaders read
-        both off the param they write), with no intermediate copy. Processing, if any, then
-        runs on the kernel tensors in place (``_convert``)."""
-        record = load.record
-        targets = {n: param_like(p, load.kernel[n].data)
-                   for n, p in record.placeholders.items()}
-        with self.sync.on(self.side_streams.begin_layer()):
-            with self._screening_copies(into_kernel=True) as copied:
-                self._replay(load, targets)
-            self._screen(load, targets, copied=copied)
-        record.unregister(list(record.placeholders))
-        record.register(load.kernel)
-
-    def _materialize(self, load: LayerLoad) -> None:
-        """Materialize, replay and screen on a side stream; the processing that follows
-        runs there too, and the kernel copy on the current stream after it (``_convert``).
-        No-ops on CPU."""
-        record = load.record
-        # On the first load the fresh tensors become the kernel tensors: never pooled.
-        pooled = load.kernel is not None and self.model.reuses_scratch
-        side = self.side_streams.begin_layer(pooled, after_current=record.process_last)
-        with self.sync.on(side):
-            make = self._from_scratch if pooled else materialize
-            fresh = {n: make(n, p, record.restore_device)
-                     for n, p in record.placeholders.items()}
-            record.register(fresh)
-            # A layer whose processing screens its weights needs no sums of them.
-            with self._screening_copies(not record.screened,
-                                        fused=_quantizes(load)) as copied:
-                self._replay(load, fresh)
-            self._screen(load, fresh, skip=record.screened, copied=copied)
-
-    def _from_scratch(self, name: str, placeholder: nn.Parameter, device: torch.device
-                      ) -> nn.Parameter:
-        key = (name, tuple(placeholder.shape), placeholder.dtype, device,
-               self.side_streams.slot)
-        if key not in self._scratch:
-            self._scratch[key] = torch.empty(placeholder.shape, dtype=placeholder.dtype,
-                                             device=device)
-        return param_like(placeholder, self._scratch[key])
-
-    @staticmethod
-    def _copy_into_kernel(record: LayerRecord, kernel: dict[str, torch.Tensor]) -> None:
-        result = record.current()
-        if set(result) != set(kernel):
-            raise ReloadError(f"layer {record.name}: processing produced {sorted(result)}, "
-                              f"the engine serves {sorted(kernel)}")
-        for name, target in kernel.items():
-            new = result[name]
-            if new.shape != target.shape or new.dtype != target.dtype:
-                raise ReloadError(f"layer {record.name}: '{name}' processed to "
-                                  f"{tuple(new.shape)} {new.dtype}, kernel tensor is "
-                                  f"{tuple(target.shape)} {target.dtype}")
-            if new is not target:
-                target.data.copy_(new)
-        record.unregister(list(result))
-        record.register(kernel)
 
     # ---- finishing ------------------------------------------------------------------------
 
@@ -547,25 +432,6 @@ def _shard_of(args: tuple, kwargs: dict) -> Any:
     if not kwargs:
         return args[0] if len(args) == 1 else (args or None)
     return (*args, *(f"{k}={v!r}" for k, v in sorted(kwargs.items())))
-
-
-def _kernel_has_model_format(load: LayerLoad) -> bool:
-    """True when the layer's kernel tensors are exactly its model format (the same names,
-    shapes and dtypes, no optional params): loads can be replayed into them."""
-    record, kernel = load.record, load.kernel
-    if kernel is None or set(kernel) != set(record.placeholders):
-        return False
-    return all(kernel[n].shape == p.shape and kernel[n].dtype == p.dtype
-               and not is_optional(p) for n, p in record.placeholders.items())
-
-
-def _quantizes(load: LayerLoad) -> bool:
-    """The layer's kernel tensors hold narrower elements than its model format (its
-    processing quantizes, rather than repacking at the same dtype)."""
-    if load.kernel is None:
-        return False
-    narrowest = min(t.element_size() for t in load.kernel.values())
-    return narrowest < min(p.element_size() for p in load.record.placeholders.values())
 
 
 def _complete(load: LayerLoad) -> bool:
