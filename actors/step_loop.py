@@ -23,6 +23,7 @@ In-flight modes of a flip (``InFlight``):
 from __future__ import annotations
 
 import logging
+import pickle
 import queue
 import threading
 import traceback
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal
 
+import torch
 import torch.distributed as dist
 
 from actors.engines.runtime import RankRuntime, Request, Update
@@ -231,11 +233,29 @@ class StepLoop:
             self._fail(exc)
 
     def _exchange(self, step: Step | None) -> Step:
+        """Rank 0's ``step`` on every rank. Most steps carry only counts and flags (a decode
+        step with nothing to admit or cancel, an idle tick, a park): those are one broadcast
+        of a 3-int header; a step carrying requests, cancellations or a flip is pickled and
+        follows it (``broadcast_object_list`` always made it two broadcasts and a pickle:
+        ~0.5 against ~0.2 ms here)."""
         if self.group is None:
             return step
-        box = [step]
-        dist.broadcast_object_list(box, src=0, group=self.group)
-        return box[0]
+        header = torch.zeros(3, dtype=torch.int64)
+        payload = b""
+        if self.rank == 0:
+            if step.cancel or step.flip is not None or step.admit:
+                payload = pickle.dumps(step)
+            header[0], header[1], header[2] = step.jobs, step.park | step.stop << 1, len(payload)
+        dist.broadcast(header, src=0, group=self.group)
+        jobs, flags, size = header.tolist()
+        if size:
+            data = (torch.frombuffer(bytearray(payload), dtype=torch.uint8) if self.rank == 0
+                    else torch.empty(size, dtype=torch.uint8))
+            dist.broadcast(data, src=0, group=self.group)
+            if self.rank != 0:
+                return pickle.loads(data.numpy().tobytes())
+        return step if self.rank == 0 else Step(jobs=jobs, park=bool(flags & 1),
+                                                stop=bool(flags & 2))
 
     def _decide(self) -> Step:
         """Rank 0: what every rank does before the next step."""
