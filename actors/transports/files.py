@@ -32,6 +32,7 @@ from actors.transports.base import (
     DeliveryContext,
     Fingerprint,
     Items,
+    ReleasedInBackground,
     Source,
     TensorInfo,
 )
@@ -61,7 +62,7 @@ class FileBucket(BucketMessage):
     """In stream order."""
 
     def read(self, reader: BucketReader) -> Items:
-        handles = reader.state.setdefault("files", {})
+        handles = reader.state.setdefault("files", ReleasedInBackground())
         return [(e.name, _slice(reader, handles, e.name, e.file)) for e in self.entries]
 
 
