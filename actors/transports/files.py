@@ -174,8 +174,10 @@ def read_safetensors_header(path: Path) -> list[TensorInfo]:
     data_size = size - 8 - header_len
     entries = sorted(((n, e) for n, e in header.items() if n != "__metadata__"),
                      key=lambda item: _data_start(path, *item))
-    # Physical order: the order a sequential reader of this file meets the tensors.
-    return [_tensor_info(path, name, entry, 8 + header_len, data_size)
+    # Physical order: the order a sequential reader of this file meets the tensors. One
+    # string for the file's path: a message pickles it once, not once per tensor.
+    file = str(path)
+    return [_tensor_info(path, file, name, entry, 8 + header_len, data_size)
             for name, entry in entries]
 
 
@@ -186,8 +188,8 @@ def _data_start(path: Path, name: str, entry: Any) -> int:
         raise CheckpointError(f"{path}: tensor '{name}' has a malformed header entry") from exc
 
 
-def _tensor_info(path: Path, name: str, entry: dict, data_offset: int, data_size: int
-                 ) -> TensorInfo:
+def _tensor_info(path: Path, file: str, name: str, entry: dict, data_offset: int,
+                 data_size: int) -> TensorInfo:
     try:
         dtype, shape, (start, stop) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
     except (KeyError, TypeError, ValueError) as exc:
@@ -202,7 +204,7 @@ def _tensor_info(path: Path, name: str, entry: dict, data_offset: int, data_size
             f"{path}: tensor '{name}' data [{start}, {stop}) does not fit its shape {shape} "
             f"or the file's {data_size} data bytes (truncated?)"
         )
-    return TensorInfo(name, shape, dtype, stop - start, str(path), data_offset + start)
+    return TensorInfo(name, shape, dtype, stop - start, file, data_offset + start)
 
 
 def checkpoint_files(model_dir: str | Path) -> list[Path]:
