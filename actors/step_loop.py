@@ -66,6 +66,29 @@ class Step:
     stop: bool = False
 
 
+def exchange_step(step: Step | None, rank: int, group: Any) -> Step:
+    """Rank 0's ``step`` on every rank of ``group`` (the others pass None). Most steps carry
+    only counts and flags (a decode step with nothing to admit or cancel, an idle tick, a
+    park): those are one broadcast of a 3-int header; a step carrying requests,
+    cancellations or a flip is pickled and follows it (``broadcast_object_list`` always made
+    it two broadcasts and a pickle: ~0.5 against ~0.2 ms here)."""
+    header = torch.zeros(3, dtype=torch.int64)
+    payload = b""
+    if rank == 0:
+        if step.cancel or step.flip is not None or step.admit:
+            payload = pickle.dumps(step)
+        header[0], header[1], header[2] = step.jobs, step.park | step.stop << 1, len(payload)
+    dist.broadcast(header, src=0, group=group)
+    jobs, flags, size = header.tolist()
+    if size:
+        data = (torch.frombuffer(bytearray(payload), dtype=torch.uint8) if rank == 0
+                else torch.empty(size, dtype=torch.uint8))
+        dist.broadcast(data, src=0, group=group)
+        if rank != 0:
+            return pickle.loads(data.numpy().tobytes())
+    return step if rank == 0 else Step(jobs=jobs, park=bool(flags & 1), stop=bool(flags & 2))
+
+
 @dataclass(frozen=True, slots=True)
 class Delta:
     """What one step produced for one request, as rank 0 publishes it."""
@@ -233,29 +256,7 @@ class StepLoop:
             self._fail(exc)
 
     def _exchange(self, step: Step | None) -> Step:
-        """Rank 0's ``step`` on every rank. Most steps carry only counts and flags (a decode
-        step with nothing to admit or cancel, an idle tick, a park): those are one broadcast
-        of a 3-int header; a step carrying requests, cancellations or a flip is pickled and
-        follows it (``broadcast_object_list`` always made it two broadcasts and a pickle:
-        ~0.5 against ~0.2 ms here)."""
-        if self.group is None:
-            return step
-        header = torch.zeros(3, dtype=torch.int64)
-        payload = b""
-        if self.rank == 0:
-            if step.cancel or step.flip is not None or step.admit:
-                payload = pickle.dumps(step)
-            header[0], header[1], header[2] = step.jobs, step.park | step.stop << 1, len(payload)
-        dist.broadcast(header, src=0, group=self.group)
-        jobs, flags, size = header.tolist()
-        if size:
-            data = (torch.frombuffer(bytearray(payload), dtype=torch.uint8) if self.rank == 0
-                    else torch.empty(size, dtype=torch.uint8))
-            dist.broadcast(data, src=0, group=self.group)
-            if self.rank != 0:
-                return pickle.loads(data.numpy().tobytes())
-        return step if self.rank == 0 else Step(jobs=jobs, park=bool(flags & 1),
-                                                stop=bool(flags & 2))
+        return step if self.group is None else exchange_step(step, self.rank, self.group)
 
     def _decide(self) -> Step:
         """Rank 0: what every rank does before the next step."""

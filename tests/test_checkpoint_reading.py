@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,21 @@ def reader():
 def lazy_slices(path, reader):
     infos = checkpoint_inventory(path)
     return dict(reader.items(FileBucket(tuple(file_entry(i) for i in infos))))
+
+
+def test_a_file_message_arrives_whole_and_still_reads(weights, reader):
+    """A rank gets its message pickled (Ray): entries come back of their own class with
+    every field, and read the same tensors."""
+    path, tensors = weights
+    message = FileBucket(tuple(file_entry(i) for i in checkpoint_inventory(path)))
+    arrived = pickle.loads(pickle.dumps(message))
+    assert arrived == message
+    assert [type(e) for e in arrived.entries] == [type(e) for e in message.entries]
+    assert sorted((e.name, e.dtype, e.shape, e.file) for e in arrived.entries) == [
+        (n, str(t.dtype).removeprefix("torch."), tuple(t.shape), str(path / "model.safetensors"))
+        for n, t in sorted(tensors.items())]
+    read = dict(reader.items(arrived))
+    assert all(torch.equal(read[n].materialize(), t) for n, t in tensors.items())
 
 
 def test_narrowed_slice_reads_its_window(weights, reader):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,31 @@ def test_reload_in_place_matches_transformers(tmp_path, prompt, device):
     staged = rank.engine.pinned.pinned_bytes
     assert staged == (stats.bytes_read if device == "cuda" else 0)
     assert stats.bytes_read > 0
+
+
+def mapped(path: Path) -> list[str]:
+    """Lines of this process's memory map that map a file under ``path``."""
+    return [line for line in Path("/proc/self/maps").read_text().splitlines()
+            if str(path) in line]
+
+
+def test_the_files_a_reload_read_are_unmapped_after_it(tmp_path):
+    """A rank maps the checkpoint's files and lets go of them once the reload is over (on a
+    thread of its own, after the reply): a replaced checkpoint's pages, and its disk space,
+    are not held until the next reload."""
+    a = write_checkpoint(tmp_path / "a", "llama", seed=1)
+    b = write_checkpoint(tmp_path / "b", "llama", seed=2)
+    rank = InProcessRank(a, "cpu")
+    reader = BucketReader()
+    rank.engine.start("reload")
+    rank.engine.load(reader.items(file_bucket(b)))
+    rank.engine.finish()
+    assert mapped(b), "the reload did not map the files it read"
+    reader.close()
+    deadline = time.monotonic() + 10
+    while mapped(b) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not mapped(b), f"still mapped after the reload: {mapped(b)}"
 
 
 @pytest.mark.parametrize("device", DEVICES)

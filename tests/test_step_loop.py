@@ -1,21 +1,27 @@
 """The step loop (``actors.step_loop``) over the native continuous batcher, in one process
 without Ray (one rank: the GPU machine runs these too): requests that join and leave between
 steps decode like transformers; an in-flight flip between two steps does what its mode says,
-tagging every token with the weights that drew it."""
+tagging every token with the weights that drew it. And the step exchange itself, over a gloo
+group of two processes."""
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import socket
 import time
+from datetime import timedelta
+from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from actors.engines.native import load_spec
 from actors.engines.native.batcher import ContinuousBatcher
 from actors.engines.runtime import Request, SamplingRequest
 from actors.reload.staging_area import StagingArea
-from actors.step_loop import Delta, StepLoop
+from actors.step_loop import Delta, Flip, Step, StepLoop, exchange_step
 from tests.support import load_tensors, reference_model, write_checkpoint
 from tests.test_rank_in_process import DEVICES, InProcessRank
 
@@ -218,3 +224,42 @@ def test_the_staged_weights_served_after_a_flip_are_the_new_checkpoint(two_steps
                            expected["model.layers.0.mlp.down_proj.weight"])
     finally:
         loop.stop()
+
+
+STEPS = [
+    Step(), Step(park=True), Step(stop=True), Step(jobs=3), Step(jobs=2, park=True),
+    Step(cancel=("r1", "r2")), Step(flip=Flip(5, "keep"), jobs=1),
+    Step(admit=(Request("r3", [1, 2, 3], greedy(4), seed=7),), park=True),
+]
+
+
+def _exchange_rank(rank: int, port: int, received: Any) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2, timeout=timedelta(seconds=60))
+    try:
+        got = [exchange_step(step if rank == 0 else None, rank, dist.group.WORLD)
+               for step in STEPS]
+        received.put((rank, got))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_receives_the_step_rank_0_decided():
+    """Steps of counts and flags travel as a header alone, the others pickled after it:
+    over a real gloo group of two processes, every kind arrives whole on rank 1."""
+    context = multiprocessing.get_context("spawn")
+    received = context.Queue()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ranks = [context.Process(target=_exchange_rank, args=(r, port, received)) for r in (0, 1)]
+    for process in ranks:
+        process.start()
+    try:
+        got = dict(received.get(timeout=60) for _ in ranks)
+    finally:
+        for process in ranks:
+            process.join(30)
+            if process.is_alive():
+                process.kill()
+    assert got[0] == STEPS and got[1] == STEPS
