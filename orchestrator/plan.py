@@ -78,9 +78,9 @@ RAMP_STEPS = 3
 """The first bucket holds ``bucket_bytes / 2**RAMP_STEPS``, each next one twice the one
 before, up to ``bucket_bytes``. Ranks start on a bucket once the sender has written all of
 it, so a small first one gets them working sooner while the buckets after it, bigger, keep
-the per-bucket calls few. Measured on vLLM ranks at TP=2 (0.5B, 256 MB buckets, 24 reloads
-each way in turn, twice): in-memory and trainer reloads 2-5% faster (min) and 4-10%
-(median) than with every bucket full-size; 2 or 5 steps did no better, and the native
+the per-bucket calls few. Measured on vLLM ranks at TP=2 (0.5B, 256 MB buckets, 12 reloads
+of each source each way, in turn, twice): in-memory and trainer reloads 2-5% faster (min)
+and 4-10% (median) than with every bucket full-size; 2 or 5 steps did no better, and the native
 engine, whose ranks do less per byte, did not move beyond noise."""
 
 
